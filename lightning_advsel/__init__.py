@@ -1,0 +1,7 @@
+"""Adversarial training with data selection, as a PyTorch Lightning module and callbacks."""
+
+from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, pgd
+from lightning_advsel.module import RECIPES, AdversarialSelectionModule, SelectionRecord
+
+__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "SelectionRecord", "fgsm", "fgsm_rs", "pgd"]
+__version__ = "0.1.0"

@@ -1,0 +1,259 @@
+"""Adversarial attacks as pure functions of ``(model, x, y)``.
+
+Every attack here takes inputs in the pixel range [0, 1] (normalization lives inside the model, so every
+epsilon is in pixel units), returns adversarial inputs of the same shape and dtype in [0, 1], and never
+touches the model's parameter ``.grad``: input gradients come from :func:`torch.autograd.grad`, so no
+DistributedDataParallel gradient hook fires inside the attack.
+
+The model's train/eval mode during the attack is the explicit ``mode`` argument (see :func:`model_mode`);
+it is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+NORMS = ("linf", "l2")
+MODES = ("eval", "train", "keep")
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in a given mode and restore every submodule's mode afterwards.
+
+    Args:
+        model: the network.
+        mode: ``"eval"``: running statistics of BatchNorm, no dropout. ``"train"``: batch statistics
+            (and dropout), but BatchNorm running statistics are left exactly as they were, so an attack
+            or a scoring pass never shifts them. ``"keep"``: whatever mode the model is in.
+
+    Raises:
+        ValueError: if ``mode`` is not one of ``"eval"``, ``"train"``, ``"keep"``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    flags = [(m, m.training) for m in model.modules()]
+    saved: list[tuple[_BatchNorm, Tensor, Tensor, Tensor]] = []
+    if mode == "eval":
+        model.eval()
+    elif mode == "train":
+        model.train()
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+                saved.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        for m, flag in flags:
+            m.training = flag
+
+
+def _check_attack_args(eps: float, alpha: float, steps: int, norm: str, restarts: int) -> None:
+    for name, value in (("eps", eps), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number (pixel units), got {value!r}")
+        if value < 0:
+            raise ValueError(f"`{name}` must be >= 0 (pixel units), got {value}")
+    if norm not in NORMS:
+        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
+    if norm == "linf" and eps > 1:
+        raise ValueError(f"`eps` must be <= 1 for the linf norm: pixels lie in [0, 1], got {eps}")
+    for name, value in (("steps", steps), ("restarts", restarts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    """L2 norm of each sample, shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * u - 1) * eps
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+    radius = radius.view(-1, *([1] * (x.dim() - 1)))
+    return direction / _per_sample_norm(direction) * radius * eps
+
+
+def _project(delta: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """Clamp twice: into the eps ball, then so that ``x + delta`` stays in [0, 1]."""
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "linf",
+    random_start: bool = True,
+    restarts: int = 1,
+    mode: str = "eval",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient descent on the cross-entropy (Madry et al., 2018, arXiv:1706.06083).
+
+    Each step moves by ``alpha`` along the sign of the input gradient (L-inf) or the normalized gradient
+    (L2), then projects onto the eps ball around ``x`` and onto [0, 1]. With ``restarts > 1`` the attack is
+    repeated from fresh random starts and, per sample, the example that is misclassified (else the one
+    with the highest loss) is kept.
+
+    Args:
+        model: classifier taking inputs in [0, 1] of shape ``(B, C, H, W)`` and returning logits ``(B, K)``.
+        x: clean inputs in [0, 1], shape ``(B, C, H, W)``.
+        y: integer labels, shape ``(B,)``.
+        eps: radius of the threat model in pixel units (``8/255`` is 0.0314).
+        alpha: step size in pixel units.
+        steps: number of gradient steps (>= 1).
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start from a uniform point in the eps ball instead of ``x``.
+        restarts: number of random restarts (>= 1).
+        mode: model mode during the attack, see :func:`model_mode`.
+        generator: random generator for the start points; the global one if ``None``.
+
+    Returns:
+        Detached adversarial inputs of the shape of ``x``, within eps of ``x`` and in [0, 1].
+
+    Raises:
+        ValueError: for a negative or non-finite ``eps`` / ``alpha``, L-inf ``eps > 1``, ``steps`` or
+            ``restarts`` below 1, or an unknown ``norm`` / ``mode``.
+    """
+    _check_attack_args(eps, alpha, steps, norm, restarts)
+    if x.shape[0] == 0:
+        return x.detach().clone()
+    # Lightning runs validation and test under inference mode; the attack needs autograd back.
+    with torch.inference_mode(False), torch.enable_grad(), model_mode(model, mode):
+        x = x.detach().clone()
+        y = y.detach().clone()
+        best = x.clone()
+        best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
+        for _ in range(restarts):
+            delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+            delta = _project(delta, x, eps, norm)
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, delta)
+                if norm == "linf":
+                    step = alpha * grad.sign()
+                else:
+                    step = alpha * grad / _per_sample_norm(grad)
+                delta = _project(delta.detach() + step, x, eps, norm)
+            if restarts == 1:
+                return (x + delta).detach()
+            with torch.no_grad():
+                logits = model(x + delta)
+                score = F.cross_entropy(logits, y, reduction="none")
+                # A misclassifying example beats any correctly classified one, whatever its loss.
+                score = score + (logits.argmax(1) != y).to(score.dtype) * 1e6
+                better = score > best_score
+                best[better] = (x + delta)[better]
+                best_score = torch.where(better, score, best_score)
+        return best.detach()
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", mode: str = "eval") -> Tensor:
+    """Fast gradient sign method (Goodfellow et al., 2015): one step of size ``eps`` from ``x``.
+
+    Same contract as :func:`pgd` (inputs in [0, 1], output within eps and in [0, 1]).
+    """
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=False, mode=mode)
+
+
+def fgsm_rs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    norm: str = "linf",
+    mode: str = "eval",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """FGSM from a random start, the 'fast is better than free' recipe (Wong et al., 2020).
+
+    One step of size ``alpha`` (default ``1.25 * eps``) from a uniform point in the eps ball, projected
+    back. Same contract as :func:`pgd`.
+    """
+    step = 1.25 * eps if alpha is None else alpha
+    return pgd(model, x, y, eps=eps, alpha=step, steps=1, norm=norm, random_start=True, mode=mode, generator=generator)
+
+
+@dataclass
+class AttackConfig:
+    """The settings of one PGD attack, as used for training or for evaluation.
+
+    ``steps=1, random_start=False, alpha=eps`` is FGSM; ``steps=1, random_start=True, alpha=1.25*eps`` is
+    FGSM with random start (Fast-AT).
+
+    Args:
+        eps: threat-model radius in pixel units (inputs in [0, 1]); 0 disables the attack.
+        alpha: step size in pixel units.
+        steps: PGD steps.
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start from a random point in the eps ball.
+        restarts: random restarts; the strongest example per sample is kept.
+        mode: model mode during the attack, see :func:`model_mode`.
+
+    Raises:
+        ValueError: as :func:`pgd`, at construction time.
+    """
+
+    eps: float = 0.1
+    alpha: float = 0.025
+    steps: int = 10
+    norm: str = "linf"
+    random_start: bool = True
+    restarts: int = 1
+    mode: str = "eval"
+
+    def __post_init__(self) -> None:
+        _check_attack_args(self.eps, self.alpha, self.steps, self.norm, self.restarts)
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.eps > 0
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return pgd(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            mode=self.mode,
+            generator=generator,
+        )
+
+    def describe(self) -> str:
+        return f"PGD-{self.steps} {self.norm} eps={self.eps:g} alpha={self.alpha:g} restarts={self.restarts}"

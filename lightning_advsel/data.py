@@ -1,0 +1,251 @@
+"""LightningDataModules yielding ``(x, y)`` with ``x`` in [0, 1], shape ``(B, C, H, W)``.
+
+* :class:`DigitsDataModule`: scikit-learn's bundled 8x8 digits, offline, the default main job.
+* :class:`MNISTDataModule`, :class:`FashionMNISTDataModule`, :class:`CIFAR10DataModule`: torchvision data
+  sets read from ``data_dir`` in torchvision's layout (``data_dir/MNIST/raw/...``); downloading is off
+  unless ``download=True``.
+
+Every module splits a validation set off the training data with a fixed seed, so the split does not
+depend on the global seed of a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+NUM_CLASSES = 10
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(torch.split(perm, list(sizes)))
+
+
+class _BaseDataModule(L.LightningDataModule):
+    """Shared loaders. Subclasses set ``train_set``, ``val_set`` and ``test_set`` in ``setup``."""
+
+    def __init__(self, batch_size: int, num_workers: int, split_seed: int) -> None:
+        super().__init__()
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(_BaseDataModule):
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), scaled to [0, 1]; no download.
+
+    Args:
+        batch_size: clean samples per training batch (b' in the DS paper).
+        val_size: images held out for validation.
+        test_size: images held out for testing.
+        num_workers: data-loading worker processes.
+        split_seed: seed of the fixed train/val/test split.
+
+    Raises:
+        ValueError: for a non-positive ``batch_size`` or split sizes that leave no training data.
+    """
+
+    num_classes = NUM_CLASSES
+    total = 1797
+
+    def __init__(self, batch_size: int = 64, val_size: int = 270, test_size: int = 270,
+                 num_workers: int = 0, split_seed: int = 0) -> None:
+        super().__init__(batch_size, num_workers, split_seed)
+        _check_int("val_size", val_size, 1)
+        _check_int("test_size", test_size, 1)
+        if val_size + test_size >= self.total:
+            raise ValueError(
+                f"`val_size` + `test_size` must leave training data out of {self.total} digits, "
+                f"got {val_size} + {test_size}"
+            )
+        if batch_size > self.total - val_size - test_size:
+            raise ValueError(
+                f"`batch_size` must be at most the {self.total - val_size - test_size} training digits, got {batch_size}"
+            )
+        self.val_size = val_size
+        self.test_size = test_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.long)
+        n_train = len(y) - self.val_size - self.test_size
+        train, val, test = _split(len(y), (n_train, self.val_size, self.test_size), self.split_seed)
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+
+class _TorchvisionDataModule(_BaseDataModule):
+    """A torchvision data set with a seeded validation split off its training part."""
+
+    dataset_name = ""
+    num_classes = NUM_CLASSES
+
+    def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
+                 num_workers: int, split_seed: int) -> None:
+        super().__init__(batch_size, num_workers, split_seed)
+        _check_int("val_size", val_size, 1)
+        if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
+            raise ValueError(f"`data_dir` must be a folder path, got {data_dir!r}")
+        self.data_dir = str(data_dir)
+        self.download = download
+        self.val_size = val_size
+
+    def _dataset_cls(self) -> type:
+        raise NotImplementedError
+
+    def _train_transform(self):  # noqa: ANN202 - torchvision transform
+        from torchvision import transforms
+
+        return transforms.ToTensor()
+
+    def _open(self, train: bool, transform) -> Dataset:  # noqa: ANN001
+        try:
+            return self._dataset_cls()(self.data_dir, train=train, transform=transform, download=self.download)
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{self.dataset_name} was not found under data_dir={self.data_dir!r} "
+                f"(torchvision expects {Path(self.data_dir) / self.dataset_name}/raw/... or the extracted archive). "
+                f"Set `download: true` (--data.init_args.download true) to fetch it, or point `data_dir` at a "
+                f"folder that holds it. ({err})"
+            ) from err
+
+    def prepare_data(self) -> None:
+        if self.download:
+            from torchvision import transforms
+
+            self._open(True, transforms.ToTensor())
+            self._open(False, transforms.ToTensor())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision import transforms
+
+        plain = transforms.ToTensor()
+        train_aug = self._open(True, self._train_transform())
+        train_plain = self._open(True, plain)
+        n = len(train_plain)
+        if self.val_size >= n:
+            raise ValueError(f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}")
+        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        self.train_set = Subset(train_aug, train_idx.tolist())
+        self.val_set = Subset(train_plain, val_idx.tolist())
+        self.test_set = self._open(False, plain)
+
+
+class MNISTDataModule(_TorchvisionDataModule):
+    """MNIST (28x28, 1 channel) from ``data_dir`` in torchvision's layout.
+
+    Args:
+        data_dir: folder holding ``MNIST/raw``.
+        download: fetch the data set if it is missing (off by default).
+        batch_size: clean samples per training batch.
+        val_size: training images held out for validation.
+        num_workers: data-loading worker processes.
+        split_seed: seed of the fixed train/val split.
+
+    Raises:
+        ValueError: for bad sizes. ``FileNotFoundError`` (from ``setup``) if the data is missing.
+    """
+
+    dataset_name = "MNIST"
+
+    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
+                 num_workers: int = 2, split_seed: int = 0) -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed)
+
+    def _dataset_cls(self) -> type:
+        from torchvision.datasets import MNIST
+
+        return MNIST
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """FashionMNIST (28x28, 1 channel) from ``data_dir`` (``FashionMNIST/raw``); arguments as MNIST's."""
+
+    dataset_name = "FashionMNIST"
+
+    def _dataset_cls(self) -> type:
+        from torchvision.datasets import FashionMNIST
+
+        return FashionMNIST
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10 (32x32, 3 channels) from ``data_dir``, with random crop and flip for training by default.
+
+    Args:
+        data_dir: folder holding ``cifar-10-batches-py``.
+        download: fetch the data set if it is missing (off by default).
+        batch_size: clean samples per training batch.
+        val_size: training images held out for validation.
+        augment: random 32x32 crop with 4 pixels of padding and horizontal flip on training images.
+        num_workers: data-loading worker processes.
+        split_seed: seed of the fixed train/val split.
+
+    Raises:
+        ValueError: for bad sizes. ``FileNotFoundError`` (from ``setup``) if the data is missing.
+    """
+
+    dataset_name = "CIFAR10"
+
+    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
+                 augment: bool = True, num_workers: int = 4, split_seed: int = 0) -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed)
+        self.augment = augment
+
+    def _dataset_cls(self) -> type:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10
+
+    def _train_transform(self):  # noqa: ANN202
+        from torchvision import transforms
+
+        if not self.augment:
+            return transforms.ToTensor()
+        return transforms.Compose(
+            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        )

@@ -1,0 +1,388 @@
+"""The LightningModule: attack, select, backpropagate only what was selected.
+
+One training step, for every recipe:
+
+1. **Pre-attack selection**: which clean rows are attacked (none, all, or the top ``attack_frac`` by a
+   pre-attack score computed from one no-grad forward pass).
+2. **Attack**: PGD on those rows only (``train_attack``).
+3. **Pool**: ``"replace"`` puts each adversarial example in place of its clean row (robust, selective);
+   ``"append"`` keeps the clean rows and adds the adversarial ones (the DS paper's 2b' pool).
+4. **Post-attack selection**: the top ``p_up`` fraction of the pool by per-sample cross-entropy (scored in
+   one no-grad forward pass), or a random ``p_up`` fraction; all of it when ``p_up == 1`` (no scoring pass).
+5. **Update**: forward and backward over the selected rows only, so the backward work scales with
+   ``p_up``; the loss is the mean cross-entropy over the selected rows.
+
+BatchNorm: the scoring passes and (by default) the training attack run with batch statistics but leave the
+running statistics untouched (:func:`~lightning_advsel.attacks.model_mode` ``"train"``); only the training
+forward updates them, so running statistics see exactly the samples that are backpropagated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_advsel import selection
+from lightning_advsel.attacks import MODES, AttackConfig, model_mode
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a named recipe fills the three stages of a step."""
+
+    attack: str  # "none" | "all" | "score"
+    pool: str  # "replace" | "append"
+    post: str  # "loss" | "random"
+
+
+RECIPES: dict[str, Recipe] = {
+    "standard": Recipe(attack="none", pool="replace", post="loss"),
+    "robust": Recipe(attack="all", pool="replace", post="loss"),
+    "ds": Recipe(attack="all", pool="append", post="loss"),
+    "random": Recipe(attack="all", pool="append", post="random"),
+    "selective": Recipe(attack="score", pool="replace", post="loss"),
+    "selective_ds": Recipe(attack="score", pool="append", post="loss"),
+}
+
+
+@dataclass
+class SelectionRecord:
+    """What one training step selected; kept on the module as ``last_selection`` for callbacks.
+
+    Attributes:
+        y: labels of the pool, shape ``(P,)``.
+        is_adv: whether each pool row is adversarial, shape ``(P,)``.
+        selected: indices into the pool of the backpropagated rows, shape ``(S,)``.
+        pool_scores: per-sample cross-entropy of the pool if a scoring pass ran, else ``None``.
+        attacked: indices into the clean batch of the attacked rows.
+        attack_scores: pre-attack scores of the clean batch (selective recipes), else ``None``.
+        batch_size: rows in the clean batch.
+    """
+
+    y: Tensor
+    is_adv: Tensor
+    selected: Tensor
+    pool_scores: Tensor | None
+    attacked: Tensor
+    attack_scores: Tensor | None
+    batch_size: int
+
+
+def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
+    if value is None or isinstance(value, AttackConfig):
+        return value
+    if isinstance(value, dict):
+        try:
+            return AttackConfig(**value)
+        except TypeError as err:
+            raise ValueError(f"`{name}` has an unknown key: {err}") from err
+    raise ValueError(f"`{name}` must be an AttackConfig or a dict of its fields, got {type(value).__name__}")
+
+
+class AdversarialSelectionModule(L.LightningModule):
+    """Adversarial training with data selection around any ``nn.Module`` classifier.
+
+    The classifier takes inputs in [0, 1] (normalization is inside it) and returns logits of shape
+    ``(B, num_classes)``. Optimization is manual: the module runs the attack, the selection, the backward
+    pass over the selected rows and the optimizer and scheduler steps.
+
+    Args:
+        model: the classifier to train.
+        recipe: ``"standard"`` (clean only), ``"robust"`` (adversarial only, Madry PGD-AT), ``"ds"`` (pool of
+            the clean batch and its PGD examples, top ``p_up`` by loss backpropagated), ``"random"`` (same
+            pool, random ``p_up`` fraction), ``"selective"`` (attack only the top ``attack_frac`` by
+            ``attack_score``; robust loss on those, clean loss on the rest), ``"selective_ds"`` (attack as
+            selective, then DS selection over clean batch plus adversarial examples).
+        p_up: fraction of the pool that is backpropagated, in (0, 1]. Callbacks may change it per epoch.
+        attack_frac: fraction of the clean batch attacked by the selective recipes, in (0, 1].
+        attack_score: pre-attack score of the selective recipes, a key of
+            :data:`lightning_advsel.selection.PRE_ATTACK_SCORES`.
+        train_attack: the attack that makes training examples. Defaults to PGD-10, L-inf eps 0.1, alpha
+            0.025, in ``"train"`` mode (batch statistics, BatchNorm running statistics frozen).
+        eval_attack: the attack for ``val/acc_robust`` and ``test/acc_robust``. Defaults to PGD-20, L-inf
+            eps 0.1, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust evaluation.
+        num_classes: classes of the task.
+        optimizer: optimizer factory, called with the model parameters.
+        lr_scheduler: optional scheduler factory, called with the optimizer.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        scoring_mode: model mode of the no-grad scoring passes (see :func:`~lightning_advsel.attacks.model_mode`).
+        seed: seed of the per-step random generator (PGD starts, random selection). The generator is
+            reseeded from ``(seed, global_step, global_rank)`` each step, so a resumed run draws the same.
+
+    Raises:
+        ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
+            ``p_up`` or ``attack_frac`` outside (0, 1], ``num_classes`` below 2, a ``model`` that is not an
+            ``nn.Module``, or a bad attack setting.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: str = "ds",
+        p_up: float = 0.5,
+        attack_frac: float = 0.5,
+        attack_score: str = "margin",
+        train_attack: AttackConfig | None = None,
+        eval_attack: AttackConfig | None = None,
+        num_classes: int = 10,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        scoring_mode: str = "train",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be an nn.Module classifier, got {type(model).__name__}")
+        if recipe not in RECIPES:
+            raise ValueError(f"`recipe` must be one of {tuple(RECIPES)}, got {recipe!r}")
+        if attack_score not in selection.PRE_ATTACK_SCORES:
+            raise ValueError(
+                f"`attack_score` must be one of {tuple(selection.PRE_ATTACK_SCORES)}, got {attack_score!r}"
+            )
+        if scoring_mode not in MODES:
+            raise ValueError(f"`scoring_mode` must be one of {MODES}, got {scoring_mode!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+        self.p_up = selection.check_fraction("p_up", p_up)
+        self.attack_frac = selection.check_fraction("attack_frac", attack_frac)
+        self.train_attack = _as_attack("train_attack", train_attack) or AttackConfig(mode="train")
+        if eval_attack is None:
+            eval_attack = AttackConfig(eps=self.train_attack.eps, alpha=0.01, steps=20, norm=self.train_attack.norm)
+        self.eval_attack = _as_attack("eval_attack", eval_attack)
+
+        self.save_hyperparameters()
+        if isinstance(self.hparams.get("model"), nn.Module):
+            # Built from Python, not from the CLI: keep only plain values in the checkpoint (the weights are in
+            # the state dict); load with `load_from_checkpoint(path, model=Net())`.
+            self.remove_ignored_hparams(["model", "optimizer", "lr_scheduler"])
+        for key in ("train_attack", "eval_attack"):
+            if isinstance(self.hparams.get(key), AttackConfig):
+                self.hparams[key] = asdict(self.hparams[key])
+
+        self.model = model
+        self.recipe = recipe
+        self.attack_score = attack_score
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.scoring_mode = scoring_mode
+        self.seed = seed
+        self.automatic_optimization = False
+        self.last_selection: SelectionRecord | None = None
+
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
+        self.train_adv_frac = MeanMetric()
+        self.train_attacked_frac = MeanMetric()
+        self.val_acc_clean = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_robust = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def _generator(self, device: torch.device, offset: int) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 1_000_003 + offset * 7919 + self.global_rank) % (2**63 - 1))
+        return gen
+
+    def _check_finite_batch(self, x: Tensor, batch_idx: int) -> None:
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"training batch {batch_idx} (global step {self.global_step}) holds NaN or inf inputs; "
+                f"inputs must be finite pixels in [0, 1]"
+            )
+
+    def _check_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
+        self._check_finite_batch(x, batch_idx)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(
+                f"batch {batch_idx} has labels in [{int(y.min())}, {int(y.max())}], outside [0, {self.num_classes - 1}] "
+                f"for `num_classes`={self.num_classes}"
+            )
+
+    def _pre_attack(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Rows to attack, their pre-attack scores, and the clean logits of the scoring pass (if any)."""
+        n = x.shape[0]
+        kind = RECIPES[self.recipe].attack
+        if kind == "none" or not self.train_attack.enabled:
+            return torch.zeros(0, dtype=torch.long, device=x.device), None, None
+        if kind == "all":
+            return torch.arange(n, device=x.device), None, None
+        score = selection.PRE_ATTACK_SCORES[self.attack_score]
+        features: list[Tensor] = []
+        handle = None
+        if score.needs_features:
+            handle = selection.last_linear(self.model).register_forward_hook(
+                lambda _m, inputs, _out: features.append(inputs[0].detach())
+            )
+        try:
+            with torch.no_grad(), model_mode(self.model, self.scoring_mode):
+                logits = self.model(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        scoring = selection.ScoringPass(
+            self.model, x, y, logits, features[0] if features else None, gen
+        )
+        scores = score.fn(scoring).detach()
+        k = selection.fraction_count(n, self.attack_frac)
+        return selection.top_k(scores, k), scores, logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self._check_batch(x, y, batch_idx)
+        recipe = RECIPES[self.recipe]
+        gen = self._generator(x.device, self.global_step)
+        n = x.shape[0]
+
+        attacked, attack_scores, clean_logits = self._pre_attack(x, y, gen)
+        x_adv = self.train_attack(self.model, x[attacked], y[attacked], generator=gen) if attacked.numel() else None
+
+        # The pool the post-attack selection chooses from.
+        if x_adv is None:
+            pool_x, pool_y = x, y
+            is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
+        elif recipe.pool == "replace":
+            pool_x, pool_y = x.clone(), y
+            pool_x[attacked] = x_adv
+            is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
+            is_adv[attacked] = True
+        else:
+            pool_x, pool_y = torch.cat([x, x_adv]), torch.cat([y, y[attacked]])
+            is_adv = torch.cat([torch.zeros(n, dtype=torch.bool, device=x.device), torch.ones_like(attacked, dtype=torch.bool)])
+
+        m = pool_x.shape[0]
+        k = selection.fraction_count(m, self.p_up)
+        pool_scores: Tensor | None = None
+        pool_logits: Tensor | None = None
+        if k == m:
+            selected = torch.arange(m, device=x.device)
+        elif recipe.post == "random":
+            selected = selection.random_k(m, k, device=x.device, generator=gen)
+        else:
+            pool_logits = self._score_pool(pool_x, recipe, x_adv, clean_logits)
+            pool_scores = selection.per_sample_loss(pool_logits, pool_y)
+            selected = selection.top_k(pool_scores, k)
+
+        logits = self.model(pool_x[selected])
+        loss = F.cross_entropy(logits, pool_y[selected])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
+                f"lower the learning rate or check the data"
+            )
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        if self.scheduler_interval == "step":
+            self._step_scheduler()
+
+        self.last_selection = SelectionRecord(
+            y=pool_y, is_adv=is_adv, selected=selected, pool_scores=pool_scores,
+            attacked=attacked, attack_scores=attack_scores, batch_size=n,
+        )
+        self._log_train(loss, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
+        return loss.detach()
+
+    def _score_pool(self, pool_x: Tensor, recipe: Recipe, x_adv: Tensor | None, clean_logits: Tensor | None) -> Tensor:
+        """Logits of the whole pool from a no-grad pass, reusing the pre-attack pass for clean rows."""
+        with torch.no_grad(), model_mode(self.model, self.scoring_mode):
+            if recipe.pool == "append" and clean_logits is not None and x_adv is not None:
+                return torch.cat([clean_logits, self.model(x_adv)])
+            return self.model(pool_x)
+
+    def _log_train(self, loss: Tensor, logits: Tensor, pool_logits: Tensor | None, pool_y: Tensor,
+                   is_adv: Tensor, selected: Tensor, attacked: Tensor, n: int) -> None:
+        # Accuracy over the pool: from the scoring pass when there was one; otherwise the trained rows are
+        # the whole pool or a uniform sample of it.
+        if pool_logits is not None:
+            self.train_acc(pool_logits, pool_y)
+        else:
+            self.train_acc(logits.detach(), pool_y[selected])
+        self.train_acc_selected(logits.detach(), pool_y[selected])
+        self.train_adv_frac.update(is_adv[selected].float())
+        self.train_attacked_frac.update(torch.tensor(attacked.numel() / n, device=logits.device), weight=n)
+        s = selected.numel()
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=s)
+        self.log("train/p_up", self.p_up, on_step=False, on_epoch=True, batch_size=s)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc_selected", self.train_acc_selected, on_step=False, on_epoch=True)
+        self.log("train/selected_adv_frac", self.train_adv_frac, on_step=False, on_epoch=True)
+        self.log("train/attacked_frac", self.train_attacked_frac, on_step=False, on_epoch=True)
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        if self.scheduler_interval == "epoch":
+            self._step_scheduler()
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        x, y = batch
+        acc_clean = getattr(self, f"{stage}_acc_clean")
+        acc_robust = getattr(self, f"{stage}_acc_robust")
+        logits = self.model(x)
+        acc_clean(logits, y)
+        self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])
+        self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True)
+        if self.eval_attack is not None and self.eval_attack.enabled:
+            # Seeded by the batch index alone: the same weights give the same robust accuracy every time.
+            gen = self._generator(x.device, -(batch_idx + 1))
+            x_adv = self.eval_attack(self.model, x, y, generator=gen)
+            with torch.no_grad():
+                acc_robust(self.model(x_adv), y)
+            self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    # ------------------------------------------------------------------------------------------- optimization
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                "`lr_scheduler` ReduceLROnPlateau is not supported (it needs a monitored value); use a schedule "
+                "of the epoch or step, e.g. MultiStepLR or OneCycleLR"
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    # ---------------------------------------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["advsel"] = {"p_up": self.p_up, "recipe": self.recipe}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("advsel", {})
+        p_up = state.get("p_up", self.p_up)
+        if not (isinstance(p_up, float) and math.isfinite(p_up) and 0 < p_up <= 1):
+            rank_zero_warn(f"checkpoint holds an invalid p_up={p_up!r}; keeping p_up={self.p_up}")
+            return
+        self.p_up = p_up
