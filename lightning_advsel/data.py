@@ -175,12 +175,34 @@ class _TorchvisionDataModule(_BaseDataModule):
         self.test_set = self._open(False, plain)
 
 
+_IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_idx(path: Path) -> Tensor:
+    """Read an IDX file (the MNIST format), uncompressed or as ``.gz`` next to where it would be."""
+    import gzip
+
+    import numpy as np
+
+    if path.exists():
+        raw = path.read_bytes()
+    else:
+        raw = gzip.decompress(path.with_name(path.name + ".gz").read_bytes())
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return torch.from_numpy(data.copy()).view(*shape)
+
+
 class MNISTDataModule(_TorchvisionDataModule):
-    """MNIST (28x28, 1 channel) from ``data_dir`` in torchvision's layout.
+    """MNIST (28x28, 1 channel) from ``data_dir`` in torchvision's layout, raw IDX files plain or gzipped.
 
     Args:
-        data_dir: folder holding ``MNIST/raw``.
-        download: fetch the data set if it is missing (off by default).
+        data_dir: folder holding ``MNIST/raw`` (``train-images-idx3-ubyte[.gz]`` and the three others).
+        download: fetch the data set with torchvision if it is missing (off by default).
         batch_size: clean samples per training batch.
         val_size: training images held out for validation.
         num_workers: data-loading worker processes.
@@ -193,13 +215,43 @@ class MNISTDataModule(_TorchvisionDataModule):
     dataset_name = "MNIST"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
-                 num_workers: int = 2, split_seed: int = 0) -> None:
+                 num_workers: int = 0, split_seed: int = 0) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed)
 
     def _dataset_cls(self) -> type:
         from torchvision.datasets import MNIST
 
         return MNIST
+
+    def _raw(self, train: bool) -> TensorDataset:
+        raw = Path(self.data_dir) / self.dataset_name / "raw"
+        images, labels = (raw / name for name in _IDX_FILES[train])
+        missing = [str(p) for p in (images, labels) if not p.exists() and not p.with_name(p.name + ".gz").exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.dataset_name} was not found under data_dir={self.data_dir!r}: missing {missing} (or .gz). "
+                f"Set `download: true` (--data.init_args.download true) to fetch it with torchvision, or point "
+                f"`data_dir` at a folder that holds {self.dataset_name}/raw."
+            )
+        x = _read_idx(images).unsqueeze(1).float() / 255.0
+        return TensorDataset(x, _read_idx(labels).long())
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self._dataset_cls()(self.data_dir, train=train, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = self._raw(True)
+        n = len(train)
+        if self.val_size >= n:
+            raise ValueError(f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}")
+        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        self.train_set = Subset(train, train_idx.tolist())
+        self.val_set = Subset(train, val_idx.tolist())
+        self.test_set = self._raw(False)
 
 
 class FashionMNISTDataModule(MNISTDataModule):
