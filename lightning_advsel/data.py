@@ -96,7 +96,8 @@ class DigitsDataModule(_BaseDataModule):
             )
         if batch_size > self.total - val_size - test_size:
             raise ValueError(
-                f"`batch_size` must be at most the {self.total - val_size - test_size} training digits, got {batch_size}"
+                f"`batch_size` must be at most the {self.total - val_size - test_size} training digits, "
+                f"got {batch_size}"
             )
         self.val_size = val_size
         self.test_size = test_size
@@ -168,7 +169,9 @@ class _TorchvisionDataModule(_BaseDataModule):
         train_plain = self._open(True, plain)
         n = len(train_plain)
         if self.val_size >= n:
-            raise ValueError(f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}")
+            raise ValueError(
+                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
+            )
         train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
         self.train_set = Subset(train_aug, train_idx.tolist())
         self.val_set = Subset(train_plain, val_idx.tolist())
@@ -247,7 +250,9 @@ class MNISTDataModule(_TorchvisionDataModule):
         train = self._raw(True)
         n = len(train)
         if self.val_size >= n:
-            raise ValueError(f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}")
+            raise ValueError(
+                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
+            )
         train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
         self.train_set = Subset(train, train_idx.tolist())
         self.val_set = Subset(train, val_idx.tolist())

@@ -20,6 +20,7 @@ forward updates them, so running statistics see exactly the samples that are bac
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -165,7 +166,10 @@ class AdversarialSelectionModule(L.LightningModule):
             eval_attack = AttackConfig(eps=self.train_attack.eps, alpha=0.01, steps=20, norm=self.train_attack.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)
 
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Lightning warns that `model` is an nn.Module; it is dropped just below when built from Python.
+            warnings.filterwarnings("ignore", message=r"Attribute 'model' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         if isinstance(self.hparams.get("model"), nn.Module):
             # Built from Python, not from the CLI: keep only plain values in the checkpoint (the weights are in
             # the state dict); load with `load_from_checkpoint(path, model=Net())`.

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models and data, and a one-call way to run training steps through a Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class TinyNet(nn.Module):
+    """A 2-layer MLP on 1x8x8 inputs: fast, deterministic, and with a final nn.Linear."""
+
+    def __init__(self, num_classes: int = 10, batchnorm: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(64))
+        layers += [nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tiny_batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def fit_steps(module: L.LightningModule, x: torch.Tensor, y: torch.Tensor, tmp_path: Path, steps: int = 1,
+              **trainer_kwargs) -> L.Trainer:
+    """Run ``steps`` training steps of ``module`` on the fixed batch ``(x, y)`` (no shuffle, no validation)."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0], shuffle=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, **trainer_kwargs,
+    )
+    trainer.fit(module, loader)
+    return trainer
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return tiny_batch()

@@ -1,0 +1,125 @@
+"""The command line end to end: fit, checkpoints, validate/test, and refusing bad input before training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA
+
+from lightning_advsel import AdversarialSelectionModule
+from lightning_advsel.cli import build_cli
+
+TINY = [
+    "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--trainer.enable_progress_bar", "false",
+    "--model.init_args.train_attack.steps", "2", "--model.init_args.eval_attack.steps", "3",
+]
+
+
+def fit(config: str, tmp_path: Path, *extra: str):
+    return build_cli(["fit", "--config", str(REPO / "configs" / config), *TINY,
+                      "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
+
+
+def test_fit_checkpoint_load_and_validate_reproduce_the_validation_numbers(tmp_path, capsys):
+    cli = fit("digits_ds.yaml", tmp_path)
+    out = capsys.readouterr().out
+    val_clean = float(cli.trainer.callback_metrics["val/acc_clean"])
+    val_robust = float(cli.trainer.callback_metrics["val/acc_robust"])
+    assert f"val accuracy: clean {val_clean:.4f}, robust {val_robust:.4f} (PGD-3 linf eps=0.1" in out
+
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert ckpt.name == "last.ckpt" and ckpt.exists()
+    # The CLI stores the model's config, so the checkpoint loads with no arguments and plain-value hparams.
+    loaded = AdversarialSelectionModule.load_from_checkpoint(ckpt)
+    assert type(loaded.model).__name__ == "SmallCNN"
+    for a, b in zip(loaded.model.parameters(), cli.model.model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["recipe"] == "ds"
+
+    again = build_cli(["validate", "--config", str(REPO / "configs" / "digits_ds.yaml"), *TINY,
+                       "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)])
+    assert float(again.trainer.callback_metrics["val/acc_clean"]) == pytest.approx(val_clean, abs=1e-7)
+    assert float(again.trainer.callback_metrics["val/acc_robust"]) == pytest.approx(val_robust, abs=1e-7)
+
+    tested = build_cli(["test", "--config", str(REPO / "configs" / "digits_ds.yaml"), *TINY,
+                        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)])
+    metrics = tested.trainer.callback_metrics
+    assert 0 <= float(metrics["test/acc_robust"]) <= float(metrics["test/acc_clean"]) <= 1
+    assert "test accuracy: clean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config,recipe", [("digits_standard.yaml", "standard"), ("digits_robust.yaml", "robust"),
+                                           ("digits_random.yaml", "random"), ("digits_ds_p1.yaml", "ds")])
+def test_baseline_configs_run_their_recipe(tmp_path, config, recipe):
+    cli = fit(config, tmp_path, "--trainer.max_epochs", "1")
+    assert cli.model.recipe == recipe
+    assert cli.trainer.global_step == 4
+    frac = float(cli.trainer.callback_metrics["train/selected_adv_frac"])
+    expected = {"standard": 0.0, "robust": 1.0, "ds": 0.5}.get(recipe)
+    if expected is not None:
+        assert frac == pytest.approx(expected)
+    else:
+        assert 0.0 < frac < 1.0
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_paper_configs_parse_with_the_papers_settings(dataset, capsys):
+    for method in ("standard", "robust", "ds", "random"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_cli(["fit", "--config", str(REPO / "configs" / dataset / f"{method}.yaml"), "--print_config"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert f"recipe: {method}" in text
+    if dataset == "cifar10":
+        assert "eps: 0.03137" in text and "steps: 20" in text and "batch_size: 256" in text
+    else:
+        assert "eps: 0.3" in text
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").exists(), reason="needs ../shared/data/MNIST")
+def test_mnist_config_trains_from_a_torchvision_layout_folder(tmp_path):
+    cli = build_cli(["fit", "--config", str(REPO / "configs" / "mnist" / "ds.yaml"),
+                     "--data.init_args.data_dir", str(SHARED_DATA), "--trainer.accelerator", "cpu",
+                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                     "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
+                     "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "16",
+                     "--model.init_args.train_attack.steps", "1", "--model.init_args.eval_attack.steps", "1",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 2
+    assert 0 <= float(cli.trainer.callback_metrics["val/acc_clean"]) <= 1
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (["--model.init_args.p_up", "1.5"], r"`p_up` must be in \(0, 1\], got 1.5"),
+        (["--model.init_args.p_up", "0"], r"`p_up` must be in \(0, 1\], got 0"),
+        (["--model.init_args.recipe", "madry"], r"`recipe` must be one of .*'madry'"),
+        (["--model.init_args.train_attack.eps", "-0.1"], r"`eps` must be >= 0.*-0.1"),
+        (["--model.init_args.train_attack.alpha", "-0.1"], r"`alpha` must be >= 0.*-0.1"),
+        (["--model.init_args.train_attack.steps", "0"], r"`steps` must be an integer >= 1, got 0"),
+        (["--model.init_args.eval_attack.norm", "l1"], r"`norm` must be one of .*'l1'"),
+    ],
+)
+def test_bad_cli_values_fail_before_training_and_write_nothing(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        fit("digits_ds.yaml", tmp_path, *override)
+    assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_data_set_names_the_folder_and_how_to_fetch_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"MNIST was not found under data_dir=.*download: true"):
+        build_cli(["fit", "--config", str(REPO / "configs" / "mnist" / "ds.yaml"),
+                   "--data.init_args.data_dir", str(tmp_path / "nowhere"), "--trainer.accelerator", "cpu",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_console_script_entry_point_exits_zero_on_help():
+    result = subprocess.run([sys.executable, "-c", "from lightning_advsel.cli import main; main(['--help'])"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "fit" in result.stdout and "validate" in result.stdout and "test" in result.stdout
