@@ -36,17 +36,19 @@ def test_fit_checkpoint_load_and_validate_reproduce_the_validation_numbers(tmp_p
     # The CLI stores the model's config, so the checkpoint loads with no arguments and plain-value hparams.
     loaded = AdversarialSelectionModule.load_from_checkpoint(ckpt)
     assert type(loaded.model).__name__ == "SmallCNN"
-    for a, b in zip(loaded.model.parameters(), cli.model.model.parameters()):
+    for a, b in zip(loaded.model.parameters(), cli.model.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["recipe"] == "ds"
 
     again = build_cli(["validate", "--config", str(REPO / "configs" / "digits_ds.yaml"), *TINY,
-                       "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)])
+                       "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+                       "--ckpt_path", str(ckpt)])
     assert float(again.trainer.callback_metrics["val/acc_clean"]) == pytest.approx(val_clean, abs=1e-7)
     assert float(again.trainer.callback_metrics["val/acc_robust"]) == pytest.approx(val_robust, abs=1e-7)
 
     tested = build_cli(["test", "--config", str(REPO / "configs" / "digits_ds.yaml"), *TINY,
-                        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)])
+                        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+                        "--ckpt_path", str(ckpt)])
     metrics = tested.trainer.callback_metrics
     assert 0 <= float(metrics["test/acc_robust"]) <= float(metrics["test/acc_clean"]) <= 1
     assert "test accuracy: clean" in capsys.readouterr().out
