@@ -6,6 +6,9 @@ property of the shapes, not of the machine, so the table is the same on CPU and 
 ``selective`` at ``attack_frac`` 0.5, with a forward as 1 unit and a backward as 2 (1 for the attack's
 input-only backward): ``(k + 4) / (2k + 3)`` of PGD-k training, 0.61 for k = 10.
 
+The ``gradmatch_exact`` row is overstated: ``vmap`` computes per-sample convolution weight gradients as one
+convolution grouped by sample, whose weight gradient ``FlopCounterMode`` counts as if ungrouped.
+
     python benchmarks/flops_per_step.py                # SmallCNN on 8x8 digits-sized inputs, batch 64
     python benchmarks/flops_per_step.py --resnet18     # ResNet-18 on 32x32 inputs, batch 16 (slow on CPU)
 """
