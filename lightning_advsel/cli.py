@@ -41,8 +41,12 @@ class AdvSelCLI(LightningCLI):
         print(line, flush=True)
 
 
-def build_cli(args: list[str] | None = None) -> AdvSelCLI:
-    """Parse ``args`` (``sys.argv[1:]`` if ``None``), run the subcommand, and return the CLI object."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> AdvSelCLI:
+    """Parse ``args`` (``sys.argv[1:]`` if ``None``), run the subcommand, and return the CLI object.
+
+    With ``run=False`` there is no subcommand: ``args`` is only parsed and the trainer, model and data module
+    are instantiated (``cli.trainer``, ``cli.model``, ``cli.datamodule``) without touching any data.
+    """
     return AdvSelCLI(
         AdversarialSelectionModule,
         LightningDataModule,
@@ -51,6 +55,7 @@ def build_cli(args: list[str] | None = None) -> AdvSelCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -12,6 +12,21 @@ One training step, for every recipe:
 5. **Update**: forward and backward over the selected rows only, so the backward work scales with
    ``p_up``; the loss is the mean cross-entropy over the selected rows.
 
+Selective recipes (``attack="score"``): the score (:data:`~lightning_advsel.selection.PRE_ATTACK_SCORES`:
+margin, gradmatch, gradmatch_exact, loss, random) is computed on the whole clean batch before any PGD step, and
+PGD runs on the chosen ``attack_frac`` of the rows only. With ``recipe="selective"`` and ``p_up=1`` the loss is
+the mixed objective: cross-entropy on the adversarial example of each attacked row and on the clean input of
+every other row, averaged over the batch, so each sample counts once whether it was attacked or not.
+``selective_ds`` then applies the data-selection rule to the pool of the clean batch plus the attacked rows.
+
+Reuse of the scoring forward: with the ``"append"`` pool its clean logits are the clean rows' scores for the
+post-attack selection, so the clean rows are not forwarded twice. With the ``"replace"`` pool they are not
+reused as the clean-loss forward of the unattacked rows: the scoring pass runs under ``no_grad`` (it must not
+hold activations for the whole batch while PGD runs) and, with BatchNorm, under the clean batch's statistics,
+whereas the training forward normalizes the mixed batch of clean and adversarial rows together. The cost is
+one extra no-grad forward of the batch, the ``+1`` in the ``(k + 4) / (2k + 3)`` cost of selective training
+at ``attack_frac=0.5`` relative to PGD-k training (measured in ``benchmarks/flops_per_step.py``).
+
 BatchNorm: the scoring passes and (by default) the training attack run with batch statistics but leave the
 running statistics untouched (:func:`~lightning_advsel.attacks.model_mode` ``"train"``); only the training
 forward updates them, so running statistics see exactly the samples that are backpropagated.
@@ -123,7 +138,8 @@ class AdversarialSelectionModule(L.LightningModule):
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
             ``p_up`` or ``attack_frac`` outside (0, 1], ``num_classes`` below 2, a ``model`` that is not an
-            ``nn.Module``, or a bad attack setting.
+            ``nn.Module``, ``attack_score="gradmatch"`` (closed form) on a model without an ``nn.Linear`` head
+            (``"gradmatch_exact"`` works on any model), or a bad attack setting.
     """
 
     def __init__(
@@ -151,6 +167,8 @@ class AdversarialSelectionModule(L.LightningModule):
             raise ValueError(
                 f"`attack_score` must be one of {tuple(selection.PRE_ATTACK_SCORES)}, got {attack_score!r}"
             )
+        if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
+            selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
         if scoring_mode not in MODES:
             raise ValueError(f"`scoring_mode` must be one of {MODES}, got {scoring_mode!r}")
         if scheduler_interval not in ("epoch", "step"):
@@ -194,6 +212,8 @@ class AdversarialSelectionModule(L.LightningModule):
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
         self.train_adv_frac = MeanMetric()
         self.train_attacked_frac = MeanMetric()
+        self.train_attack_score_selected = MeanMetric()
+        self.train_attack_score_unselected = MeanMetric()
         self.val_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
@@ -235,7 +255,8 @@ class AdversarialSelectionModule(L.LightningModule):
         features: list[Tensor] = []
         handle = None
         if score.needs_features:
-            handle = selection.last_linear(self.model).register_forward_hook(
+            head = selection.last_linear(self.model, who=f"`attack_score`={self.attack_score!r}")
+            handle = head.register_forward_hook(
                 lambda _m, inputs, _out: features.append(inputs[0].detach())
             )
         try:
@@ -249,7 +270,7 @@ class AdversarialSelectionModule(L.LightningModule):
         )
         scores = score.fn(scoring).detach()
         k = selection.fraction_count(n, self.attack_frac)
-        return selection.top_k(scores, k), scores, logits
+        return score.pick(scores, k), scores, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -306,6 +327,8 @@ class AdversarialSelectionModule(L.LightningModule):
             attacked=attacked, attack_scores=attack_scores, batch_size=n,
         )
         self._log_train(loss, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
+        if attack_scores is not None:
+            self._log_attack_scores(attack_scores, attacked)
         return loss.detach()
 
     def _score_pool(self, pool_x: Tensor, recipe: Recipe, x_adv: Tensor | None, clean_logits: Tensor | None) -> Tensor:
@@ -333,6 +356,17 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log("train/acc_selected", self.train_acc_selected, on_step=False, on_epoch=True)
         self.log("train/selected_adv_frac", self.train_adv_frac, on_step=False, on_epoch=True)
         self.log("train/attacked_frac", self.train_attacked_frac, on_step=False, on_epoch=True)
+
+    def _log_attack_scores(self, scores: Tensor, attacked: Tensor) -> None:
+        """Epoch means of the pre-attack score (margin, cosine, ...) over the attacked and the other rows."""
+        rest = torch.ones_like(scores, dtype=torch.bool)
+        rest[attacked] = False
+        self.train_attack_score_selected.update(scores[attacked])
+        self.log("train/attack_score_selected", self.train_attack_score_selected, on_step=False, on_epoch=True)
+        if rest.any():  # attack_frac = 1 leaves no unattacked rows
+            self.train_attack_score_unselected.update(scores[rest])
+            self.log("train/attack_score_unselected", self.train_attack_score_unselected, on_step=False,
+                     on_epoch=True)
 
     def _step_scheduler(self) -> None:
         scheduler = self.lr_schedulers()

@@ -7,8 +7,9 @@ Two stages use this file:
   backpropagated (:func:`top_k`), or a uniformly random ``P_up`` fraction (:func:`random_k`, the paper's
   random-robust baseline).
 * **Before the attack** (selective adversarial training): every sample of the clean batch gets a score
-  from one no-grad forward pass and only the highest-scoring ``attack_frac`` of the batch is attacked.
-  The scores are registered in :data:`PRE_ATTACK_SCORES`; higher always means "attack first".
+  from one no-grad forward pass and only the first ``attack_frac`` of the batch in score order is attacked.
+  The scores are registered in :data:`PRE_ATTACK_SCORES`, each with the order it selects in (the smallest
+  margin first, the highest cosine or loss first), so the logged values are the scores themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_advsel.attacks import model_mode
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -84,9 +88,9 @@ class ScoringPass:
 
 
 def margin_score(p: ScoringPass) -> Tensor:
-    """Minus the gap between the two largest logits: samples nearest the decision boundary score highest."""
+    """Gap between the two largest logits; the smallest gap (nearest the decision boundary) is attacked first."""
     top2 = p.logits.float().topk(2, dim=1).values
-    return -(top2[:, 0] - top2[:, 1])
+    return top2[:, 0] - top2[:, 1]
 
 
 def loss_score(p: ScoringPass) -> Tensor:
@@ -99,23 +103,95 @@ def random_score(p: ScoringPass) -> Tensor:
     return torch.rand(p.y.shape[0], generator=p.generator, device=p.y.device)
 
 
+def _cosine_to_mean(dots: Tensor, sq_norms: Tensor, mean_sq_norm: Tensor) -> Tensor:
+    """Cosine of each per-sample gradient g_i with the batch mean G, from <g_i, G>, |g_i|^2 and |G|^2."""
+    return dots / (sq_norms.sqrt() * mean_sq_norm.sqrt()).clamp_min(1e-12)
+
+
+def gradmatch_score(p: ScoringPass) -> Tensor:
+    """Cosine of each sample's last-layer loss gradient with the batch-mean gradient (closed form).
+
+    For cross-entropy, the gradient of sample ``i``'s loss with respect to the final ``nn.Linear`` (weight and
+    bias) is ``r_i (x) [h_i, 1]`` with ``r_i = softmax(z_i) - onehot(y_i)`` and ``h_i`` the penultimate
+    features, so no backward pass is needed. Inner products of two such gradients factor as
+    ``(r_i . r_j) ([h_i, 1] . [h_j, 1])``: the scores come from two ``(B, B)`` Gram matrices, never from a
+    ``(B, C * D)`` tensor of flattened gradients. The highest cosine is attacked first.
+    """
+    if p.features is None:
+        raise ValueError("`gradmatch` needs the penultimate features (the input of the final nn.Linear)")
+    r = p.logits.float().softmax(dim=1)
+    r[torch.arange(r.shape[0], device=r.device), p.y] -= 1
+    h = p.features.float().flatten(1)
+    gram = (r @ r.T) * (h @ h.T + 1)
+    return _cosine_to_mean(gram.mean(dim=1), gram.diagonal(), gram.mean())
+
+
+def gradmatch_exact_score(p: ScoringPass) -> Tensor:
+    """Cosine of each sample's loss gradient over *all* parameters with the batch-mean gradient.
+
+    Per-sample gradients come from ``torch.func.vmap(torch.func.grad(...))`` over
+    :func:`torch.func.functional_call`: one extra forward and backward of the whole batch, and memory for
+    ``B`` copies of every parameter's gradient (one parameter tensor at a time). Expensive: meant for small
+    models and for checking the closed-form :func:`gradmatch_score`. Works on any model (it needs no final
+    ``nn.Linear``). The model runs in eval mode here, so BatchNorm uses its running statistics (a gradient
+    under batch statistics is not a per-sample quantity) and dropout is off.
+    """
+    params = {k: v.detach() for k, v in p.model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in p.model.named_buffers()}
+
+    def loss(prm: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(p.model, (prm, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    with torch.enable_grad(), model_mode(p.model, "eval"):
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, p.x, p.y)
+    n = p.x.shape[0]
+    dots = p.x.new_zeros(n, dtype=torch.float32)
+    sq_norms = torch.zeros_like(dots)
+    mean_sq_norm = dots.new_zeros(())
+    for g in grads.values():
+        g = g.float().reshape(n, -1)
+        mean = g.mean(dim=0)
+        dots += g @ mean
+        sq_norms += g.pow(2).sum(dim=1)
+        mean_sq_norm += mean.pow(2).sum()
+    return _cosine_to_mean(dots, sq_norms, mean_sq_norm)
+
+
 @dataclass(frozen=True)
 class PreAttackScore:
-    """A named pre-attack score. ``needs_features`` asks the scoring pass for penultimate features."""
+    """A named pre-attack score.
+
+    Attributes:
+        fn: the per-sample score of the clean batch, shape ``(B,)``.
+        needs_features: the scoring pass must capture the input of the final ``nn.Linear``.
+        higher_first: the highest scores are attacked first (else the lowest).
+    """
 
     fn: Callable[[ScoringPass], Tensor]
     needs_features: bool = False
+    higher_first: bool = True
+
+    def pick(self, scores: Tensor, k: int) -> Tensor:
+        """Indices of the ``k`` samples to attack first, in ascending index order."""
+        return top_k(scores if self.higher_first else -scores, k)
 
 
 PRE_ATTACK_SCORES: dict[str, PreAttackScore] = {
-    "margin": PreAttackScore(margin_score),
+    "margin": PreAttackScore(margin_score, higher_first=False),
+    "gradmatch": PreAttackScore(gradmatch_score, needs_features=True),
+    "gradmatch_exact": PreAttackScore(gradmatch_exact_score),
     "loss": PreAttackScore(loss_score),
     "random": PreAttackScore(random_score),
 }
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
+def last_linear(model: nn.Module, who: str = "this score") -> nn.Linear:
     """The last ``nn.Linear`` registered in ``model``, taken as its classification head.
+
+    Args:
+        model: the classifier.
+        who: what needs the layer, named in the error (e.g. ``"`attack_score`='gradmatch'"``).
 
     Raises:
         ValueError: if the model has no ``nn.Linear``.
@@ -123,7 +199,8 @@ def last_linear(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(
-            f"this score needs a model whose final layer is an `nn.Linear` (its input is the penultimate "
-            f"feature vector), got {type(model).__name__} with no `nn.Linear`"
+            f"{who} needs a model whose final layer is an `nn.Linear` (its input is the penultimate feature "
+            f"vector), got {type(model).__name__} with no `nn.Linear`; use 'gradmatch_exact' (per-sample "
+            f"gradients of all parameters, expensive) or 'margin' for such models"
         )
     return linears[-1]
