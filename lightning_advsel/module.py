@@ -326,9 +326,13 @@ class AdversarialSelectionModule(L.LightningModule):
             y=pool_y, is_adv=is_adv, selected=selected, pool_scores=pool_scores,
             attacked=attacked, attack_scores=attack_scores, batch_size=n,
         )
-        if logits is not None:
+        if logits is None:
+            # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
+            logits = pool_x.new_zeros((0, self.num_classes))
+            shown = loss.detach()
+        else:
             shown = loss if k_global is None else F.cross_entropy(logits.detach(), pool_y[selected])
-            self._log_train(shown, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
+        self._log_train(shown, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
         return loss.detach()
 
     def _select_global(self, pool_x: Tensor, pool_y: Tensor, recipe: Recipe, x_adv: Tensor | None,
@@ -426,10 +430,11 @@ class AdversarialSelectionModule(L.LightningModule):
         # the whole pool or a uniform sample of it.
         if pool_logits is not None:
             self.train_acc(pool_logits, pool_y)
-        else:
+        elif selected.numel():
             self.train_acc(logits.detach(), pool_y[selected])
-        self.train_acc_selected(logits.detach(), pool_y[selected])
-        self.train_adv_frac.update(is_adv[selected].float())
+        if selected.numel():  # a rank may select no row under the global scope
+            self.train_acc_selected(logits.detach(), pool_y[selected])
+            self.train_adv_frac.update(is_adv[selected].float())
         self.train_attacked_frac.update(torch.tensor(attacked.numel() / n, device=logits.device), weight=n)
         s = selected.numel()
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=s)
