@@ -91,6 +91,11 @@ class _BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _check_nonempty(self, n: int) -> None:
+        if n == 0:
+            raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
+                             f"expected training images there")
+
     def _check_sets(self) -> None:
         """Called at the end of ``setup``: a training set that is empty or smaller than one batch is refused."""
         n = len(self.train_set) if self.train_set is not None else 0
@@ -233,6 +238,7 @@ class _TorchvisionDataModule(_BaseDataModule):
         train_aug = self._open(True, self._train_transform())
         train_plain = self._open(True, plain)
         n = len(train_plain)
+        self._check_nonempty(n)
         if self.val_size >= n:
             raise ValueError(
                 f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
@@ -315,6 +321,7 @@ class MNISTDataModule(_TorchvisionDataModule):
             return
         train = self._raw(True)
         n = len(train)
+        self._check_nonempty(n)
         if self.val_size >= n:
             raise ValueError(
                 f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
