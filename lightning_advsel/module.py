@@ -233,7 +233,11 @@ class AdversarialSelectionModule(L.LightningModule):
         return gen
 
     def _check_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        bad = bool(y.numel()) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)
+        # Agreed across ranks: a rank raising alone would leave the others waiting in the next collective.
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False) and not bad:
+            raise ValueError(f"batch {batch_idx} has labels outside [0, {self.num_classes - 1}] on another rank")
+        if bad:
             raise ValueError(
                 f"batch {batch_idx} has labels in [{int(y.min())}, {int(y.max())}], "
                 f"outside [0, {self.num_classes - 1}] "

@@ -24,10 +24,11 @@ ATTACK = AttackConfig(eps=0.1, alpha=0.05, steps=2, random_start=False, mode="tr
 ROWS = 16  # the global batch: 8 rows per rank
 
 
-def build(scope: str, p_up: float) -> AdversarialSelectionModule:
+def build(scope: str, p_up: float, nonfinite: str = "raise") -> AdversarialSelectionModule:
     torch.manual_seed(0)
     return AdversarialSelectionModule(TinyNet(), recipe="ds", p_up=p_up, train_attack=ATTACK,
-                                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1), selection_scope=scope)
+                                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1), selection_scope=scope,
+                                      nonfinite=nonfinite)
 
 
 class SelectionLog(L.Callback):
@@ -45,6 +46,9 @@ class SelectionLog(L.Callback):
         trainer.strategy.model.register_comm_hook(state=None, hook=counting_hook)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if outputs is None:  # a skipped step
+            self.rows.append([])
+            return
         # Name each selected pool row by its single-process pool row: dataset index, + ROWS if adversarial.
         x_all, _ = tiny_batch(ROWS)
         index = torch.cdist(batch[0].flatten(1), x_all.flatten(1)).argmin(1)
@@ -57,23 +61,32 @@ def main() -> None:
     x, y = tiny_batch(ROWS)
     results = {}
     for run in sys.argv[2:]:
-        scope, p_up, steps = run.split(":")
+        # SCOPE:P_UP:STEPS, or SCOPE:P_UP:STEPS:nan for one NaN pixel in one row of the data set, which
+        # only one rank sees (two batches per rank per epoch, max_epochs=1).
+        scope, p_up, steps, *fault = run.split(":")
         p_up, steps = float(p_up), int(steps)
-        module = build(scope, p_up)
+        module = build(scope, p_up, "skip" if fault else "raise")
+        data_x = x.clone()
+        if fault:
+            data_x = torch.cat([x, x])
+            data_x[5, 0, 3, 3] = float("nan")
         log = SelectionLog()
         trainer = L.Trainer(
             accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
-            max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+            max_steps=steps, max_epochs=1 if fault else None, limit_val_batches=0, logger=False,
+            enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=[log],
             default_root_dir=out.parent,
         )
-        loader = DataLoader(TensorDataset(x, y), batch_size=ROWS // 2, shuffle=False)
+        loader = DataLoader(TensorDataset(data_x, y.repeat(len(data_x) // ROWS)), batch_size=ROWS // 2,
+                            shuffle=False)
         trainer.fit(module, loader)
         results[run] = {
             "params": [p.detach().tolist() for p in module.model.parameters()],
             "selected": log.rows,
             "allreduce_calls": log.allreduce_calls,
             "optimizer_steps": trainer.global_step,
+            "skipped_steps": module.skipped_steps,
         }
     rank = trainer.global_rank
     out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps(results))

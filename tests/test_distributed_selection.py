@@ -6,6 +6,7 @@ One launch of ``tests/ddp_worker.py`` trains every case below; the single-proces
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from ddp_worker import ATTACK, ROWS, build
 from lightning_advsel import AdversarialSelectionModule
 
 pytestmark = pytest.mark.slow
-RUNS = ("global:0.25:1", "global:0.03125:2", "local:0.25:1")
+RUNS = ("global:0.25:1", "global:0.03125:2", "local:0.25:1", "global:0.5:-1:nan")
 # Largest parameter difference accepted between 2-rank DDP and one process: float32 sums in another order.
 TOLERANCE = 1e-6
 
@@ -76,6 +77,15 @@ def test_local_scope_averages_the_per_rank_updates(ddp_results, tmp_path):
     for got, a, b in zip(ddp, *halves, strict=True):
         torch.testing.assert_close(got, (a + b) / 2, atol=TOLERANCE, rtol=0)
     assert [len(r["local:0.25:1"]["selected"][0]) for r in ddp_results] == [4, 4]
+
+
+def test_a_nan_batch_on_one_rank_is_skipped_on_both(ddp_results):
+    run = "global:0.5:-1:nan"
+    # Two batches per rank; the NaN row is in one batch of one rank: both ranks skip that step together.
+    for rank in ddp_results:
+        assert rank[run]["skipped_steps"] == 1 and rank[run]["optimizer_steps"] == 1
+        assert all(math.isfinite(v) for p in rank[run]["params"] for v in torch.tensor(p).flatten().tolist())
+    assert ddp_results[0][run]["params"] == ddp_results[1][run]["params"]
 
 
 @pytest.mark.parametrize("run", RUNS)
