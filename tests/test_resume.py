@@ -100,3 +100,67 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
     assert resumed["lr_schedulers"] == straight["lr_schedulers"]
     assert resumed["advsel"]["p_up"] == straight["advsel"]["p_up"]
     assert resumed["advsel"]["skipped_steps"] == straight["advsel"]["skipped_steps"] == 0
+
+
+def test_train_order_is_a_function_of_seed_and_epoch_and_a_resume_skips_the_consumed_batches():
+    from lightning_advsel.data import DigitsDataModule
+
+    def order(dm: DigitsDataModule, epoch: int) -> list[int]:
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup()
+    first, second = order(dm, 0), order(dm, 1)
+    assert sorted(first) == list(range(len(dm.train_set))) and first != second
+    again = DigitsDataModule(batch_size=64)
+    again.setup()
+    assert order(again, 0) == first
+    again.load_state_dict({"epoch": 0, "batches": 3})
+    loader = again.train_dataloader()
+    loader.sampler.set_epoch(0)
+    assert list(loader.sampler) == first[3 * 64:]
+    loader.sampler.set_epoch(1)  # the skip applies to the interrupted epoch only
+    assert list(loader.sampler) == second
+
+
+def test_ranks_split_one_epoch_into_disjoint_equal_shares():
+    from torch.utils.data import TensorDataset
+
+    from lightning_advsel.data import ResumableSampler
+
+    data = TensorDataset(torch.arange(10))
+    shares = [list(ResumableSampler(data, 2, rank, seed=0)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 5
+    assert sorted(shares[0] + shares[1]) == list(range(10))
+
+
+def test_selection_statistics_of_an_unfinished_epoch_survive_a_checkpoint(tmp_path):
+    import lightning as L
+    from conftest import TinyNet, tiny_batch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_advsel import AdversarialSelectionModule
+
+    class SaveAtStep2(L.Callback):
+        states: dict = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            if trainer.global_step == 2:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+                self.states = {name: {k: v.clone() for k, v in getattr(module, name).metric_state.items()}
+                               for name in ("train_acc", "train_adv_frac")}
+
+    module = AdversarialSelectionModule(TinyNet(), recipe="ds", p_up=0.5)
+    x, y = tiny_batch(32)
+    saver = SaveAtStep2()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[saver])
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))  # saves after 2 of 4 batches
+    loaded = AdversarialSelectionModule.load_from_checkpoint(tmp_path / "mid.ckpt", model=TinyNet())
+    for name, saved in saver.states.items():
+        assert any(bool(v.abs().sum()) for v in saved.values())
+        for key, value in saved.items():
+            assert torch.equal(getattr(loaded, name).metric_state[key], value), (name, key)
