@@ -143,3 +143,8 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert ckpt["hyper_parameters"]["nonfinite"] == "skip"
     assert ckpt["hyper_parameters"]["selection_scope"] == "global"
     assert set(ckpt["advsel"]["train_metrics"]) >= {"train_acc", "train_adv_frac"}
+    # Lightning's own resume path with weights_only=True (what `--weights_only true` does in the CLI).
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(make(), DataLoader(TensorDataset(x, y), batch_size=16), ckpt_path=path, weights_only=True)
+    assert trainer.global_step == 2
