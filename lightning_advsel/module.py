@@ -272,7 +272,7 @@ class AdversarialSelectionModule(L.LightningModule):
         k = selection.fraction_count(n, self.attack_frac)
         return selection.top_k(scores, k), scores, logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         self._check_model_output(x)
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
@@ -384,8 +384,8 @@ class AdversarialSelectionModule(L.LightningModule):
             hint = "; set `nonfinite: skip` to drop such steps instead"
             if what == "input":
                 raise ValueError(
-                    f"training batch {batch_idx} (global step {self.global_step}) holds NaN or inf inputs on "
-                    f"{'this' if bad else 'another'} rank; inputs must be finite pixels in [0, 1]{hint}"
+                    f"training batch {batch_idx} (global step {self.global_step}) holds NaN or inf inputs"
+                    f"{'' if bad else ' on another rank'}; inputs must be finite pixels in [0, 1]{hint}"
                 )
             value = loss.item() if loss is not None and bad else "non-finite on another rank"
             raise FloatingPointError(
