@@ -91,11 +91,6 @@ class _BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _check_nonempty(self, n: int) -> None:
-        if n == 0:
-            raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
-                             f"expected training images there")
-
     def _check_sets(self) -> None:
         """Called at the end of ``setup``: a training set that is empty or smaller than one batch is refused."""
         n = len(self.train_set) if self.train_set is not None else 0
@@ -122,6 +117,8 @@ class _BaseDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
+        # `processed` includes the batch whose end triggered a mid-epoch save; Lightning's restore counts that
+        # batch as completed and continues with the next one, so both skip the same number of batches.
         return {"epoch": int(trainer.current_epoch),
                 "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
 
@@ -202,6 +199,11 @@ class _TorchvisionDataModule(_BaseDataModule):
         self.data_dir = str(data_dir)
         self.download = download
         self.val_size = val_size
+
+    def _check_nonempty(self, n: int) -> None:
+        if n == 0:
+            raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
+                             f"expected training images there")
 
     def _dataset_cls(self) -> type:
         raise NotImplementedError
