@@ -76,6 +76,37 @@ def _check_attack_args(eps: float, alpha: float, steps: int, norm: str, restarts
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
 
 
+def _check_inputs(x: Tensor, y: Tensor, eps: float, norm: str) -> None:
+    """Inputs are finite pixels in [0, 1] with one integer label each; an L2 ball fits in the pixel cube."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"`x` must be a tensor of shape (B, C, H, W) or (B, D), got {getattr(x, 'shape', type(x))}")
+    if not isinstance(y, Tensor) or y.is_floating_point() or tuple(y.shape) != (x.shape[0],):
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"`y` must be integer labels of shape ({x.shape[0]},), got {got}")
+    if x.numel() and bool((~torch.isfinite(x) | (x < 0) | (x > 1)).any()):
+        raise ValueError(
+            f"`x` must hold finite pixels in [0, 1] (normalization belongs inside the model), got values in "
+            f"[{x.nan_to_num().min().item():g}, {x.nan_to_num().max().item():g}]"
+            f"{' with NaN or inf' if not bool(torch.isfinite(x).all()) else ''}"
+        )
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"`y` must hold class indices >= 0, got {int(y.min())}")
+    if norm == "l2" and x.numel() and eps > math.sqrt(x[0].numel()):
+        raise ValueError(
+            f"`eps` must be at most sqrt({x[0].numel()}) = {math.sqrt(x[0].numel()):.4g} for the l2 norm on inputs "
+            f"of {x[0].numel()} pixels in [0, 1] (the diameter of the pixel cube), got {eps}"
+        )
+
+
+def _check_logits(logits: Tensor, y: Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"`model` must return logits of shape (B, num_classes) = ({y.shape[0]}, K), got {tuple(logits.shape)}"
+        )
+    if int(y.max()) >= logits.shape[1]:
+        raise ValueError(f"`y` must hold class indices below the model's {logits.shape[1]} classes, got {int(y.max())}")
+
+
 def _per_sample_norm(t: Tensor) -> Tensor:
     """L2 norm of each sample, shaped to broadcast against ``t``."""
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
@@ -138,10 +169,13 @@ def pgd(
         Detached adversarial inputs of the shape of ``x``, within eps of ``x`` and in [0, 1].
 
     Raises:
-        ValueError: for a negative or non-finite ``eps`` / ``alpha``, L-inf ``eps > 1``, ``steps`` or
-            ``restarts`` below 1, or an unknown ``norm`` / ``mode``.
+        ValueError: for a negative or non-finite ``eps`` / ``alpha``, L-inf ``eps > 1``, L2 ``eps`` above the
+            diameter of the pixel cube, ``steps`` or ``restarts`` below 1, an unknown ``norm`` / ``mode``, inputs
+            that are not finite pixels in [0, 1], labels that are not class indices of the model's output, or
+            a model that does not return ``(B, K)`` logits.
     """
     _check_attack_args(eps, alpha, steps, norm, restarts)
+    _check_inputs(x, y, eps, norm)
     if x.shape[0] == 0:
         return x.detach().clone()
     # Lightning runs validation and test under inference mode; the attack needs autograd back.
@@ -150,12 +184,17 @@ def pgd(
         y = y.detach().clone()
         best = x.clone()
         best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
+        checked = False
         for _ in range(restarts):
             delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
             delta = _project(delta, x, eps, norm)
             for _ in range(steps):
                 delta.requires_grad_(True)
-                loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+                logits = model(x + delta)
+                if not checked:
+                    _check_logits(logits, y)
+                    checked = True
+                loss = F.cross_entropy(logits, y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, delta)
                 if norm == "linf":
                     step = alpha * grad.sign()

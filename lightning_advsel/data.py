@@ -7,6 +7,11 @@
 
 Every module splits a validation set off the training data with a fixed seed, so the split does not
 depend on the global seed of a run.
+
+The training order is a pure function of ``(shuffle_seed, epoch)`` (:class:`ResumableSampler`), split
+between DDP ranks like ``DistributedSampler``. The data module saves how many batches of the current epoch
+were consumed (``state_dict``), so a run resumed from a mid-epoch checkpoint skips exactly those batches and
+sees the same remaining batches, in the same order, as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 NUM_CLASSES = 10
 
@@ -32,19 +37,48 @@ def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
     return list(torch.split(perm, list(sizes)))
 
 
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose order depends on ``(seed, epoch)`` only and that can skip a prefix.
+
+    Being a ``DistributedSampler``, Lightning keeps it under DDP instead of replacing it, and calls
+    ``set_epoch`` on it every epoch. ``skip(epoch, n)`` drops the first ``n`` indices of that epoch once
+    (the samples consumed before a checkpoint); the reported length stays the full epoch, which is what
+    Lightning's progress counters expect when it resumes mid-epoch.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._skip_epoch = -1
+        self._skip_samples = 0
+
+    def skip(self, epoch: int, samples: int) -> None:
+        self._skip_epoch, self._skip_samples = epoch, samples
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of indices, as DistributedSampler's
+        indices = list(super().__iter__())
+        if self.epoch == self._skip_epoch:
+            indices = indices[self._skip_samples:]
+            self._skip_epoch = -1
+        yield from indices
+
+
 class _BaseDataModule(L.LightningDataModule):
     """Shared loaders. Subclasses set ``train_set``, ``val_set`` and ``test_set`` in ``setup``."""
 
-    def __init__(self, batch_size: int, num_workers: int, split_seed: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, split_seed: int, shuffle_seed: int = 0) -> None:
         super().__init__()
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
+        _check_int("split_seed", split_seed, 0)
+        _check_int("shuffle_seed", shuffle_seed, 0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._resume: dict[str, int] = {}
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -57,8 +91,40 @@ class _BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _check_sets(self) -> None:
+        """Called at the end of ``setup``: a training set that is empty or smaller than one batch is refused."""
+        n = len(self.train_set) if self.train_set is not None else 0
+        if n == 0:
+            raise ValueError(f"{type(self).__name__} has an empty training set; check the data set and the split sizes")
+        if self.batch_size > n:
+            raise ValueError(f"`batch_size` must be at most the {n} training samples, got {self.batch_size}")
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_set, world, rank, self.shuffle_seed)
+        if self._resume:
+            # Every rank consumed the same number of batches; skip this rank's share of them.
+            sampler.skip(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = {}
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is inside the current epoch: ``{"epoch", "batches"}`` consumed so far."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        # `processed` includes the batch whose end triggered a mid-epoch save; Lightning's restore counts that
+        # batch as completed and continues with the next one, so both skip the same number of batches.
+        return {"epoch": int(trainer.current_epoch),
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "epoch" in state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict.get("batches", 0))}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -115,6 +181,7 @@ class DigitsDataModule(_BaseDataModule):
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
+        self._check_sets()
 
 
 class _TorchvisionDataModule(_BaseDataModule):
@@ -132,6 +199,11 @@ class _TorchvisionDataModule(_BaseDataModule):
         self.data_dir = str(data_dir)
         self.download = download
         self.val_size = val_size
+
+    def _check_nonempty(self, n: int) -> None:
+        if n == 0:
+            raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
+                             f"expected training images there")
 
     def _dataset_cls(self) -> type:
         raise NotImplementedError
@@ -168,6 +240,7 @@ class _TorchvisionDataModule(_BaseDataModule):
         train_aug = self._open(True, self._train_transform())
         train_plain = self._open(True, plain)
         n = len(train_plain)
+        self._check_nonempty(n)
         if self.val_size >= n:
             raise ValueError(
                 f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
@@ -176,6 +249,7 @@ class _TorchvisionDataModule(_BaseDataModule):
         self.train_set = Subset(train_aug, train_idx.tolist())
         self.val_set = Subset(train_plain, val_idx.tolist())
         self.test_set = self._open(False, plain)
+        self._check_sets()
 
 
 _IDX_FILES = {
@@ -249,6 +323,7 @@ class MNISTDataModule(_TorchvisionDataModule):
             return
         train = self._raw(True)
         n = len(train)
+        self._check_nonempty(n)
         if self.val_size >= n:
             raise ValueError(
                 f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
@@ -257,6 +332,7 @@ class MNISTDataModule(_TorchvisionDataModule):
         self.train_set = Subset(train, train_idx.tolist())
         self.val_set = Subset(train, val_idx.tolist())
         self.test_set = self._raw(False)
+        self._check_sets()
 
 
 class FashionMNISTDataModule(MNISTDataModule):

@@ -47,8 +47,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
-from lightning_advsel import selection
+from lightning_advsel import distributed, selection
 from lightning_advsel.attacks import MODES, AttackConfig, model_mode
 
 
@@ -60,6 +61,8 @@ class Recipe:
     pool: str  # "replace" | "append"
     post: str  # "loss" | "random"
 
+
+NONFINITE = ("raise", "skip")
 
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(attack="none", pool="replace", post="loss"),
@@ -134,12 +137,24 @@ class AdversarialSelectionModule(L.LightningModule):
         scoring_mode: model mode of the no-grad scoring passes (see :func:`~lightning_advsel.attacks.model_mode`).
         seed: seed of the per-step random generator (PGD starts, random selection). The generator is
             reseeded from ``(seed, global_step, global_rank)`` each step, so a resumed run draws the same.
+        selection_scope: under DDP, ``"local"`` (each rank backpropagates the top ``p_up`` of its own pool)
+            or ``"global"`` (ranks all-gather their scores and agree on the top ``p_up`` of the global pool;
+            the update equals a single-process step on the concatenated batch). See
+            :mod:`lightning_advsel.distributed`. Under ``"global"`` ranks may select different numbers of
+            rows, which breaks SyncBatchNorm's equal-size contract, so SyncBatchNorm is refused at fit start;
+            under ``"local"`` equal batch sizes per rank give equal selected counts.
+        nonfinite: what a NaN or inf in an input batch or in the training loss does: ``"raise"`` stops
+            training with an error naming the global step and batch index; ``"skip"`` drops that step on
+            every rank (no update), counts it in ``skipped_steps`` (saved in checkpoints) and logs
+            ``train/skipped_steps``. The decision is agreed across ranks, so ranks never diverge.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
             ``p_up`` or ``attack_frac`` outside (0, 1], ``num_classes`` below 2, a ``model`` that is not an
             ``nn.Module``, ``attack_score="gradmatch"`` (closed form) on a model without an ``nn.Linear`` head
-            (``"gradmatch_exact"`` works on any model), or a bad attack setting.
+            (``"gradmatch_exact"`` works on any model), a bad attack setting, an unknown ``selection_scope`` or
+            ``nonfinite``; at the first batch, a ``model`` whose output is not ``(B, num_classes)``; when loading
+            a checkpoint, one written for a different model architecture.
     """
 
     def __init__(
@@ -157,6 +172,8 @@ class AdversarialSelectionModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         scoring_mode: str = "train",
         seed: int = 0,
+        selection_scope: str = "local",
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -177,6 +194,9 @@ class AdversarialSelectionModule(L.LightningModule):
             raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+        distributed.check_scope(selection_scope)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"`nonfinite` must be one of {NONFINITE}, got {nonfinite!r}")
         self.p_up = selection.check_fraction("p_up", p_up)
         self.attack_frac = selection.check_fraction("attack_frac", attack_frac)
         self.train_attack = _as_attack("train_attack", train_attack) or AttackConfig(mode="train")
@@ -207,6 +227,10 @@ class AdversarialSelectionModule(L.LightningModule):
         self.seed = seed
         self.automatic_optimization = False
         self.last_selection: SelectionRecord | None = None
+        self.selection_scope = selection_scope
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._model_checked = False
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
@@ -228,18 +252,15 @@ class AdversarialSelectionModule(L.LightningModule):
         gen.manual_seed((self.seed * 1_000_003 + offset * 7919 + self.global_rank) % (2**63 - 1))
         return gen
 
-    def _check_finite_batch(self, x: Tensor, batch_idx: int) -> None:
-        if not torch.isfinite(x).all():
-            raise ValueError(
-                f"training batch {batch_idx} (global step {self.global_step}) holds NaN or inf inputs; "
-                f"inputs must be finite pixels in [0, 1]"
-            )
-
     def _check_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
-        self._check_finite_batch(x, batch_idx)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        bad = bool(y.numel()) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)
+        # Agreed across ranks: a rank raising alone would leave the others waiting in the next collective.
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False) and not bad:
+            raise ValueError(f"batch {batch_idx} has labels outside [0, {self.num_classes - 1}] on another rank")
+        if bad:
             raise ValueError(
-                f"batch {batch_idx} has labels in [{int(y.min())}, {int(y.max())}], outside [0, {self.num_classes - 1}] "
+                f"batch {batch_idx} has labels in [{int(y.min())}, {int(y.max())}], "
+                f"outside [0, {self.num_classes - 1}] "
                 f"for `num_classes`={self.num_classes}"
             )
 
@@ -272,8 +293,11 @@ class AdversarialSelectionModule(L.LightningModule):
         k = selection.fraction_count(n, self.attack_frac)
         return score.pick(scores, k), scores, logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
+        self._check_model_output(x)
+        if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
+            return None
         self._check_batch(x, y, batch_idx)
         recipe = RECIPES[self.recipe]
         gen = self._generator(x.device, self.global_step)
@@ -293,13 +317,18 @@ class AdversarialSelectionModule(L.LightningModule):
             is_adv[attacked] = True
         else:
             pool_x, pool_y = torch.cat([x, x_adv]), torch.cat([y, y[attacked]])
-            is_adv = torch.cat([torch.zeros(n, dtype=torch.bool, device=x.device), torch.ones_like(attacked, dtype=torch.bool)])
+            is_adv = torch.cat([torch.zeros(n, dtype=torch.bool, device=x.device),
+                                torch.ones_like(attacked, dtype=torch.bool)])
 
         m = pool_x.shape[0]
         k = selection.fraction_count(m, self.p_up)
         pool_scores: Tensor | None = None
         pool_logits: Tensor | None = None
-        if k == m:
+        k_global: int | None = None
+        if self.selection_scope == "global":
+            selected, pool_scores, pool_logits, k_global = self._select_global(
+                pool_x, pool_y, recipe, x_adv, clean_logits, gen)
+        elif k == m:
             selected = torch.arange(m, device=x.device)
         elif recipe.post == "random":
             selected = selection.random_k(m, k, device=x.device, generator=gen)
@@ -308,13 +337,9 @@ class AdversarialSelectionModule(L.LightningModule):
             pool_scores = selection.per_sample_loss(pool_logits, pool_y)
             selected = selection.top_k(pool_scores, k)
 
-        logits = self.model(pool_x[selected])
-        loss = F.cross_entropy(logits, pool_y[selected])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
-                f"lower the learning rate or check the data"
-            )
+        loss, logits = self._selected_loss(pool_x, pool_y, selected, k_global)
+        if self._nonfinite_step(not bool(torch.isfinite(loss)), "loss", batch_idx, loss):
+            return None
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
@@ -326,10 +351,98 @@ class AdversarialSelectionModule(L.LightningModule):
             y=pool_y, is_adv=is_adv, selected=selected, pool_scores=pool_scores,
             attacked=attacked, attack_scores=attack_scores, batch_size=n,
         )
-        self._log_train(loss, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
+        if logits is None:
+            # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
+            logits = pool_x.new_zeros((0, self.num_classes))
+            shown = loss.detach()
+        else:
+            shown = loss if k_global is None else F.cross_entropy(logits.detach(), pool_y[selected])
+        self._log_train(shown, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
         if attack_scores is not None:
             self._log_attack_scores(attack_scores, attacked)
         return loss.detach()
+
+    def _select_global(self, pool_x: Tensor, pool_y: Tensor, recipe: Recipe, x_adv: Tensor | None,
+                       clean_logits: Tensor | None, gen: torch.Generator
+                       ) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+        """This rank's rows of the global top ``p_up`` (see :mod:`lightning_advsel.distributed`)."""
+        scored: dict[str, Tensor] = {}
+
+        def scores() -> Tensor:
+            if recipe.post == "random":
+                return distributed.global_random_scores(pool_x.shape[0], pool_x.device, gen)
+            scored["logits"] = self._score_pool(pool_x, recipe, x_adv, clean_logits)
+            return selection.per_sample_loss(scored["logits"], pool_y)
+
+        selected, pool_scores, k_global = distributed.global_selection(
+            self.trainer.strategy, pool_x.shape[0], self.p_up, pool_x.device, scores)
+        if recipe.post == "random":
+            pool_scores = None
+        return selected, pool_scores, scored.get("logits"), k_global
+
+    def _selected_loss(self, pool_x: Tensor, pool_y: Tensor, selected: Tensor,
+                       k_global: int | None) -> tuple[Tensor, Tensor | None]:
+        """Training loss over the selected rows and their logits (``None`` when this rank selected none).
+
+        Local scope: the mean cross-entropy. Global scope: the summed cross-entropy scaled so that DDP's
+        gradient average equals the mean over the ``k_global`` rows selected on all ranks.
+        """
+        if selected.numel() == 0:
+            # No row of this rank passed the global threshold. A backward touching every parameter (with
+            # zero gradient) still runs, so this rank joins DDP's gradient all-reduce and nobody hangs.
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            return torch.stack([p.sum() for p in params]).sum() * 0.0, None
+        logits = self.model(pool_x[selected])
+        if k_global is None:
+            return F.cross_entropy(logits, pool_y[selected]), logits
+        scale = distributed.global_loss_scale(self.trainer.strategy, k_global)
+        return F.cross_entropy(logits, pool_y[selected], reduction="sum") * scale, logits
+
+    def _nonfinite_step(self, bad: bool, what: str, batch_idx: int, loss: Tensor | None = None) -> bool:
+        """Agree across ranks whether this step met a NaN or inf; raise, or count a skip (returns True)."""
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return False
+        where = f"global step {self.global_step}, batch {batch_idx}"
+        if self.nonfinite == "raise":
+            hint = "; set `nonfinite: skip` to drop such steps instead"
+            if what == "input":
+                raise ValueError(
+                    f"training batch {batch_idx} (global step {self.global_step}) holds NaN or inf inputs"
+                    f"{'' if bad else ' on another rank'}; inputs must be finite pixels in [0, 1]{hint}"
+                )
+            value = loss.item() if loss is not None and bad else "non-finite on another rank"
+            raise FloatingPointError(
+                f"training loss is {value} at global step {self.global_step} (batch {batch_idx}); "
+                f"lower the learning rate or check the data{hint}"
+            )
+        self.skipped_steps += 1
+        rank_zero_warn(f"skipped a training step ({where}): non-finite {what}; {self.skipped_steps} skipped so far")
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
+        return True
+
+    def _check_model_output(self, x: Tensor) -> None:
+        """Once per process: the model maps a batch to ``(B, num_classes)`` logits, else a clear error."""
+        if self._model_checked or x.shape[0] == 0:
+            return
+        with torch.no_grad(), model_mode(self.model, "eval"):
+            out = self.model(x[:1])
+        expected = (1, self.num_classes)
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if got != expected:
+            raise ValueError(
+                f"`model` must return logits of shape (batch, num_classes) = {expected} for an input of shape "
+                f"{tuple(x[:1].shape)}, got {got}; check the model's last layer and `num_classes`"
+            )
+        self._model_checked = True
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.selection_scope == "global" and any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+            raise ValueError(
+                "`selection_scope`='global' lets ranks backpropagate different numbers of rows, which breaks "
+                "SyncBatchNorm's contract of equal per-rank batches; use `selection_scope`='local' or train "
+                "without `sync_batchnorm`"
+            )
 
     def _score_pool(self, pool_x: Tensor, recipe: Recipe, x_adv: Tensor | None, clean_logits: Tensor | None) -> Tensor:
         """Logits of the whole pool from a no-grad pass, reusing the pre-attack pass for clean rows."""
@@ -344,10 +457,11 @@ class AdversarialSelectionModule(L.LightningModule):
         # the whole pool or a uniform sample of it.
         if pool_logits is not None:
             self.train_acc(pool_logits, pool_y)
-        else:
+        elif selected.numel():
             self.train_acc(logits.detach(), pool_y[selected])
-        self.train_acc_selected(logits.detach(), pool_y[selected])
-        self.train_adv_frac.update(is_adv[selected].float())
+        if selected.numel():  # a rank may select no row under the global scope
+            self.train_acc_selected(logits.detach(), pool_y[selected])
+            self.train_adv_frac.update(is_adv[selected].float())
         self.train_attacked_frac.update(torch.tensor(attacked.numel() / n, device=logits.device), weight=n)
         s = selected.numel()
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=s)
@@ -382,6 +496,7 @@ class AdversarialSelectionModule(L.LightningModule):
         x, y = batch
         acc_clean = getattr(self, f"{stage}_acc_clean")
         acc_robust = getattr(self, f"{stage}_acc_robust")
+        self._check_model_output(x)
         logits = self.model(x)
         acc_clean(logits, y)
         self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])
@@ -415,12 +530,58 @@ class AdversarialSelectionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["advsel"] = {"p_up": self.p_up, "recipe": self.recipe}
+        checkpoint["advsel"] = {"p_up": self.p_up, "recipe": self.recipe, "skipped_steps": self.skipped_steps,
+                                "train_metrics": self._train_metric_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_architecture(checkpoint.get("state_dict", {}))
         state = checkpoint.get("advsel", {})
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._load_train_metric_states(state.get("train_metrics", {}))
         p_up = state.get("p_up", self.p_up)
         if not (isinstance(p_up, float) and math.isfinite(p_up) and 0 < p_up <= 1):
             rank_zero_warn(f"checkpoint holds an invalid p_up={p_up!r}; keeping p_up={self.p_up}")
             return
         self.p_up = p_up
+
+    # The epoch accumulators of the selection statistics, so a run resumed mid-epoch logs the same epoch values.
+    _TRAIN_METRICS = ("train_acc", "train_acc_selected", "train_adv_frac", "train_attacked_frac")
+
+    def _train_metric_states(self) -> dict[str, dict[str, Tensor]]:
+        return {name: {key: value.detach().cpu().clone() for key, value in getattr(self, name).metric_state.items()
+                       if isinstance(value, Tensor)}
+                for name in self._TRAIN_METRICS}
+
+    def _load_train_metric_states(self, states: dict[str, dict[str, Tensor]]) -> None:
+        for name, metric_states in states.items():
+            metric = getattr(self, name, None)
+            if metric is None:
+                continue
+            for key, value in metric_states.items():
+                if hasattr(metric, key):
+                    setattr(metric, key, value.to(getattr(metric, key).device))
+                    metric._update_count = max(metric._update_count, 1)
+
+    def _check_architecture(self, saved: dict[str, Tensor]) -> None:
+        """Refuse a checkpoint whose ``model`` weights do not fit this module's ``model``.
+
+        Raises:
+            ValueError: naming the missing and unexpected keys and the shape mismatches.
+        """
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("model.")}
+        theirs = {k: v for k, v in saved.items() if k.startswith("model.")}
+        if not theirs:
+            return
+        missing = sorted(set(own) - set(theirs))
+        unexpected = sorted(set(theirs) - set(own))
+        shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)}, model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(theirs)) if tuple(own[k].shape) != tuple(theirs[k].shape)]
+        if missing or unexpected or shapes:
+            def head(items: list[str]) -> str:
+                return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+            raise ValueError(
+                f"the checkpoint was written for a different model architecture than `model` "
+                f"({type(self.model).__name__}): missing keys [{head(missing)}], unexpected keys "
+                f"[{head(unexpected)}], shape mismatches [{head(shapes)}]; build the module with the model "
+                f"the checkpoint was trained with"
+            )

@@ -1,0 +1,41 @@
+"""Run by tests as ``python tests/ddp_cli_worker.py OUT_DIR RECIPE:SCOPE ...``: the CLI under 2-process DDP.
+
+Each ``RECIPE:SCOPE`` is one ``lightning-advsel fit`` of the digits config with ``configs/trainer/ddp_cpu.yaml``
+on a tiny schedule, in one launch (a launch costs more than the training here). Every rank writes the
+steps it took and the recipe it ran to ``OUT_DIR/rank{R}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lightning_advsel.cli import build_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.init_args.train_attack.steps", "2", "--model.init_args.eval_attack.steps", "2",
+        "--data.init_args.batch_size", "32"]
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    results, rank = {}, 0
+    for run in sys.argv[2:]:
+        recipe, scope = run.split(":")
+        cli = build_cli(["fit", "--config", str(REPO / "configs" / "digits_ds.yaml"),
+                         "--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml"), *TINY,
+                         "--model.init_args.recipe", recipe, "--model.init_args.selection_scope", scope,
+                         "--trainer.logger.init_args.save_dir", str(out / run.replace(":", "_"))])
+        rank = cli.trainer.global_rank
+        results[run] = {"global_step": cli.trainer.global_step, "recipe": cli.model.recipe,
+                        "world_size": cli.trainer.world_size,
+                        "val_acc_clean": float(cli.trainer.callback_metrics["val/acc_clean"])}
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
