@@ -71,10 +71,8 @@ class AdaptivePUp(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        acc = None
-        if trainer.is_global_zero:
-            acc = self._read_monitor(trainer)
-        acc = trainer.strategy.broadcast(acc, src=0)
+        # Every rank reads the metrics: computing a torchmetrics value syncs it, a collective all ranks must join.
+        acc = trainer.strategy.broadcast(self._read_monitor(trainer), src=0)
         value = next_p_up(self.history[-1], acc, self.mode, self.min_p_up)
         del self.accs[trainer.current_epoch:]
         self.accs.append(acc)

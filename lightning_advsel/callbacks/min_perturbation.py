@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 from typing_extensions import override
 
 from lightning_advsel import selection
@@ -62,7 +63,7 @@ def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: 
 class MinimumPerturbation(EpochHistory, Callback):
     """Every ``every_n_epochs`` training epochs (and after the last), the minimum-perturbation distribution.
 
-    The probe is the first ``probe_size`` samples of the validation set, fixed for the whole run. For each
+    The probe is the first ``probe_size`` samples of the validation data set, fixed for the whole run. For each
     probe sample :func:`minimum_eps` finds the smallest radius of the grid ``max_eps * i / num_eps``,
     ``i = 1..num_eps``, at which PGD-``steps`` makes the model misclassify it (0 if it is misclassified
     clean). Under DDP the probe is split across ranks (rank ``r`` takes samples ``r, r + W, ...``) and the
@@ -153,16 +154,10 @@ class MinimumPerturbation(EpochHistory, Callback):
         if self.probe_size > size:
             raise ValueError(f"`probe_size`={self.probe_size} is larger than the validation set ({size} samples); "
                              f"lower `probe_size` to at most {size}")
-        xs, ys, n = [], [], 0
-        for x, y in loader:
-            xs.append(x)
-            ys.append(y)
-            n += x.shape[0]
-            if n >= self.probe_size:
-                break
-        x, y = torch.cat(xs)[: self.probe_size], torch.cat(ys)[: self.probe_size]
+        # Straight from the data set: the probe is the same whatever sampler the validation loader has.
         rank, world = trainer.global_rank, trainer.world_size
-        self._probe = (x[rank::world].to(pl_module.device), y[rank::world].to(pl_module.device))
+        x, y = default_collate([loader.dataset[i] for i in range(rank, self.probe_size, world)])
+        self._probe = (x.to(pl_module.device), y.to(pl_module.device))
         rank_zero_info(
             f"MinimumPerturbation: probe {self.probe_size} validation samples, {self.num_eps} radii up to "
             f"{self.max_eps:g} ({self.norm}, resolution {self.max_eps / self.num_eps:g}), PGD-{self.steps} per "
