@@ -107,12 +107,13 @@ class PaperFigures(EpochHistory, Callback):
         if not history:
             return None
         fig, (ax, ax2) = _axes(2)
-        max_eps = history[-1]["max_eps"]
-        bins = 20
+        max_eps, num_eps = history[-1]["max_eps"], history[-1].get("num_eps", 20)
+        # One bin per grid radius (and one for 0), centred on it: the radii are the only values there are.
+        bins = [(i - 0.5) * max_eps / num_eps for i in range(num_eps + 2)]
         cmap = matplotlib.colormaps["viridis"]
         for i, h in enumerate(history):
             color = cmap(i / max(len(history) - 1, 1))
-            ax.hist(h["eps"], bins=bins, range=(0, max_eps), histtype="step", color=color, label=f"epoch {h['epoch']}")
+            ax.hist(h["eps"], bins=bins, histtype="step", color=color, label=f"epoch {h['epoch']}")
         ax.set(xlabel="minimum eps (pixels; max = not flipped)", ylabel="probe samples",
                title="Minimum perturbation (Fig. 8)")
         ax.legend(fontsize="small")
@@ -120,7 +121,7 @@ class PaperFigures(EpochHistory, Callback):
         ax2.plot([h["epoch"] for h in history], share, marker="o", label="DS would select")
         ax2.plot([h["epoch"] for h in history], [h["minperturb/robust_frac_at_train_eps"] for h in history],
                  marker="s", label="robust at training eps")
-        ax2.set(xlabel="epoch", ylabel="share of probe", ylim=(0, 1.05))
+        ax2.set(xlabel="epoch", ylabel="share", ylim=(0, 1.05))
         ax2.legend(fontsize="small")
         ax2.grid(alpha=0.3)
         return fig

@@ -200,7 +200,7 @@ class MinimumPerturbation(EpochHistory, Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_histogram("minperturb/eps", censored.cpu(), trainer.global_step)
-        self.record(epoch, {"max_eps": self.max_eps, "eps": censored.cpu().tolist(), **values})
+        self.record(epoch, {"max_eps": self.max_eps, "num_eps": self.num_eps, "eps": censored.cpu().tolist(), **values})
 
     def _gather(self, trainer: L.Trainer, pl_module: L.LightningModule, local: Tensor) -> Tensor:
         """All ranks' radii in probe order; shards differ in length by at most one, so pad with NaN."""
