@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -258,3 +259,18 @@ def test_adaptive_config_writes_every_tag_in_range_and_the_four_figures(tmp_path
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100
             assert len(set(image.convert("L").getdata())) > 2  # something drawn, not a blank canvas
+
+
+def test_probe_runs_every_n_epochs_and_after_the_last_on_a_fixed_probe(tmp_path, monkeypatch):
+    train, val = loaders()
+    probe = MinimumPerturbation(probe_size=10, every_n_epochs=2, num_eps=4, steps=2)
+    t = trainer(tmp_path, [probe], max_epochs=3, limit_val_batches=1)
+    printed: list[str] = []
+    monkeypatch.setattr("lightning_advsel.callbacks.min_perturbation.rank_zero_info", printed.append)
+    t.fit(make_module(), train, val)
+    assert [h["epoch"] for h in probe.history] == [1, 2]
+    assert probe.max_eps == pytest.approx(0.2) and probe.norm == "linf"  # twice the training eps, its norm
+    for h in probe.history:
+        assert len(h["eps"]) == 10
+        assert all(e == 0 or any(math.isclose(e, r, rel_tol=1e-6) for r in (0.05, 0.1, 0.15, 0.2)) for e in h["eps"])
+    assert any("probe 10 validation samples, 4 radii up to 0.2" in m for m in printed)

@@ -174,7 +174,7 @@ class MinimumPerturbation(EpochHistory, Callback):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1  # -1: no last epoch
         if (epoch + 1) % self.every_n_epochs and not last:
             return
         model = pl_module.model
