@@ -1,0 +1,10 @@
+"""Callbacks that adapt, count, probe and plot a run: the DS paper's Figures 4-8 as Lightning callbacks."""
+
+from lightning_advsel.callbacks.adaptive_p_up import AdaptivePUp
+from lightning_advsel.callbacks.figures import PaperFigures
+from lightning_advsel.callbacks.min_perturbation import MinimumPerturbation, minimum_eps
+from lightning_advsel.callbacks.schedules import next_p_up, p_up_sequence
+from lightning_advsel.callbacks.selection_makeup import SelectionCounts, SelectionMakeup
+
+__all__ = ["AdaptivePUp", "MinimumPerturbation", "PaperFigures", "SelectionCounts", "SelectionMakeup",
+           "minimum_eps", "next_p_up", "p_up_sequence"]

@@ -1,0 +1,101 @@
+"""Adaptive ``P_up`` (DS paper, eq. 9): the fraction of the pool backpropagated follows the last accuracy."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_advsel.callbacks.schedules import P_UP_MODES, next_p_up
+
+
+class AdaptivePUp(Callback):
+    """Sets ``pl_module.p_up`` at the start of every training epoch from the accuracy of the epoch before.
+
+    Epoch 0 uses ``initial_p_up`` (the paper's ``P_up(0) = 1``). At the end of each training epoch (after its
+    validation) the callback reads ``monitor`` from ``trainer.callback_metrics`` and computes the next value
+    with :func:`~lightning_advsel.callbacks.schedules.next_p_up`. The value is computed on rank 0 and
+    broadcast, so every DDP rank trains with the same ``P_up``. The module logs the value it used as
+    ``train/p_up``; this callback logs nothing.
+
+    The next value is part of the callback's checkpoint state, so a resumed run continues the sequence. It is
+    computed in ``on_train_epoch_end``, which is where ``ModelCheckpoint`` saves by default when validation
+    runs every epoch; a checkpoint written earlier in the epoch (``save_on_train_epoch_end=False``) holds the
+    state of the epoch before.
+
+    Args:
+        monitor: key of ``trainer.callback_metrics`` that drives the schedule. The default ``"train/acc"`` is
+            the module's accuracy over the whole scoring pool (clean and adversarial rows) of the epoch, which
+            exists for every recipe and every epoch; ``"val/acc_clean"`` or ``"val/acc_robust"`` follow the
+            validation accuracies instead (the last available value when validation is not run every epoch).
+        mode: ``"paper"``: ``P_up(t) = (1 - acc(t-1)) * P_up(t-1)`` (eq. 9); ``"complement"``:
+            ``P_up(t) = 1 - acc(t-1)``. Both are clipped to ``[min_p_up, 1]``.
+        min_p_up: floor of ``P_up``. The default 0.1 keeps a tenth of the pool (13 of the 128 rows of the
+            digits config) in every backward pass; the unfloored recursion falls below 1% within three epochs
+            at 80% accuracy, one or two rows per step, where the gradient is mostly noise.
+        initial_p_up: ``P_up(0)``, the value of the first epoch.
+
+    Raises:
+        ValueError: for an unknown ``mode``, ``min_p_up`` or ``initial_p_up`` outside (0, 1], ``initial_p_up``
+            below ``min_p_up``, an empty ``monitor``; at the end of an epoch, a ``monitor`` missing from
+            ``trainer.callback_metrics`` (the message lists the keys there) or an accuracy outside [0, 1].
+    """
+
+    def __init__(self, monitor: str = "train/acc", mode: str = "paper", min_p_up: float = 0.1,
+                 initial_p_up: float = 1.0) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a non-empty metric key such as 'train/acc', got {monitor!r}")
+        if mode not in P_UP_MODES:
+            raise ValueError(f"`mode` must be one of {P_UP_MODES}, got {mode!r}")
+        for name, value in (("min_p_up", min_p_up), ("initial_p_up", initial_p_up)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"`{name}` must be in (0, 1], got {value!r}")
+        if initial_p_up < min_p_up:
+            raise ValueError(f"`initial_p_up` must be >= `min_p_up`={min_p_up}, got {initial_p_up}")
+        self.monitor = monitor
+        self.mode = mode
+        self.min_p_up = float(min_p_up)
+        self.initial_p_up = float(initial_p_up)
+        self.next_value = self.initial_p_up
+        self.history: list[float] = []  # P_up used in epochs 0, 1, ...
+        self.accs: list[float] = []  # monitored accuracy of epochs 0, 1, ...
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.p_up = self.next_value
+        del self.history[trainer.current_epoch:]  # a resumed run may repeat epochs past its checkpoint
+        self.history.append(self.next_value)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank reads the metrics: computing a torchmetrics value syncs it, a collective all ranks must join.
+        acc = trainer.strategy.broadcast(self._read_monitor(trainer), src=0)
+        value = next_p_up(self.history[-1], acc, self.mode, self.min_p_up)
+        del self.accs[trainer.current_epoch:]
+        self.accs.append(acc)
+        self.next_value = value
+
+    def _read_monitor(self, trainer: L.Trainer) -> float:
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            raise ValueError(
+                f"AdaptivePUp: `monitor`={self.monitor!r} is not among the logged metrics; available keys: "
+                f"{sorted(metrics)}. Pick one of them (an accuracy in [0, 1])."
+            )
+        acc = float(metrics[self.monitor])
+        if not (math.isfinite(acc) and 0 <= acc <= 1):
+            raise ValueError(f"AdaptivePUp: `monitor`={self.monitor!r} must be an accuracy in [0, 1], got {acc}")
+        return acc
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_value": self.next_value, "history": list(self.history), "accs": list(self.accs)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_value = float(state_dict.get("next_value", self.initial_p_up))
+        self.history = [float(v) for v in state_dict.get("history", [])]
+        self.accs = [float(v) for v in state_dict.get("accs", [])]

@@ -1,0 +1,61 @@
+"""The adaptive P_up schedule of the DS paper (eq. 9) as pure functions of the last accuracy.
+
+``mode="paper"`` is eq. 9 with a floor: ``P_up(t) = max(min_p_up, (1 - acc(t-1)) * P_up(t-1))``, ``P_up(0) = 1``.
+Taken literally the recursion shrinks geometrically (accuracy 0.8 gives 0.2, then 0.04), so the floor is what
+keeps a useful number of rows in the backward pass. The recursion continues from the floored value, the
+``P_up`` that was actually used.
+
+``mode="complement"`` is not recursive: ``P_up(t) = clip(1 - acc(t-1), min_p_up, 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+P_UP_MODES = ("paper", "complement")
+
+
+def _check_unit(name: str, value: float, low_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if (value <= 0 if low_open else value < 0) or value > 1:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"`{name}` must be in {interval}, got {value}")
+
+
+def next_p_up(prev: float, acc: float, mode: str = "paper", min_p_up: float = 0.1) -> float:
+    """The ``P_up`` of the next epoch from the one just used and the accuracy it reached.
+
+    Args:
+        prev: ``P_up(t-1)``, in (0, 1].
+        acc: ``acc(t-1)``, the monitored accuracy of epoch ``t-1``, in [0, 1].
+        mode: ``"paper"`` (eq. 9, recursive) or ``"complement"`` (``1 - acc``).
+        min_p_up: floor of the result, in (0, 1].
+
+    Returns:
+        ``P_up(t)`` in ``[min_p_up, 1]``.
+
+    Raises:
+        ValueError: for an unknown ``mode`` or a value outside its interval.
+    """
+    if mode not in P_UP_MODES:
+        raise ValueError(f"`mode` must be one of {P_UP_MODES}, got {mode!r}")
+    _check_unit("prev", prev, low_open=True)
+    _check_unit("acc", acc, low_open=False)
+    _check_unit("min_p_up", min_p_up, low_open=True)
+    raw = (1.0 - acc) * prev if mode == "paper" else 1.0 - acc
+    return float(min(1.0, max(min_p_up, raw)))
+
+
+def p_up_sequence(accs: Iterable[float], mode: str = "paper", min_p_up: float = 0.1,
+                  initial: float = 1.0) -> list[float]:
+    """``P_up`` of every epoch: ``[P_up(0), P_up(1), ...]`` from the accuracies of epochs ``0, 1, ...``.
+
+    One value more than ``accs``: the last is the ``P_up`` the next epoch would use.
+    """
+    _check_unit("initial", initial, low_open=True)
+    seq = [float(initial)]
+    for acc in accs:
+        seq.append(next_p_up(seq[-1], acc, mode, min_p_up))
+    return seq

@@ -1,0 +1,46 @@
+"""The callbacks on two CPU ranks (ddp_spawn, gloo) log what one process logs over the same data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from ddp_callbacks_run import PROBE, WORLD, run
+
+
+@pytest.mark.slow
+def test_two_ranks_log_the_sums_and_the_probe_distribution_of_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # A new session, so that a hung run is killed with its spawned ranks, not only the parent.
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_callbacks_run.py"), str(tmp_path), str(WORLD)],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"2-rank ddp_spawn run did not finish in 180 s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    run(str(tmp_path), 1)
+    ranks = [json.loads((tmp_path / f"rank{r}_devices{WORLD}.json").read_text()) for r in range(WORLD)]
+    single = json.loads((tmp_path / "rank0_devices1.json").read_text())
+
+    # The probe is split across ranks, not repeated: shards of 8 and 7 of the 15 samples.
+    assert [r["probe_shard"] for r in ranks] == [8, 7] and single["probe_shard"] == PROBE
+    for rank in ranks:
+        assert rank["p_up"] == single["p_up"] and len(set(single["p_up"])) == 2
+        assert rank["accs"] == single["accs"]
+        assert rank["makeup"] == single["makeup"]
+        for got, want in zip(rank["minperturb"], single["minperturb"], strict=True):
+            assert got["eps"] == want["eps"]  # per-sample radii, gathered back into probe order
+            for key in ("minperturb/mean", "minperturb/median", "minperturb/robust_frac_at_train_eps"):
+                assert got[key] == pytest.approx(want[key], abs=1e-9)
+        for key in ("train/acc", "val/acc_clean", "val/acc_robust", "selection/n_clean", "selection/n_adv",
+                    "selection/adv_frac", "minperturb/mean", "minperturb/median"):
+            assert rank["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6), key
