@@ -491,6 +491,13 @@ class AdversarialSelectionModule(L.LightningModule):
         if self.scheduler_interval == "epoch":
             self._step_scheduler()
 
+    def accuracy_keys(self) -> list[str]:
+        """The accuracies (values in [0, 1]) this module logs once per epoch, for callbacks that monitor one."""
+        keys = ["train/acc", "train/acc_selected", "val/acc_clean"]
+        if self.eval_attack is not None and self.eval_attack.enabled:
+            keys.append("val/acc_robust")
+        return keys
+
     # ---------------------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         x, y = batch

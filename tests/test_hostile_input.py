@@ -19,6 +19,7 @@ from conftest import REPO, TinyNet, tiny_batch
 from torch import nn
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, pgd
+from lightning_advsel.callbacks import AdaptivePUp, MinimumPerturbation, PaperFigures
 from lightning_advsel.cli import build_cli
 from lightning_advsel.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 from lightning_advsel.models import PreActResNet18, ResNet18, SmallCNN
@@ -186,8 +187,51 @@ CLI_CASES: list[tuple[str, list[str], type[Exception], str]] = [
      r"`model` must return logits of shape \(batch, num_classes\) = \(1, 10\).*got \(1, 5\)"),
 ]
 
-# Callback constructors, extended by the callbacks' own branch: (id, call, error, regex).
-CALLBACK_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = []
+def fit_with(callback: Callable[[], object], val_size: int = 30) -> Callable[[], object]:
+    """Fit one epoch of digits with ``callback``; the error must come before the first optimizer step."""
+    def call():
+        import lightning as L
+
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback()])
+        try:
+            trainer.fit(AdversarialSelectionModule(TinyNet()), datamodule=DigitsDataModule(val_size=val_size))
+        finally:
+            assert trainer.global_step == 0, "the error came after training had started"
+    return call
+
+
+# Callback constructors and their fit-start checks: (id, call, error, regex).
+CALLBACK_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("adaptive-mode-unknown", lambda: AdaptivePUp(mode="exp"), E, r"`mode` must be one of .*got 'exp'"),
+    ("adaptive-monitor-empty", lambda: AdaptivePUp(monitor=""), E, r"`monitor` must be a non-empty .*got ''"),
+    ("adaptive-min_p_up-zero", lambda: AdaptivePUp(min_p_up=0), E, r"`min_p_up` must be in \(0, 1\], got 0"),
+    ("adaptive-min_p_up-nan", lambda: AdaptivePUp(min_p_up=NAN), E, r"`min_p_up` must be in \(0, 1\], got nan"),
+    ("adaptive-initial-above-one", lambda: AdaptivePUp(initial_p_up=1.5), E,
+     r"`initial_p_up` must be in \(0, 1\], got 1.5"),
+    ("adaptive-initial-below-floor", lambda: AdaptivePUp(min_p_up=0.5, initial_p_up=0.2), E,
+     r"`initial_p_up` must be >= `min_p_up`=0.5, got 0.2"),
+    ("adaptive-monitor-missing", fit_with(lambda: AdaptivePUp(monitor="val/acc_nope")), E,
+     r"`monitor`='val/acc_nope' is not among .*'train/acc'"),
+    ("minperturb-probe_size-zero", lambda: MinimumPerturbation(probe_size=0), E,
+     r"`probe_size` must be an integer >= 1, got 0"),
+    ("minperturb-probe_size-str", lambda: MinimumPerturbation(probe_size="64"), E,
+     r"`probe_size` must be an integer >= 1, got '64'"),
+    ("minperturb-every-negative", lambda: MinimumPerturbation(every_n_epochs=-1), E,
+     r"`every_n_epochs` must be an integer >= 1, got -1"),
+    ("minperturb-steps-float", lambda: MinimumPerturbation(steps=2.5), E, r"`steps` must be an integer >= 1, got 2.5"),
+    ("minperturb-max_eps-negative", lambda: MinimumPerturbation(max_eps=-0.1), E,
+     r"`max_eps` must be a finite number > 0, got -0.1"),
+    ("minperturb-max_eps-nan", lambda: MinimumPerturbation(max_eps=NAN), E,
+     r"`max_eps` must be a finite number > 0, got nan"),
+    ("minperturb-norm-unknown", lambda: MinimumPerturbation(norm="l1"), E, r"`norm` must be one of .*got 'l1'"),
+    ("minperturb-mode-unknown", lambda: MinimumPerturbation(mode="test"), E, r"`mode` must be one of .*got 'test'"),
+    ("minperturb-max_eps-above-pixel-range", fit_with(lambda: MinimumPerturbation(max_eps=1.5)), E,
+     r"`max_eps` must be <= 1 for the linf norm.*got 1.5"),
+    ("minperturb-probe-larger-than-val-set", fit_with(lambda: MinimumPerturbation(probe_size=31), val_size=30), E,
+     r"`probe_size`=31 is larger than the validation set \(30 samples\)"),
+    ("figures-dpi-zero", lambda: PaperFigures(dpi=0), E, r"`dpi` must be an integer >= 10, got 0"),
+]
 
 
 def ids(cases: list) -> list[str]:
@@ -221,16 +265,14 @@ def test_cli_refuses_bad_value_before_any_training_step(tmp_path, capsys, case_i
 
 
 @pytest.mark.parametrize("case_id,call,error,match",
-                         CALLBACK_CASES or [pytest.param("none", None, None, "",
-                                                         marks=pytest.mark.skip("no cases yet"))],
-                         ids=ids(CALLBACK_CASES) or ["none"])
+                         CALLBACK_CASES, ids=ids(CALLBACK_CASES))
 def test_callback_refuses_bad_value_naming_it(case_id, call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 def test_case_count():
-    """The table the closing note counts (callback cases are added by the callbacks' branch)."""
+    """The table the closing note counts."""
     total = len(CASES) + len(DISK_CASES) + len(CLI_CASES) + len(CALLBACK_CASES)
     assert total >= 50
     assert len({*ids(CASES), *ids(DISK_CASES), *ids(CLI_CASES), *ids(CALLBACK_CASES)}) == total

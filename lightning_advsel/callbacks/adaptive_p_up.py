@@ -64,6 +64,14 @@ class AdaptivePUp(Callback):
         self.accs: list[float] = []  # monitored accuracy of epochs 0, 1, ...
 
     @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Fail before the first step when the module says which accuracies it logs; other modules are checked
+        # at the end of the first epoch, when the logged keys are known.
+        known = getattr(pl_module, "accuracy_keys", None)
+        if callable(known) and self.monitor not in known():
+            raise self._missing_monitor(known())
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.p_up = self.next_value
         del self.history[trainer.current_epoch:]  # a resumed run may repeat epochs past its checkpoint
@@ -78,13 +86,16 @@ class AdaptivePUp(Callback):
         self.accs.append(acc)
         self.next_value = value
 
+    def _missing_monitor(self, keys: Any) -> ValueError:
+        return ValueError(
+            f"AdaptivePUp: `monitor`={self.monitor!r} is not among the logged metrics; available keys: "
+            f"{sorted(keys)}. Pick one of them (an accuracy in [0, 1])."
+        )
+
     def _read_monitor(self, trainer: L.Trainer) -> float:
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
-            raise ValueError(
-                f"AdaptivePUp: `monitor`={self.monitor!r} is not among the logged metrics; available keys: "
-                f"{sorted(metrics)}. Pick one of them (an accuracy in [0, 1])."
-            )
+            raise self._missing_monitor(metrics)
         acc = float(metrics[self.monitor])
         if not (math.isfinite(acc) and 0 <= acc <= 1):
             raise ValueError(f"AdaptivePUp: `monitor`={self.monitor!r} must be an accuracy in [0, 1], got {acc}")
