@@ -277,15 +277,27 @@ class AdversarialSelectionModule(L.LightningModule):
         handle = None
         if score.needs_features:
             head = selection.last_linear(self.model, who=f"`attack_score`={self.attack_score!r}")
-            handle = head.register_forward_hook(
-                lambda _m, inputs, _out: features.append(inputs[0].detach())
-            )
+            head_out: list[Tensor] = []
+
+            def keep(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+                features.append(inputs[0].detach())
+                head_out.append(out)
+
+            handle = head.register_forward_hook(keep)
         try:
             with torch.no_grad(), model_mode(self.model, self.scoring_mode):
                 logits = self.model(x)
         finally:
             if handle is not None:
                 handle.remove()
+        if score.needs_features and (len(head_out) != 1 or head_out[0] is not logits):
+            # The closed form is the gradient of the head's weights only if the head's output is the logits.
+            raise ValueError(
+                f"`attack_score`={self.attack_score!r} takes the last nn.Linear of `model` "
+                f"({type(head).__name__}({head.in_features}, {head.out_features})) as its output layer, but the "
+                f"model's logits are not that layer's output (it ran {len(head_out)} times, or something follows "
+                f"it); use 'gradmatch_exact' or 'margin' for this model"
+            )
         scoring = selection.ScoringPass(
             self.model, x, y, logits, features[0] if features else None, gen
         )

@@ -243,6 +243,27 @@ def test_exact_gradmatch_trains_a_model_without_a_final_linear(tmp_path):
     assert module.last_selection.attacked.numel() == 8
 
 
+class ScaledLogits(nn.Module):
+    """Its last nn.Linear is not the output: the logits are that layer's output times 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.net(x)
+
+
+def test_closed_form_gradmatch_refuses_a_model_whose_last_linear_is_not_the_output_before_any_update(tmp_path):
+    net = ScaledLogits()
+    before = copy.deepcopy(net.state_dict())
+    module = make("selective", 1.0, net=net, attack_score="gradmatch")
+    x, y = tiny_batch(16)
+    with pytest.raises(ValueError, match=r"`attack_score`='gradmatch' takes the last nn.Linear .* not that layer's"):
+        fit_steps(module, x, y, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_bad_attack_frac_from_the_command_line_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"`attack_frac` must be in \(0, 1\], got 1.5"):
         build_cli(["--config", str(REPO / "configs" / "digits_selective_margin.yaml"),
