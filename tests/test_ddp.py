@@ -51,7 +51,7 @@ def test_recipe_trains_on_two_ranks_and_validates(recipe_runs, recipe):
     assert recipe_runs[0][run]["val_acc_clean"] == recipe_runs[1][run]["val_acc_clean"]
 
 
-def test_console_cli_with_the_ddp_trainer_config_trains_and_checkpoints(tmp_path):
+def test_console_cli_with_the_ddp_trainer_config_trains_checkpoints_and_draws_the_figures(tmp_path):
     args = [sys.executable, "-m", "lightning_advsel.cli", "fit", "--config", str(REPO / "configs" / "digits_ds.yaml"),
             "--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml"), "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
@@ -64,3 +64,6 @@ def test_console_cli_with_the_ddp_trainer_config_trains_and_checkpoints(tmp_path
     (ckpt,) = tmp_path.rglob("last.ckpt")
     state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 3 and state["hyper_parameters"]["selection_scope"] == "global"
+    # The main job's callbacks (make-up, probe, figures) run on both ranks; rank 0 writes the figures.
+    assert sorted(p.name for p in tmp_path.rglob("figures/*.png")) == [
+        "accuracy.png", "min_perturbation.png", "p_up.png", "selection_makeup.png"]

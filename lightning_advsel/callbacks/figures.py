@@ -63,11 +63,13 @@ class PaperFigures(EpochHistory, Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # `trainer.log_dir` broadcasts under DDP, a collective: every rank must ask before rank 0 goes on alone.
+        log_dir = trainer.log_dir
         if not trainer.is_global_zero:
             return
         figures = {"p_up": self._p_up(), "selection_makeup": self._makeup(trainer),
                    "min_perturbation": self._min_perturbation(trainer), "accuracy": self._accuracy()}
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "figures"
+        out = Path(log_dir or trainer.default_root_dir) / "figures"
         out.mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():
             if fig is None:
