@@ -142,6 +142,7 @@ class DigitsDataModule(_BaseDataModule):
         test_size: images held out for testing.
         num_workers: data-loading worker processes.
         split_seed: seed of the fixed train/val/test split.
+        shuffle_seed: seed of the training order (a function of this seed and the epoch only).
 
     Raises:
         ValueError: for a non-positive ``batch_size`` or split sizes that leave no training data.
@@ -151,8 +152,8 @@ class DigitsDataModule(_BaseDataModule):
     total = 1797
 
     def __init__(self, batch_size: int = 64, val_size: int = 270, test_size: int = 270,
-                 num_workers: int = 0, split_seed: int = 0) -> None:
-        super().__init__(batch_size, num_workers, split_seed)
+                 num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, num_workers, split_seed, shuffle_seed)
         _check_int("val_size", val_size, 1)
         _check_int("test_size", test_size, 1)
         if val_size + test_size >= self.total:
@@ -191,8 +192,8 @@ class _TorchvisionDataModule(_BaseDataModule):
     num_classes = NUM_CLASSES
 
     def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
-                 num_workers: int, split_seed: int) -> None:
-        super().__init__(batch_size, num_workers, split_seed)
+                 num_workers: int, split_seed: int, shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, num_workers, split_seed, shuffle_seed)
         _check_int("val_size", val_size, 1)
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"`data_dir` must be a folder path, got {data_dir!r}")
@@ -284,6 +285,7 @@ class MNISTDataModule(_TorchvisionDataModule):
         val_size: training images held out for validation.
         num_workers: data-loading worker processes.
         split_seed: seed of the fixed train/val split.
+        shuffle_seed: seed of the training order (a function of this seed and the epoch only).
 
     Raises:
         ValueError: for bad sizes. ``FileNotFoundError`` (from ``setup``) if the data is missing.
@@ -292,8 +294,8 @@ class MNISTDataModule(_TorchvisionDataModule):
     dataset_name = "MNIST"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
-                 num_workers: int = 0, split_seed: int = 0) -> None:
-        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed)
+                 num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0) -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed)
 
     def _dataset_cls(self) -> type:
         from torchvision.datasets import MNIST
@@ -357,6 +359,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         augment: random 32x32 crop with 4 pixels of padding and horizontal flip on training images.
         num_workers: data-loading worker processes.
         split_seed: seed of the fixed train/val split.
+        shuffle_seed: seed of the training order (a function of this seed and the epoch only).
 
     Raises:
         ValueError: for bad sizes. ``FileNotFoundError`` (from ``setup``) if the data is missing.
@@ -365,8 +368,8 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     dataset_name = "CIFAR10"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
-                 augment: bool = True, num_workers: int = 4, split_seed: int = 0) -> None:
-        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed)
+                 augment: bool = True, num_workers: int = 4, split_seed: int = 0, shuffle_seed: int = 0) -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed)
         self.augment = augment
 
     def _dataset_cls(self) -> type:

@@ -29,6 +29,21 @@ def test_digits_split_seed_changes_the_split():
     assert not torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
 
 
+def test_shuffle_seed_sets_the_training_order_from_the_constructor_and_keeps_the_split():
+    first = {}
+    for seed in (0, 0, 1):
+        dm = DigitsDataModule(shuffle_seed=seed)
+        dm.setup()
+        labels = next(iter(dm.train_dataloader()))[1]
+        if seed in first:
+            assert torch.equal(first[seed][0], labels)  # same seed, same order
+        first.setdefault(seed, (labels, dm.val_set.tensors[1]))
+    assert not torch.equal(first[0][0], first[1][0])
+    assert torch.equal(first[0][1], first[1][1])  # the split does not move with the order
+    with pytest.raises(ValueError, match=r"`shuffle_seed`.*-1"):
+        MNISTDataModule(shuffle_seed=-1)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").exists(), reason="needs ../shared/data/MNIST")
 def test_mnist_reads_gzipped_raw_files_from_data_dir():
     dm = MNISTDataModule(data_dir=str(SHARED_DATA), val_size=5000)
