@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_advsel.callbacks.schedules import P_UP_MODES, next_p_up
+from lightning_advsel.selection import check_fraction
 
 
 class AdaptivePUp(Callback):
@@ -50,9 +51,8 @@ class AdaptivePUp(Callback):
             raise ValueError(f"`monitor` must be a non-empty metric key such as 'train/acc', got {monitor!r}")
         if mode not in P_UP_MODES:
             raise ValueError(f"`mode` must be one of {P_UP_MODES}, got {mode!r}")
-        for name, value in (("min_p_up", min_p_up), ("initial_p_up", initial_p_up)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"`{name}` must be in (0, 1], got {value!r}")
+        check_fraction("min_p_up", min_p_up)
+        check_fraction("initial_p_up", initial_p_up)
         if initial_p_up < min_p_up:
             raise ValueError(f"`initial_p_up` must be >= `min_p_up`={min_p_up}, got {initial_p_up}")
         self.monitor = monitor

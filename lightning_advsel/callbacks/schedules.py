@@ -13,15 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from lightning_advsel.selection import check_fraction
+
 P_UP_MODES = ("paper", "complement")
 
 
-def _check_unit(name: str, value: float, low_open: bool) -> None:
+def _check_accuracy(value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-    if (value <= 0 if low_open else value < 0) or value > 1:
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"`{name}` must be in {interval}, got {value}")
+        raise ValueError(f"`acc` must be a finite number, got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"`acc` must be in [0, 1], got {value}")
 
 
 def next_p_up(prev: float, acc: float, mode: str = "paper", min_p_up: float = 0.1) -> float:
@@ -41,9 +42,9 @@ def next_p_up(prev: float, acc: float, mode: str = "paper", min_p_up: float = 0.
     """
     if mode not in P_UP_MODES:
         raise ValueError(f"`mode` must be one of {P_UP_MODES}, got {mode!r}")
-    _check_unit("prev", prev, low_open=True)
-    _check_unit("acc", acc, low_open=False)
-    _check_unit("min_p_up", min_p_up, low_open=True)
+    check_fraction("prev", prev)
+    _check_accuracy(acc)
+    check_fraction("min_p_up", min_p_up)
     raw = (1.0 - acc) * prev if mode == "paper" else 1.0 - acc
     return float(min(1.0, max(min_p_up, raw)))
 
@@ -54,7 +55,7 @@ def p_up_sequence(accs: Iterable[float], mode: str = "paper", min_p_up: float = 
 
     One value more than ``accs``: the last is the ``P_up`` the next epoch would use.
     """
-    _check_unit("initial", initial, low_open=True)
+    check_fraction("initial", initial)
     seq = [float(initial)]
     for acc in accs:
         seq.append(next_p_up(seq[-1], acc, mode, min_p_up))
