@@ -50,6 +50,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_advsel import distributed, selection
+from lightning_advsel.batch import unpack
 from lightning_advsel.attacks import MODES, AttackConfig, model_mode
 
 
@@ -305,8 +306,8 @@ class AdversarialSelectionModule(L.LightningModule):
         k = selection.fraction_count(n, self.attack_frac)
         return score.pick(scores, k), scores, logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        x, y = batch
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        x, y, _ = unpack(batch)
         self._check_model_output(x)
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
@@ -511,8 +512,8 @@ class AdversarialSelectionModule(L.LightningModule):
         return keys
 
     # ---------------------------------------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
-        x, y = batch
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        x, y, _ = unpack(batch)
         acc_clean = getattr(self, f"{stage}_acc_clean")
         acc_robust = getattr(self, f"{stage}_acc_robust")
         self._check_model_output(x)
@@ -528,10 +529,10 @@ class AdversarialSelectionModule(L.LightningModule):
                 acc_robust(self.model(x_adv), y)
             self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
     # ------------------------------------------------------------------------------------------- optimization

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_advsel import selection
 from lightning_advsel.attacks import MODES, NORMS, model_mode, pgd
+from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
 
 
@@ -168,7 +169,7 @@ class MinimumPerturbation(EpochHistory, Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        x, y = batch
+        x, y, _ = unpack(batch)
         self._last_batch = (x.detach(), y.detach())
 
     @override
