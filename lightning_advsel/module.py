@@ -50,8 +50,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_advsel import distributed, selection
-from lightning_advsel.batch import unpack
 from lightning_advsel.attacks import MODES, AttackConfig, model_mode
+from lightning_advsel.batch import unpack
 
 
 @dataclass(frozen=True)
