@@ -1,0 +1,140 @@
+"""Turn the records of ``reproduce.py`` into ``RESULTS.md`` and one Pareto figure per data set.
+
+Called as ``python benchmarks/reproduce.py report``. Every number in the output comes from a record; rows
+are aggregated over seeds (mean and sample standard deviation, or the single value). Cost columns are
+relative to the ``robust`` row of the same suite: FLOPs from the records, wall time from the suite's timing
+record (``<records>/<suite>/timing.json``, written by ``timing.py`` on an idle machine) when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ROW_ORDER = ("standard", "robust", "ds", "ds_adaptive", "random", "stability", "selective_margin",
+             "selective_gradmatch", "selective_ds")
+
+
+def load(records: Path) -> dict[str, dict[str, list[dict]]]:
+    """``{suite: {row: [record, ...]}}`` from every ``*.json`` record under ``records`` (timing files aside)."""
+    out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(records.glob("*/*.json")):
+        if path.name == "timing.json":
+            continue
+        rec = json.loads(path.read_text())
+        out[rec["suite"]][rec["row"]].append(rec)
+    return out
+
+
+def _stat(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(mean: float, spread: float | None, pct: bool = True) -> str:
+    if pct:
+        return f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+    return f"{mean:.2f}" + (f" ± {spread:.2f}" if spread is not None else "")
+
+
+def _row_cost(recs: list[dict]) -> float:
+    """Training FLOPs of a row; the stability row adds the profiling run it read its subset from."""
+    return statistics.fmean(r["train_flops"] + r.get("profile_flops", 0) for r in recs)
+
+
+def suite_table(suite: str, rows: dict[str, list[dict]], timing: dict | None) -> tuple[list[str], list[dict]]:
+    """Markdown lines of one suite's table, and the per-row numbers used by the figure."""
+    robust_flops = _row_cost(rows["robust"]) if "robust" in rows else None
+    robust_time = timing["seconds_per_step"].get("robust") if timing else None
+    lines = ["| recipe | seeds | clean % | PGD-20 % | AutoAttack (apgd) % | FLOPs / robust | time / robust |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    points = []
+    for row in sorted(rows, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r)):
+        recs = rows[row]
+        clean = _stat([r["test"]["pgd20"]["clean"] for r in recs])
+        pgd = _stat([r["test"]["pgd20"]["robust"] for r in recs])
+        aa = _stat([r["test"]["aa_apgd"]["robust"] for r in recs])
+        flops = _row_cost(recs) / robust_flops if robust_flops else None
+        t = None
+        if timing and robust_time and row in timing["seconds_per_step"]:
+            t = timing["seconds_per_step"][row] * timing.get("steps_ratio", {}).get(row, 1.0) / robust_time
+        lines.append(f"| {row} | {len(recs)} | {_fmt(*clean)} | {_fmt(*pgd)} | {_fmt(*aa)} | "
+                     f"{'' if flops is None else f'{flops:.3f}'} | {'' if t is None else f'{t:.3f}'} |")
+        points.append({"row": row, "aa": aa, "flops": flops, "time": t})
+    return lines, points
+
+
+def standard_gap(rows: dict[str, list[dict]]) -> list[str]:
+    """AutoAttack standard against its apgd pair on the same images, where both ran."""
+    lines = []
+    for row, recs in rows.items():
+        for r in recs:
+            std = r["test"].get("aa_standard")
+            if std is None:
+                continue
+            lines.append(f"| {row} | {r['seed']} | {std['images']} | {100 * std['robust']:.1f} | "
+                         f"{std['attack']} |")
+    if lines:
+        lines = ["| recipe | seed | images | AutoAttack standard % | attack |", "| --- | ---: | ---: | ---: | --- |",
+                 *lines]
+    return lines
+
+
+def figure(suite: str, points: list[dict], out: Path) -> Path | None:
+    """AutoAttack accuracy against cost (wall time when timed, else FLOPs), relative to robust."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_time = all(p["time"] is not None for p in points)
+    key = "time" if use_time else "flops"
+    pts = [p for p in points if p[key] is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in pts:
+        mean, spread = p["aa"]
+        ax.errorbar(p[key], 100 * mean, yerr=None if spread is None else 100 * spread, fmt="o", capsize=3)
+        ax.annotate(p["row"], (p[key], 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"training {'wall time' if use_time else 'FLOPs'} relative to robust")
+    ax.set_ylabel("AutoAttack (apgd) accuracy, %")
+    ax.set_title(f"{suite}: robustness against cost")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_report(records: Path, out: Path) -> None:
+    data = load(records)
+    lines = ["# Results", "",
+             "Generated by `python benchmarks/reproduce.py report` from the records in "
+             f"`{records.relative_to(out.parent.parent) if records.is_relative_to(out.parent.parent) else records}`;"
+             " do not edit by hand.", ""]
+    for suite in sorted(data):
+        rows = data[suite]
+        timing_path = records / suite / "timing.json"
+        timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+        table, points = suite_table(suite, rows, timing)
+        any_rec = next(iter(next(iter(rows.values()))))
+        lines += [f"## {suite}", "",
+                  f"Test images: {any_rec['test']['pgd20']['images']}; attack: {any_rec['test']['aa_apgd']['attack']}. "
+                  f"Machine: {any_rec['machine']['processor']}, {any_rec['machine']['cpus']} CPUs, "
+                  f"torch {any_rec['machine']['torch']}. Commits: "
+                  + ", ".join(sorted({r['commit'][:10] for recs in rows.values() for r in recs})) + ".", "",
+                  *table, ""]
+        gap = standard_gap(rows)
+        if gap:
+            lines += ["AutoAttack's standard version on a subset of the same test images:", "", *gap, ""]
+        fig = figure(suite, points, out.parent / "figures" / f"{suite}_pareto.png")
+        if fig is not None:
+            lines += [f"![{suite}: AutoAttack accuracy against cost](figures/{fig.name})", ""]
+        if timing:
+            lines += [f"Wall time: {timing['command']} on {timing['machine']}.", ""]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")

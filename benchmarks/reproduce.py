@@ -1,0 +1,271 @@
+"""The recipe matrix on real data: one JSON record per run, resumable, and a report built from the records.
+
+Every run goes through the product's command line (:func:`lightning_advsel.cli.build_cli`, what
+``lightning-advsel`` calls): ``fit`` with a shipped recipe config plus the suite's overrides, then ``test`` on
+the suite's fixed test images with PGD-20 and with AutoAttack. Each run happens in a child process and writes
+``<records>/<suite>/<run>.json`` when it has finished; a rerun skips the runs whose record exists, so the matrix
+can be filled over several sittings.
+
+    python benchmarks/reproduce.py run mnist --data-dir /path/to/data          # the whole MNIST matrix
+    python benchmarks/reproduce.py run mnist --data-dir ... --only robust ds   # some rows
+    python benchmarks/reproduce.py list mnist                                  # what the matrix holds
+    python benchmarks/reproduce.py report                                      # RESULTS.md and figures
+
+A record holds the fully resolved config of the fit (the ``config.yaml`` the CLI writes), the seed, the
+commit, the machine, the FLOPs of the training (counted per step with ``FlopCounterMode`` on the first
+steps of every epoch and scaled by the epoch's batch count), the wall time of the fit (informative only:
+accuracy records are made on a possibly busy machine; cost comparisons use FLOPs and the separate timing
+run), and clean, PGD-20 and AutoAttack accuracy on the test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RECORDS = HERE / "records"
+RUNS = HERE / "runs"  # logs and checkpoints of the runs (not committed)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the matrix at one seed: a shipped config plus overrides."""
+
+    name: str  # row label, e.g. "ds" or "selective_margin"
+    config: str  # config file(s), relative to configs/, combined in order
+    seed: int
+    extra: tuple[str, ...] = ()  # CLI overrides of this row only
+    needs: str | None = None  # name of a run whose output this run reads (the stability baseline)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A data set, the overrides that make every row of it share model, data, attack and budget, and its rows."""
+
+    name: str
+    overrides: tuple[str, ...]
+    test_batches: int  # test images = test_batches * test batch size (the data module's batch_size)
+    eps: float  # pixels, L-inf; training and evaluation radius
+    rows: tuple[Run, ...] = field(default_factory=tuple)
+    aa_standard_batches: int = 0  # test batches for AutoAttack "standard" on the rows in aa_standard_rows
+    aa_standard_rows: tuple[str, ...] = ()
+
+
+def _rows(spec: list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]) -> tuple[Run, ...]:
+    return tuple(Run(name, config, seed, extra) for name, config, seeds, extra in spec for seed in seeds)
+
+
+def suites(data_dir: str) -> dict[str, Suite]:
+    """The matrices. ``data_dir`` is where MNIST and CIFAR-10 are read from."""
+    seeds3 = (0, 1, 2)
+    mnist_eps = 0.1
+    mnist = Suite(
+        name="mnist",
+        eps=mnist_eps,
+        test_batches=10,
+        aa_standard_batches=5,
+        aa_standard_rows=("robust", "ds", "selective_margin"),
+        overrides=(
+            "--data.init_args.data_dir", data_dir,
+            "--data.init_args.batch_size", "100",
+            "--trainer.max_epochs", "4",
+            "--trainer.limit_val_batches", "5",
+            "--model.init_args.model.init_args.width", "16",
+            "--model.init_args.model.init_args.hidden", "256",
+            "--model.init_args.train_attack.eps", str(mnist_eps),
+            "--model.init_args.train_attack.alpha", "0.025",
+            "--model.init_args.train_attack.steps", "10",
+            "--model.init_args.eval_attack.eps", str(mnist_eps),
+            "--model.init_args.eval_attack.alpha", "0.01",
+            "--model.init_args.eval_attack.steps", "20",
+            "--model.init_args.optimizer.init_args.lr", "0.001",
+        ),
+        rows=_rows([
+            ("standard", "mnist/standard.yaml", (0,), ()),
+            ("robust", "mnist/robust.yaml", seeds3, ()),
+            ("ds", "mnist/ds.yaml", seeds3, ()),
+            ("random", "mnist/random.yaml", seeds3, ()),
+            ("selective_margin", "mnist/selective_margin.yaml", seeds3, ()),
+            ("selective_gradmatch", "mnist/selective_gradmatch.yaml", (0,), ()),
+            ("selective_ds", "mnist/selective_ds.yaml", seeds3, ()),
+        ]),
+    )
+    tiny = Suite(
+        name="tiny",
+        eps=0.1,
+        test_batches=1,
+        aa_standard_batches=1,
+        aa_standard_rows=("robust",),
+        overrides=(
+            "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1",
+            "--data.init_args.batch_size", "16",
+            "--model.init_args.train_attack.steps", "2",
+            "--model.init_args.eval_attack.steps", "3",
+        ),
+        rows=_rows([
+            ("robust", "digits_robust.yaml", (0,), ()),
+            ("ds", "digits_ds_p1.yaml", (0,), ("--model.init_args.p_up", "0.5")),
+        ]),
+    )
+    return {s.name: s for s in (mnist, tiny)}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_advsel", "configs"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
+    """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job)."""
+    import torch
+    import yaml
+
+    from flop_count import CountFlops
+    from lightning_advsel.cli import build_cli
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    save_dir = runs_dir / suite.name
+    configs = [arg for c in run.config.split("+") for arg in ("--config", str(REPO / "configs" / c))]
+    common = [*configs, *suite.overrides, *run.extra, "--trainer.enable_progress_bar", "false"]
+    counter = CountFlops()
+    start = time.perf_counter()
+    cli = build_cli(["fit", *common, "--seed_everything", str(run.seed),
+                     "--trainer.logger.init_args.save_dir", str(save_dir),
+                     "--trainer.logger.init_args.name", run.name,
+                     "--trainer.logger.init_args.version", f"seed{run.seed}"], run=False)
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    log_dir = Path(cli.trainer.log_dir)
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    resolved = yaml.safe_load((log_dir / "config.yaml").read_text())
+
+    def test(attack: list[str], batches: int) -> dict:
+        t0 = time.perf_counter()
+        tested = build_cli(["test", *common, "--seed_everything", str(run.seed), "--trainer.logger", "false",
+                            "--trainer.default_root_dir", str(log_dir), "--trainer.limit_test_batches", str(batches),
+                            "--ckpt_path", str(ckpt), *attack])
+        m = tested.trainer.callback_metrics
+        return {"clean": float(m["test/acc_clean"]), "robust": float(m["test/acc_robust"]),
+                "attack": tested.model.test_attack.describe(), "seconds": time.perf_counter() - t0,
+                "images": batches * int(resolved["data"]["init_args"]["batch_size"])}
+
+    eps = str(suite.eps)
+    results = {
+        "pgd20": test(["--model.init_args.test_attack", "AttackConfig", "--model.init_args.test_attack.eps", eps,
+                       "--model.init_args.test_attack.alpha", "0.01", "--model.init_args.test_attack.steps", "20",
+                       "--model.init_args.test_attack.mode", "eval"], suite.test_batches),
+        "aa_apgd": test(["--model.init_args.test_attack", "AutoAttackConfig",
+                         "--model.init_args.test_attack.eps", eps,
+                         "--model.init_args.test_attack.version", "apgd"], suite.test_batches),
+    }
+    if run.name in suite.aa_standard_rows and run.seed == 0 and suite.aa_standard_batches:
+        results["aa_standard"] = test(["--model.init_args.test_attack", "AutoAttackConfig",
+                                       "--model.init_args.test_attack.eps", eps,
+                                       "--model.init_args.test_attack.version", "standard"],
+                                      suite.aa_standard_batches)
+    return {
+        "suite": suite.name, "row": run.name, "seed": run.seed, "config_files": run.config.split("+"),
+        "overrides": [*suite.overrides, *run.extra], "resolved_config": resolved, "commit": _commit(),
+        "machine": _machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fit_seconds": fit_seconds, "train_flops": counter.total_flops, "flops_per_epoch": counter.per_epoch,
+        "epochs": int(cli.trainer.current_epoch), "steps": int(cli.trainer.global_step),
+        "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")},
+        "test": results,
+    }
+
+
+def _record_path(records: Path, suite: str, run: Run) -> Path:
+    return records / suite / f"{run.run_id}.json"
+
+
+def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Path) -> None:
+    todo = [r for r in suite.rows if not only or r.name in only]
+    for run in todo:
+        path = _record_path(records, suite.name, run)
+        if path.exists():
+            print(f"[skip] {suite.name}/{run.run_id}: record exists", flush=True)
+            continue
+        print(f"[run ] {suite.name}/{run.run_id}", flush=True)
+        cmd = [sys.executable, __file__, "_one", suite.name, run.run_id, "--records", str(records),
+               "--runs", str(runs_dir), "--data-dir", os.environ["REPRODUCE_DATA_DIR"]]
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{REPO}"})
+        if proc.returncode:
+            print(f"[fail] {suite.name}/{run.run_id}: exit {proc.returncode}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "list", "_one"):
+        p = sub.add_parser(name)
+        p.add_argument("suite")
+        if name == "_one":
+            p.add_argument("run_id")
+        p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw and the CIFAR-10 copy")
+        p.add_argument("--records", type=Path, default=RECORDS)
+        p.add_argument("--runs", type=Path, default=RUNS)
+        p.add_argument("--only", nargs="*", help="row names to run (default: all)")
+    rep = sub.add_parser("report")
+    rep.add_argument("--records", type=Path, default=RECORDS)
+    rep.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+
+    if args.cmd == "report":
+        from report import write_report
+
+        write_report(args.records, args.out)
+        return
+    all_suites = suites(str(Path(args.data_dir).resolve()))
+    if args.suite not in all_suites:
+        parser.error(f"suite must be one of {sorted(all_suites)}, got {args.suite!r}")
+    suite = all_suites[args.suite]
+    if args.cmd == "list":
+        for run in suite.rows:
+            state = "done" if _record_path(args.records, suite.name, run).exists() else "todo"
+            print(f"{state}  {suite.name}/{run.run_id}  {run.config}  {' '.join(run.extra)}")
+    elif args.cmd == "run":
+        os.environ["REPRODUCE_DATA_DIR"] = args.data_dir
+        run_suite(suite, args.only, args.records, args.runs)
+    else:
+        run = next(r for r in suite.rows if r.run_id == args.run_id)
+        record = _do_run(suite, run, args.records, args.runs)
+        path = _record_path(args.records, suite.name, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        tmp.replace(path)  # a record exists only once the run has finished
+        print(f"[done] {suite.name}/{run.run_id}: {json.dumps(record['test'])}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
