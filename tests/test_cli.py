@@ -93,6 +93,10 @@ def test_mnist_config_trains_from_a_torchvision_layout_folder(tmp_path):
                      "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert cli.trainer.global_step == 2
     assert 0 <= float(cli.trainer.callback_metrics["val/acc_clean"]) <= 1
+    # The epoch with the best val/acc_robust is kept besides last.ckpt, named without a folder for the '/'.
+    names = sorted(p.name for p in tmp_path.rglob("*.ckpt"))
+    robust = float(cli.trainer.callback_metrics["val/acc_robust"])
+    assert names == [f"best-epoch0-robust{robust:.4f}.ckpt", "last.ckpt"]
 
 
 @pytest.mark.parametrize(
