@@ -91,7 +91,11 @@ def _build(torchattacks: Any, model: nn.Module, eps: float, norm: str, version: 
 
 
 def _cuda_devices(x: Tensor) -> list[int]:
-    """CUDA devices whose generator the attack may reseed: the input's and the current one."""
+    """CUDA devices whose generator the attack may reseed: the input's and the current one.
+
+    torchattacks reseeds the current CUDA device's generator even for CPU inputs (lazily, at CUDA's first use,
+    if CUDA is not yet initialized), so with CUDA available its state is saved, which initializes CUDA.
+    """
     if not torch.cuda.is_available():
         return []
     devices = {torch.cuda.current_device()}
@@ -167,6 +171,8 @@ class _ByClassPath:
     ``AutoAttackConfig | AttackConfig`` the first type whose fields fit wins, whatever the user named. A class
     with a non-dataclass base is parsed by its ``class_path``, so naming ``AutoAttackConfig`` on the command
     line or in YAML builds one, and a field-only spelling (``eps``, ``steps``, ...) builds an ``AttackConfig``.
+    It must also come first in the union (``AutoAttackConfig | AttackConfig``): listed after the dataclass,
+    jsonargparse 4.53 applies ``--test_attack.eps`` after ``--test_attack AutoAttackConfig`` to the dataclass.
     """
 
 

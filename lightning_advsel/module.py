@@ -203,7 +203,7 @@ class AdversarialSelectionModule(L.LightningModule):
         attack_score: str = "margin",
         train_attack: AttackConfig | None = None,
         eval_attack: AttackConfig | None = None,
-        test_attack: AutoAttackConfig | AttackConfig | None = None,
+        test_attack: AutoAttackConfig | AttackConfig | None = None,  # this order: see evaluation._ByClassPath
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
