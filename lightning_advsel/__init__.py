@@ -1,7 +1,9 @@
 """Adversarial training with data selection, as a PyTorch Lightning module and callbacks."""
 
 from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, pgd
+from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.module import RECIPES, AdversarialSelectionModule, SelectionRecord
 
-__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "SelectionRecord", "fgsm", "fgsm_rs", "pgd"]
+__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "SelectionRecord", "fgsm",
+           "fgsm_rs", "pgd"]
 __version__ = "0.1.0"

@@ -34,7 +34,7 @@ class AdvSelCLI(LightningCLI):
         robust = metrics.get(f"{stage}/acc_robust")
         if clean is None:
             return
-        attack = self.model.eval_attack
+        attack = self.model.robust_attack(stage)
         line = f"{stage} accuracy: clean {float(clean):.4f}"
         if robust is not None and attack is not None:
             line += f", robust {float(robust):.4f} ({attack.describe()})"

@@ -52,6 +52,7 @@ from typing_extensions import override
 from lightning_advsel import distributed, selection
 from lightning_advsel.attacks import MODES, AttackConfig, model_mode
 from lightning_advsel.batch import unpack
+from lightning_advsel.evaluation import AutoAttackConfig
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ class SelectionRecord:
     batch_size: int
 
 
+def default_p_up(recipe: str) -> float:
+    """The ``p_up`` a recipe uses unless told otherwise.
+
+    An ``"append"`` pool holds the clean batch plus its adversarial rows; the DS paper backpropagates half of
+    it (``ds``, ``random``, ``selective_ds``). A ``"replace"`` pool is the batch itself, trained on whole
+    (``standard``, ``robust``, ``selective``: with ``p_up < 1`` they would drop rows nobody asked to drop).
+    """
+    return 0.5 if RECIPES[recipe].pool == "append" else 1.0
+
+
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
     if value is None or isinstance(value, AttackConfig):
         return value
@@ -107,6 +118,23 @@ def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | N
         except TypeError as err:
             raise ValueError(f"`{name}` has an unknown key: {err}") from err
     raise ValueError(f"`{name}` must be an AttackConfig or a dict of its fields, got {type(value).__name__}")
+
+
+def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None) -> AttackConfig | AutoAttackConfig | None:
+    """``test_attack`` from a config or from a checkpoint's dict (AutoAttack's dict has a ``version``)."""
+    if isinstance(value, AutoAttackConfig):
+        return value
+    if isinstance(value, dict) and "version" in value:
+        try:
+            return AutoAttackConfig(**value)
+        except TypeError as err:
+            raise ValueError(f"`test_attack` has an unknown key for AutoAttackConfig: {err}") from err
+    if value is not None and not isinstance(value, (AttackConfig, dict)):
+        raise ValueError(
+            f"`test_attack` must be an AttackConfig, an AutoAttackConfig or a dict of either's fields, "
+            f"got {type(value).__name__}"
+        )
+    return _as_attack("test_attack", value)
 
 
 class AdversarialSelectionModule(L.LightningModule):
@@ -124,13 +152,19 @@ class AdversarialSelectionModule(L.LightningModule):
             ``attack_score``; robust loss on those, clean loss on the rest), ``"selective_ds"`` (attack as
             selective, then DS selection over clean batch plus adversarial examples).
         p_up: fraction of the pool that is backpropagated, in (0, 1]. Callbacks may change it per epoch.
+            ``None`` (default) takes the recipe's default, :func:`default_p_up`: 0.5 for the recipes whose pool
+            appends the adversarial rows to the clean batch (``ds``, ``random``, ``selective_ds``), 1.0 for
+            the others (``standard``, ``robust``, ``selective``), which would otherwise drop rows silently.
         attack_frac: fraction of the clean batch attacked by the selective recipes, in (0, 1].
         attack_score: pre-attack score of the selective recipes, a key of
             :data:`lightning_advsel.selection.PRE_ATTACK_SCORES`.
         train_attack: the attack that makes training examples. Defaults to PGD-10, L-inf eps 0.1, alpha
             0.025, in ``"train"`` mode (batch statistics, BatchNorm running statistics frozen).
-        eval_attack: the attack for ``val/acc_robust`` and ``test/acc_robust``. Defaults to PGD-20, L-inf
-            eps 0.1, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust evaluation.
+        eval_attack: the attack for ``val/acc_robust`` (every validation epoch). Defaults to PGD-20, L-inf eps
+            0.1, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust evaluation.
+        test_attack: the attack for ``test/acc_robust``: an ``AttackConfig`` or an
+            :class:`~lightning_advsel.evaluation.AutoAttackConfig` (torchattacks' AutoAttack, seeded per
+            batch). ``None`` (default) uses ``eval_attack``.
         num_classes: classes of the task.
         optimizer: optimizer factory, called with the model parameters.
         lr_scheduler: optional scheduler factory, called with the optimizer.
@@ -156,17 +190,20 @@ class AdversarialSelectionModule(L.LightningModule):
             (``"gradmatch_exact"`` works on any model), a bad attack setting, an unknown ``selection_scope`` or
             ``nonfinite``; at the first batch, a ``model`` whose output is not ``(B, num_classes)``; when loading
             a checkpoint, one written for a different model architecture.
+        ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
+            message names the pip command).
     """
 
     def __init__(
         self,
         model: nn.Module,
         recipe: str = "ds",
-        p_up: float = 0.5,
+        p_up: float | None = None,
         attack_frac: float = 0.5,
         attack_score: str = "margin",
         train_attack: AttackConfig | None = None,
         eval_attack: AttackConfig | None = None,
+        test_attack: AutoAttackConfig | AttackConfig | None = None,  # this order: see evaluation._ByClassPath
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -198,12 +235,13 @@ class AdversarialSelectionModule(L.LightningModule):
         distributed.check_scope(selection_scope)
         if nonfinite not in NONFINITE:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE}, got {nonfinite!r}")
-        self.p_up = selection.check_fraction("p_up", p_up)
+        self.p_up = selection.check_fraction("p_up", default_p_up(recipe) if p_up is None else p_up)
         self.attack_frac = selection.check_fraction("attack_frac", attack_frac)
         self.train_attack = _as_attack("train_attack", train_attack) or AttackConfig(mode="train")
         if eval_attack is None:
             eval_attack = AttackConfig(eps=self.train_attack.eps, alpha=0.01, steps=20, norm=self.train_attack.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)
+        self.test_attack = _as_test_attack(test_attack)
 
         with warnings.catch_warnings():
             # Lightning warns that `model` is an nn.Module; it is dropped just below when built from Python.
@@ -213,8 +251,8 @@ class AdversarialSelectionModule(L.LightningModule):
             # Built from Python, not from the CLI: keep only plain values in the checkpoint (the weights are in
             # the state dict); load with `load_from_checkpoint(path, model=Net())`.
             self.remove_ignored_hparams(["model", "optimizer", "lr_scheduler"])
-        for key in ("train_attack", "eval_attack"):
-            if isinstance(self.hparams.get(key), AttackConfig):
+        for key in ("train_attack", "eval_attack", "test_attack"):
+            if isinstance(self.hparams.get(key), (AttackConfig, AutoAttackConfig)):
                 self.hparams[key] = asdict(self.hparams[key])
 
         self.model = model
@@ -512,6 +550,12 @@ class AdversarialSelectionModule(L.LightningModule):
         return keys
 
     # ---------------------------------------------------------------------------------------------- evaluation
+    def robust_attack(self, stage: str) -> AttackConfig | AutoAttackConfig | None:
+        """The attack behind ``{stage}/acc_robust``: ``test_attack`` when testing (if set), else ``eval_attack``."""
+        if stage == "test" and self.test_attack is not None:
+            return self.test_attack
+        return self.eval_attack
+
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         x, y, _ = unpack(batch)
         acc_clean = getattr(self, f"{stage}_acc_clean")
@@ -521,10 +565,13 @@ class AdversarialSelectionModule(L.LightningModule):
         acc_clean(logits, y)
         self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])
         self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True)
-        if self.eval_attack is not None and self.eval_attack.enabled:
+        attack = self.robust_attack(stage)
+        if attack is not None and attack.enabled:
             # Seeded by the batch index alone: the same weights give the same robust accuracy every time.
-            gen = self._generator(x.device, -(batch_idx + 1))
-            x_adv = self.eval_attack(self.model, x, y, generator=gen)
+            if isinstance(attack, AutoAttackConfig):
+                x_adv = attack(self.model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
+            else:
+                x_adv = attack(self.model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
             with torch.no_grad():
                 acc_robust(self.model(x_adv), y)
             self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True)

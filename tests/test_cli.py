@@ -93,6 +93,10 @@ def test_mnist_config_trains_from_a_torchvision_layout_folder(tmp_path):
                      "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert cli.trainer.global_step == 2
     assert 0 <= float(cli.trainer.callback_metrics["val/acc_clean"]) <= 1
+    # The epoch with the best val/acc_robust is kept besides last.ckpt, named without a folder for the '/'.
+    names = sorted(p.name for p in tmp_path.rglob("*.ckpt"))
+    robust = float(cli.trainer.callback_metrics["val/acc_robust"])
+    assert names == [f"best-epoch0-robust{robust:.4f}.ckpt", "last.ckpt"]
 
 
 @pytest.mark.parametrize(
@@ -111,6 +115,20 @@ def test_bad_cli_values_fail_before_training_and_write_nothing(tmp_path, overrid
     with pytest.raises(ValueError, match=match):
         fit("digits_ds.yaml", tmp_path, *override)
     assert not any(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("recipe,p_up", [("robust", 1.0), ("selective", 1.0), ("ds", 0.5)])
+def test_cli_without_p_up_takes_the_recipes_default(tmp_path, recipe, p_up):
+    # LightningCLI passes the signature default explicitly: None must still mean the recipe's own default.
+    config = tmp_path / "no_p_up.yaml"
+    config.write_text("\n".join(line for line in (REPO / "configs" / "digits_ds.yaml").read_text().splitlines()
+                                if not line.strip().startswith("p_up:")))
+    cli = build_cli(["--config", str(config), "--model.init_args.recipe", recipe, "--trainer.logger", "false"],
+                    run=False)
+    assert cli.model.p_up == p_up
+    explicit = build_cli(["--config", str(config), "--model.init_args.recipe", recipe, "--model.init_args.p_up",
+                          "0.25", "--trainer.logger", "false"], run=False)
+    assert explicit.model.p_up == 0.25
 
 
 def test_missing_data_set_names_the_folder_and_how_to_fetch_it(tmp_path):

@@ -35,3 +35,7 @@ def test_config_parses_and_instantiates(config, tmp_path):
     assert logger.name == expected
     if cli.model.recipe.startswith("selective"):
         assert 0 < cli.model.attack_frac <= 1
+    if parent in ("mnist", "cifar10"):
+        # Against robust overfitting: the most robust epoch is kept besides last.ckpt.
+        checkpoint = cli.trainer.checkpoint_callback
+        assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/acc_robust", "max", True)

@@ -174,7 +174,7 @@ DISK_CASES: list[tuple[str, Callable[[Path], object], type[Exception], str]] = [
 CLI_CASES: list[tuple[str, list[str], type[Exception], str]] = [
     ("cli-p_up-above-one", ["--model.init_args.p_up", "1.5"], E, r"`p_up` must be in \(0, 1\], got 1.5"),
     # jsonargparse itself refuses a value of the wrong type: it prints the key and the value and exits 2.
-    ("cli-p_up-nan", ["--model.init_args.p_up", "nan"], SystemExit, r'(?s)Parser key "p_up".*Got value: nan'),
+    ("cli-p_up-nan", ["--model.init_args.p_up", "nan"], SystemExit, r'(?s)Parser key "p_up".*Given value: nan'),
     ("cli-steps-str", ["--model.init_args.train_attack.steps", "ten"], SystemExit, r"(?s)steps.*ten"),
     ("cli-eps-above-pixels", ["--model.init_args.train_attack.eps", "2.0"], E,
      r"`eps` must be <= 1 for the linf norm.*got 2.0"),

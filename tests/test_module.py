@@ -187,6 +187,25 @@ def test_p_up_is_saved_in_checkpoints_and_python_built_modules_reload_with_a_mod
     assert ckpt["hyper_parameters"]["train_attack"]["steps"] == 2
 
 
+@pytest.mark.parametrize("recipe,p_up", [("standard", 1.0), ("robust", 1.0), ("selective", 1.0), ("ds", 0.5),
+                                          ("random", 0.5), ("selective_ds", 0.5)])
+def test_p_up_defaults_to_the_recipes_own_and_an_explicit_value_is_kept(recipe, p_up):
+    assert AdversarialSelectionModule(TinyNet(), recipe=recipe).p_up == p_up
+    assert AdversarialSelectionModule(TinyNet(), recipe=recipe, p_up=None).p_up == p_up
+    assert AdversarialSelectionModule(TinyNet(), recipe=recipe, p_up=0.25).p_up == 0.25
+
+
+def test_robust_with_the_default_p_up_backpropagates_the_whole_batch(tmp_path):
+    torch.manual_seed(0)
+    module = AdversarialSelectionModule(TinyNet(), recipe="robust", train_attack=DETERMINISTIC_ATTACK)
+    counter = RowCounter(module.model.net[-1])
+    x, y = tiny_batch(16)
+    fit_steps(module, x, y, tmp_path)
+    # The last backward is the training one (the attack's input-gradient passes come first).
+    assert counter.backward_rows[-1] == 16
+    assert module.last_selection.selected.tolist() == list(range(16))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
