@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from conftest import REPO
 
 from lightning_advsel import AdversarialSelectionModule
@@ -35,3 +36,15 @@ def test_config_parses_and_instantiates(config, tmp_path):
     assert logger.name == expected
     if cli.model.recipe.startswith("selective"):
         assert 0 < cli.model.attack_frac <= 1
+
+
+@pytest.mark.parametrize("config", [p for p in CONFIGS if p.parent.name in ("mnist", "cifar10")],
+                         ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_real_data_configs_keep_the_best_robust_checkpoint_besides_the_last(config):
+    cfg = yaml.safe_load(config.read_text())
+    checkpoints = [cb.get("init_args", {}) for cb in cfg["trainer"]["callbacks"]
+                   if cb["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"]
+    assert any(cb.get("save_last") for cb in checkpoints)
+    best = [cb for cb in checkpoints if cb.get("monitor") == "val/acc_robust"]
+    assert len(best) == 1 and best[0]["mode"] == "max" and best[0]["filename"].startswith("best-")
+    assert cfg["model"]["init_args"].get("eval_attack")  # the monitored accuracy is computed
