@@ -17,13 +17,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import nn
 
 from lightning_advsel import AdversarialSelectionModule, cifar10_files
 from lightning_advsel.augment import augment_generator, random_crop_flip
+from lightning_advsel.cli import build_cli
 from lightning_advsel.data import CIFAR10DataModule
 
 ARCHIVE = SHARED_DATA / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
@@ -88,6 +89,26 @@ def test_first_setup_decodes_and_a_second_setup_loads_the_cache_without_decoding
 
 def test_nothing_is_written_into_the_data_folder(real):
     assert tree(SHARED_DATA) == real["tree_before"]
+
+
+def test_cifar10_config_trains_on_the_jpeg_copy_and_tests_its_best_checkpoint(real, tmp_path, capsys):
+    common = ["--config", str(REPO / "configs" / "cifar10" / "ds.yaml"), "--data.init_args.data_dir", str(SHARED_DATA),
+              "--data.init_args.cache_dir", str(real["cache"]), "--data.init_args.batch_size", "8",
+              "--model.init_args.train_attack.steps", "1", "--model.init_args.eval_attack.steps", "1",
+              "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",  # "1" would mean 100%
+              "--trainer.enable_progress_bar", "false",
+              # A small CNN instead of the config's ResNet-18: the test is about data and checkpoints.
+              "--model.init_args.model", "lightning_advsel.models.SmallCNN",
+              *[f"--model.init_args.model.init_args.{k}={v}" for k, v in
+                (("in_channels", 3), ("input_size", 32), ("width", 8), ("hidden", 32))]]
+    cli = build_cli(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                     "--trainer.num_sanity_val_steps", "0"])
+    assert cli.datamodule.loaded_from_cache is True and cli.trainer.global_step == 2
+    best = list(tmp_path.rglob("best-*.ckpt"))
+    assert len(best) == 1 and (best[0].parent / "last.ckpt").is_file()
+    build_cli(["test", *common, "--ckpt_path", str(best[0])])
+    assert "test accuracy: clean" in capsys.readouterr().out
 
 
 def test_truncated_real_archive_is_refused_naming_the_file(tmp_path):
