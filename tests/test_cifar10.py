@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import stat
+import sys
 import tarfile
 from pathlib import Path
 
@@ -384,3 +385,15 @@ def test_the_batch_hook_scales_evaluation_batches_and_leaves_float_batches_alone
     assert torch.equal(out[0], x.float() / 255)  # no trainer, no training: scaled, not augmented
     floats = [x.float() / 255, torch.zeros(4, dtype=torch.long)]
     assert dm.on_after_batch_transfer(floats, 0) is floats
+
+
+def test_cache_benchmark_times_a_decoding_setup_then_a_cached_one(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cifar10_cache_time import main
+
+    # 300 training images: the default batch of 256 fits.
+    write_archive(tmp_path / "data" / "cifar10-jpeg.tar.gz", fake_jpeg_files({"train": 30, "test": 1}))
+    rows = main(["--data-dir", str(tmp_path / "data"), "--val-size", "5"])
+    assert [r["from_cache"] for r in rows] == [False, True]
+    assert (rows[0]["train"], rows[0]["val"], rows[0]["test"]) == (295, 5, 10)
+    assert "| 2 | True |" in capsys.readouterr().out
