@@ -148,8 +148,8 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
     """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job)."""
     import torch
     import yaml
-
     from flop_count import CountFlops
+
     from lightning_advsel.cli import build_cli
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -24,8 +24,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-
-from reproduce import REPO, RECORDS, suites
+from reproduce import RECORDS, REPO, suites
 
 
 class StepTimer(Callback):
@@ -64,7 +63,7 @@ def main() -> None:
         cli.datamodule.setup("fit")
         rows[run.name] = (cli.model, cli.datamodule, StepTimer())
     for _ in range(args.rounds):
-        for name, (model, data, timer) in rows.items():
+        for model, data, timer in rows.values():
             trainer = L.Trainer(max_epochs=1, limit_train_batches=args.chunk, limit_val_batches=0, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 accelerator="cpu", devices=1, callbacks=[timer])
@@ -73,7 +72,7 @@ def main() -> None:
                 trainer.fit(model, datamodule=data)
     per_step = {name: statistics.median(timer.seconds[1:]) for name, (_, _, timer) in rows.items()}
     robust = per_step.get("robust")
-    print(f"| recipe | steps timed | median s / step | relative to robust |\n| --- | ---: | ---: | ---: |")
+    print("| recipe | steps timed | median s / step | relative to robust |\n| --- | ---: | ---: | ---: |")
     for name, (_, _, timer) in rows.items():
         rel = f"{per_step[name] / robust:.3f}" if robust else ""
         print(f"| {name} | {len(timer.seconds)} | {per_step[name]:.4f} | {rel} |")

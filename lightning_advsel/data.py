@@ -3,7 +3,8 @@
 * :class:`DigitsDataModule`: scikit-learn's bundled 8x8 digits, offline, the default main job.
 * :class:`MNISTDataModule`, :class:`FashionMNISTDataModule`, :class:`CIFAR10DataModule`: torchvision data
   sets read from ``data_dir`` in torchvision's layout (``data_dir/MNIST/raw/...``); downloading is off
-  unless ``download=True``.
+  unless ``download=True``. CIFAR-10 also reads the JPEG copy (archive or extracted folders) through a decode
+  cache, and augments training batches on their device (``on_after_batch_transfer``).
 
 Every module splits a validation set off the training data with a fixed seed, so the split does not
 depend on the global seed of a run.
@@ -18,11 +19,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from typing_extensions import override
+
+from lightning_advsel.augment import augment_generator, random_crop_flip
+from lightning_advsel.batch import unpack
 
 NUM_CLASSES = 10
 
@@ -348,40 +354,119 @@ class FashionMNISTDataModule(MNISTDataModule):
         return FashionMNIST
 
 
+class _ScaledImages(Dataset):
+    """uint8 images ``(N, C, H, W)`` and labels, served one at a time as float images in [0, 1]."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.images[i].float().div_(255), self.labels[i]
+
+
 class CIFAR10DataModule(_TorchvisionDataModule):
-    """CIFAR-10 (32x32, 3 channels) from ``data_dir``, with random crop and flip for training by default.
+    """CIFAR-10 (32x32, 3 channels) from ``data_dir``: python batches, the JPEG archive or its extracted folders.
+
+    ``data_dir`` may hold the original ``cifar-10-batches-py``, the JPEG copy ``cifar10-jpeg.tar.gz`` (at
+    ``data_dir`` or ``data_dir/cifar10-jpeg/``) or its extracted ``train/<class>/*.jpg`` and
+    ``test/<class>/*.jpg`` folders (:mod:`lightning_advsel.cifar10_files`). JPEGs are decoded once into a uint8
+    tensor file in ``cache_dir``; nothing is written into ``data_dir``. ``loaded_from_cache`` says whether the
+    last ``setup`` read that file instead of decoding.
+
+    The training loader yields uint8 images; :meth:`on_after_batch_transfer` augments them as whole batches on
+    the batch's device (random crop with 4 pixels of zero padding, horizontal flip) and scales them to float in
+    [0, 1]. The augmentation of a batch is seeded by ``(shuffle_seed, epoch, batch index, rank)``, so a resumed
+    run sees the same augmented batches as an uninterrupted one. Validation and test items are already float
+    in [0, 1] (a callback that reads ``val_set[i]`` gets what the model takes).
 
     Args:
-        data_dir: folder holding ``cifar-10-batches-py``.
-        download: fetch the data set if it is missing (off by default).
+        data_dir: folder holding one of the copies above; only read.
+        download: fetch the python batches with torchvision into ``data_dir`` if they are missing (off by default).
         batch_size: clean samples per training batch.
         val_size: training images held out for validation.
-        augment: random 32x32 crop with 4 pixels of padding and horizontal flip on training images.
-        num_workers: data-loading worker processes.
+        augment: random 32x32 crop with 4 pixels of padding and horizontal flip on training batches.
+        num_workers: data-loading worker processes (the images are tensors in memory: 0 is enough).
         split_seed: seed of the fixed train/val split.
-        shuffle_seed: seed of the training order (a function of this seed and the epoch only).
+        shuffle_seed: seed of the training order and of the augmentation (functions of this seed and the epoch).
+        cache_dir: writable folder for the decoded JPEGs; ``None`` means ``$XDG_CACHE_HOME/lightning_advsel``
+            or ``~/.cache/lightning_advsel``.
 
     Raises:
-        ValueError: for bad sizes. ``FileNotFoundError`` (from ``setup``) if the data is missing.
+        ValueError: for bad sizes or a ``cache_dir`` that is not a path; from ``setup``, for a truncated or foreign
+            archive (naming the file). ``FileNotFoundError`` (from ``setup``) if no copy is found;
+            ``PermissionError`` (from ``setup``) if ``cache_dir`` is not writable.
     """
 
     dataset_name = "CIFAR10"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
-                 augment: bool = True, num_workers: int = 4, split_seed: int = 0, shuffle_seed: int = 0) -> None:
+                 augment: bool = True, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
+                 cache_dir: str | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed)
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
+            raise ValueError(f"`cache_dir` must be a folder path or None (the default cache), got {cache_dir!r}")
         self.augment = augment
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.loaded_from_cache: bool | None = None
 
     def _dataset_cls(self) -> type:
         from torchvision.datasets import CIFAR10
 
         return CIFAR10
 
-    def _train_transform(self):  # noqa: ANN202
-        from torchvision import transforms
+    def _files(self, prepare: bool = False):  # noqa: ANN202 - cifar10_files.Cifar10Tensors, or None
+        from lightning_advsel import cifar10_files
 
-        if not self.augment:
-            return transforms.ToTensor()
-        return transforms.Compose(
-            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
-        )
+        try:
+            if prepare:
+                return cifar10_files.prepare_cifar10(self.data_dir, self.cache_dir)
+            return cifar10_files.load_cifar10(self.data_dir, self.cache_dir)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{self.dataset_name} was not found under data_dir={self.data_dir!r}: {err}. Set `download: true` "
+                f"(--data.init_args.download true) to fetch the python batches, or point `data_dir` at a folder "
+                f"that holds a copy."
+            ) from err
+
+    @override
+    def prepare_data(self) -> None:
+        # Once per node before any rank's setup: download if asked, and decode JPEGs into the cache, so the
+        # ranks' setup only loads it.
+        super().prepare_data()
+        self._files(prepare=True)
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        data = self._files()
+        self.loaded_from_cache = data.from_cache
+        n = len(data.train_y)
+        self._check_nonempty(n)
+        if self.val_size >= n:
+            raise ValueError(f"`val_size` must be below the {n} training images of {self.dataset_name}, "
+                             f"got {self.val_size}")
+        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        self.train_set = Subset(TensorDataset(data.train_x, data.train_y), train_idx.tolist())
+        self.val_set = Subset(_ScaledImages(data.train_x, data.train_y), val_idx.tolist())
+        self.test_set = _ScaledImages(data.test_x, data.test_y)
+        self._check_sets()
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment (training only) and scale uint8 batches to float in [0, 1], on the device the batch is on."""
+        x, y, extra = unpack(batch)
+        if x.dtype != torch.uint8:
+            return batch
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            # The index of this batch in the epoch: Lightning counts a batch as ready only after this hook,
+            # and restores the count on resume, so the seed does not depend on an interruption.
+            position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            gen = augment_generator(self.shuffle_seed, trainer.current_epoch, position, trainer.global_rank)
+            x = random_crop_flip(x, gen, padding=4)
+        out = [x.float().div_(255), y, *extra]
+        return tuple(out) if isinstance(batch, tuple) else out
