@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -237,3 +241,32 @@ def test_the_two_digits_commands_run_in_sequence_from_the_configs(tmp_path, monk
     (cost,) = [c for c in second.trainer.callbacks if isinstance(c, StabilityCost)]
     assert cost.total_s > profile.wall_time_s > 0
     assert first.trainer.global_step == 2 * 20  # ceil(1257 / 64)
+
+
+@pytest.mark.slow
+def test_two_ranks_sum_their_disjoint_rows_into_the_counts_of_one_process(tmp_path):
+    from ddp_stability_run import BATCH, CKPT_STEP, run
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # A new session, so that a hung run is killed with its spawned ranks, not only the parent.
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_stability_run.py"), str(tmp_path), "2"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"2-rank ddp_spawn run did not finish in 180 s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    run(str(tmp_path), 1)
+
+    two, one = (read_profile(tmp_path / f"profile_devices{d}.json") for d in (2, 1))
+    assert torch.equal(two.counts, one.counts) and 0 < int(one.counts.sum()) < 2 * N_DIGITS_TRAIN
+    # Every sample is seen once per epoch, also the one the sampler repeats to give both ranks 629 rows.
+    assert two.epochs == 2 and two.epochs_seen.tolist() == [2] * N_DIGITS_TRAIN
+    # A mid-epoch checkpoint holds the running epoch's rows of both ranks.
+    for devices in (1, 2):
+        callbacks = torch.load(tmp_path / f"ckpt{devices}" / f"step={CKPT_STEP}.ckpt", weights_only=True)["callbacks"]
+        (state,) = [v for k, v in callbacks.items() if k.startswith("StabilityProfile")]
+        assert int(state["epoch_seen"].sum()) == devices * CKPT_STEP * BATCH
