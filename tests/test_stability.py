@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TinyNet
+from conftest import REPO, TinyNet, run_spawned_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
@@ -247,18 +243,7 @@ def test_the_two_digits_commands_run_in_sequence_from_the_configs(tmp_path, monk
 def test_two_ranks_sum_their_disjoint_rows_into_the_counts_of_one_process(tmp_path):
     from ddp_stability_run import BATCH, CKPT_STEP, run
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    # A new session, so that a hung run is killed with its spawned ranks, not only the parent.
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_stability_run.py"), str(tmp_path), "2"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"2-rank ddp_spawn run did not finish in 180 s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    run_spawned_script("ddp_stability_run.py", tmp_path, 2)
     run(str(tmp_path), 1)
 
     two, one = (read_profile(tmp_path / f"profile_devices{d}.json") for d in (2, 1))
