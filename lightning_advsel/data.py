@@ -13,6 +13,11 @@ The training order is a pure function of ``(shuffle_seed, epoch)`` (:class:`Resu
 between DDP ranks like ``DistributedSampler``. The data module saves how many batches of the current epoch
 were consumed (``state_dict``), so a run resumed from a mid-epoch checkpoint skips exactly those batches and
 sees the same remaining batches, in the same order, as an uninterrupted run.
+
+For the stability baseline (:mod:`lightning_advsel.stability`), every module takes ``return_index`` (training
+batches become ``(x, y, index)``, ``index`` each row's position in the training split) and ``subset_file``,
+``subset_fraction``, ``subset_keep`` (train on the most stable or unstable fraction of a profiling run's
+samples). Validation and test sets are never restricted.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from typing_extensions import override
 
+from lightning_advsel import selection, stability
 from lightning_advsel.augment import augment_generator, random_crop_flip
 from lightning_advsel.batch import unpack
 
@@ -68,23 +75,86 @@ class ResumableSampler(DistributedSampler):
         yield from indices
 
 
-class _BaseDataModule(L.LightningDataModule):
-    """Shared loaders. Subclasses set ``train_set``, ``val_set`` and ``test_set`` in ``setup``."""
+class IndexedDataset(Dataset):
+    """The rows of ``dataset`` with their position appended: item ``i`` is ``(*dataset[i], i)``."""
 
-    def __init__(self, batch_size: int, num_workers: int, split_seed: int, shuffle_seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.dataset[i], i)
+
+
+class _BaseDataModule(L.LightningDataModule):
+    """Shared loaders. Subclasses set ``train_set``, ``val_set`` and ``test_set`` in ``setup``.
+
+    ``train_set`` is always the whole training split; the loader reads :meth:`training_view` of it.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, split_seed: int, shuffle_seed: int = 0,
+                 return_index: bool = False, subset_file: str | None = None, subset_fraction: float = 0.5,
+                 subset_keep: str = "stable") -> None:
         super().__init__()
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
         _check_int("split_seed", split_seed, 0)
         _check_int("shuffle_seed", shuffle_seed, 0)
+        if not isinstance(return_index, bool):
+            raise ValueError(f"`return_index` must be true or false, got {return_index!r}")
+        if subset_file is not None and (not isinstance(subset_file, (str, os.PathLike)) or not str(subset_file)):
+            raise ValueError(f"`subset_file` must be the path of a stability profile or None, got {subset_file!r}")
+        self.subset_fraction = selection.check_fraction("subset_fraction", subset_fraction)
+        if subset_keep not in stability.KEEP:
+            raise ValueError(f"`subset_keep` must be one of {stability.KEEP}, got {subset_keep!r}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
+        self.return_index = return_index
+        self.subset_file = None if subset_file is None else str(subset_file)
+        self.subset_keep = subset_keep
+        self.subset_profile: stability.Profile | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._resume: dict[str, int] = {}
+        self._view: tuple[Dataset, Dataset] | None = None
+
+    @property
+    def index_size(self) -> int:
+        """Samples in the whole training split: ``return_index`` yields indices in ``[0, index_size)``."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before `index_size` is read")
+        return len(self.train_set)
+
+    def training_view(self) -> Dataset:
+        """The training set the loader reads: ``train_set`` restricted to the ``subset_file`` subset (if any),
+        its rows carrying their index into ``train_set`` when ``return_index`` is set.
+
+        Raises:
+            FileNotFoundError, ValueError: for a ``subset_file`` that is missing, malformed, or made for another
+                data set size or ``split_seed`` (see :func:`lightning_advsel.stability.check_profile`).
+        """
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        if self._view is None or self._view[0] is not self.train_set:
+            view = IndexedDataset(self.train_set) if self.return_index else self.train_set
+            if self.subset_file is not None:
+                profile = stability.read_profile(self.subset_file)
+                stability.check_profile(profile, self.subset_file, len(self.train_set), self.split_seed)
+                kept = stability.subset_indices(profile.counts, self.subset_fraction, self.subset_keep)
+                view = Subset(view, kept.tolist())
+                self.subset_profile = profile
+                rank_zero_info(
+                    f"{type(self).__name__}: training on the {len(kept)} most {self.subset_keep} of "
+                    f"{len(self.train_set)} samples ({self.subset_fraction:g}) by {self.subset_file!r} "
+                    f"({profile.epochs} profiled epochs)"
+                )
+            self._view = (self.train_set, view)
+        return self._view[1]
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -102,20 +172,20 @@ class _BaseDataModule(L.LightningDataModule):
         n = len(self.train_set) if self.train_set is not None else 0
         if n == 0:
             raise ValueError(f"{type(self).__name__} has an empty training set; check the data set and the split sizes")
+        n = len(self.training_view())
         if self.batch_size > n:
             raise ValueError(f"`batch_size` must be at most the {n} training samples, got {self.batch_size}")
 
     def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        train_set = self.training_view()
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self.train_set, world, rank, self.shuffle_seed)
+        sampler = ResumableSampler(train_set, world, rank, self.shuffle_seed)
         if self._resume:
             # Every rank consumed the same number of batches; skip this rank's share of them.
             sampler.skip(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = {}
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+        return DataLoader(train_set, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def state_dict(self) -> dict[str, int]:
@@ -149,17 +219,30 @@ class DigitsDataModule(_BaseDataModule):
         num_workers: data-loading worker processes.
         split_seed: seed of the fixed train/val/test split.
         shuffle_seed: seed of the training order (a function of this seed and the epoch only).
+        return_index: training batches are ``(x, y, index)``, ``index`` (a LongTensor) each row's position in
+            the training split; needed by :class:`~lightning_advsel.callbacks.StabilityProfile`.
+        subset_file: a stability profile (JSON, written by ``StabilityProfile``); training then uses only the
+            ``subset_fraction`` of its samples chosen by ``subset_keep``. Read at ``setup``; it must have been
+            made for this data set size and ``split_seed``. Validation and test sets are unchanged.
+        subset_fraction: share of the training split kept, in (0, 1] (rounded half up).
+        subset_keep: ``"stable"`` (fewest epochs misclassified, the baseline) or ``"unstable"`` (most); ties go
+            to the lower index.
 
     Raises:
-        ValueError: for a non-positive ``batch_size`` or split sizes that leave no training data.
+        ValueError: for a non-positive ``batch_size``, split sizes that leave no training data, or a bad
+            ``return_index``, ``subset_file``, ``subset_fraction`` or ``subset_keep``; from ``setup``, for a
+            ``subset_file`` made for another data set size or ``split_seed`` (``FileNotFoundError`` if missing).
     """
 
     num_classes = NUM_CLASSES
     total = 1797
 
     def __init__(self, batch_size: int = 64, val_size: int = 270, test_size: int = 270,
-                 num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0) -> None:
-        super().__init__(batch_size, num_workers, split_seed, shuffle_seed)
+                 num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
+                 return_index: bool = False, subset_file: str | None = None,
+                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+        super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
+                         return_index, subset_file, subset_fraction, subset_keep)
         _check_int("val_size", val_size, 1)
         _check_int("test_size", test_size, 1)
         if val_size + test_size >= self.total:
@@ -198,8 +281,11 @@ class _TorchvisionDataModule(_BaseDataModule):
     num_classes = NUM_CLASSES
 
     def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
-                 num_workers: int, split_seed: int, shuffle_seed: int = 0) -> None:
-        super().__init__(batch_size, num_workers, split_seed, shuffle_seed)
+                 num_workers: int, split_seed: int, shuffle_seed: int = 0,
+                 return_index: bool = False, subset_file: str | None = None,
+                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+        super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
+                         return_index, subset_file, subset_fraction, subset_keep)
         _check_int("val_size", val_size, 1)
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"`data_dir` must be a folder path, got {data_dir!r}")
@@ -292,16 +378,24 @@ class MNISTDataModule(_TorchvisionDataModule):
         num_workers: data-loading worker processes.
         split_seed: seed of the fixed train/val split.
         shuffle_seed: seed of the training order (a function of this seed and the epoch only).
+        return_index: training batches are ``(x, y, index)`` (as :class:`DigitsDataModule`).
+        subset_file: train on a subset chosen from this stability profile (as :class:`DigitsDataModule`).
+        subset_fraction: share of the training split kept with ``subset_file``, in (0, 1].
+        subset_keep: ``"stable"`` or ``"unstable"``: which end of the profile's ranking is kept.
 
     Raises:
-        ValueError: for bad sizes. ``FileNotFoundError`` (from ``setup``) if the data is missing.
+        ValueError: for bad sizes or subset arguments (as :class:`DigitsDataModule`). ``FileNotFoundError``
+            (from ``setup``) if the data or the ``subset_file`` is missing.
     """
 
     dataset_name = "MNIST"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
-                 num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0) -> None:
-        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed)
+                 num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
+                 return_index: bool = False, subset_file: str | None = None,
+                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
+                         return_index, subset_file, subset_fraction, subset_keep)
 
     def _dataset_cls(self) -> type:
         from torchvision.datasets import MNIST
@@ -393,19 +487,26 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         shuffle_seed: seed of the training order and of the augmentation (functions of this seed and the epoch).
         cache_dir: writable folder for the decoded JPEGs; ``None`` means ``$XDG_CACHE_HOME/lightning_advsel``
             or ``~/.cache/lightning_advsel``.
+        return_index: training batches are ``(x, y, index)`` (as :class:`DigitsDataModule`).
+        subset_file: train on a subset chosen from this stability profile (as :class:`DigitsDataModule`).
+        subset_fraction: share of the training split kept with ``subset_file``, in (0, 1].
+        subset_keep: ``"stable"`` or ``"unstable"``: which end of the profile's ranking is kept.
 
     Raises:
-        ValueError: for bad sizes or a ``cache_dir`` that is not a path; from ``setup``, for a truncated or foreign
-            archive (naming the file). ``FileNotFoundError`` (from ``setup``) if no copy is found;
-            ``PermissionError`` (from ``setup``) if ``cache_dir`` is not writable.
+        ValueError: for bad sizes, subset arguments (as :class:`DigitsDataModule`) or a ``cache_dir`` that is not
+            a path; from ``setup``, for a truncated or foreign archive (naming the file). ``FileNotFoundError``
+            (from ``setup``) if no copy or the ``subset_file`` is found; ``PermissionError`` (from ``setup``) if
+            ``cache_dir`` is not writable.
     """
 
     dataset_name = "CIFAR10"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
                  augment: bool = True, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
-                 cache_dir: str | None = None) -> None:
-        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed)
+                 cache_dir: str | None = None, return_index: bool = False, subset_file: str | None = None,
+                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
+                         return_index, subset_file, subset_fraction, subset_keep)
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             raise ValueError(f"`cache_dir` must be a folder path or None (the default cache), got {cache_dir!r}")
         self.augment = augment

@@ -51,7 +51,7 @@ from typing_extensions import override
 
 from lightning_advsel import distributed, selection
 from lightning_advsel.attacks import MODES, AttackConfig, model_mode
-from lightning_advsel.batch import unpack
+from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
 
 
@@ -88,6 +88,10 @@ class SelectionRecord:
         attacked: indices into the clean batch of the attacked rows.
         attack_scores: pre-attack scores of the clean batch (selective recipes), else ``None``.
         batch_size: rows in the clean batch.
+        logits: detached logits of the backpropagated rows from the training forward (before the update),
+            aligned with ``selected``; ``None`` when this rank selected no row.
+        source: the clean-batch row each pool row was made from, shape ``(P,)``.
+        index: the batch's dataset indices ``(B,)`` when it carries them (``return_index=True``), else ``None``.
     """
 
     y: Tensor
@@ -97,6 +101,9 @@ class SelectionRecord:
     attacked: Tensor
     attack_scores: Tensor | None
     batch_size: int
+    logits: Tensor | None = None
+    source: Tensor | None = None
+    index: Tensor | None = None
 
 
 def default_p_up(recipe: str) -> float:
@@ -398,9 +405,12 @@ class AdversarialSelectionModule(L.LightningModule):
         if self.scheduler_interval == "step":
             self._step_scheduler()
 
+        rows = torch.arange(n, device=x.device)
         self.last_selection = SelectionRecord(
             y=pool_y, is_adv=is_adv, selected=selected, pool_scores=pool_scores,
             attacked=attacked, attack_scores=attack_scores, batch_size=n,
+            logits=None if logits is None else logits.detach(),
+            source=torch.cat([rows, attacked]) if m > n else rows, index=index_of(batch),
         )
         if logits is None:
             # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.

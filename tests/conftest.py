@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +48,22 @@ def fit_steps(module: L.LightningModule, x: torch.Tensor, y: torch.Tensor, tmp_p
     )
     trainer.fit(module, loader)
     return trainer
+
+
+def run_spawned_script(script: str, out: Path, devices: int, timeout_s: int = 180) -> None:
+    """Run ``tests/<script> OUT DEVICES`` in a subprocess (a ``ddp_spawn`` run); fail the test if it fails or hangs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # A new session, so that a hung run is killed with its spawned ranks, not only the parent.
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / script), str(out), str(devices)],
+                            env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{devices}-rank ddp_spawn run of {script} did not finish in {timeout_s} s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
 
 
 @pytest.fixture

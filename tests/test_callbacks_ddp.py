@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_spawned_script
 from ddp_callbacks_run import PROBE, WORLD, run
 
 
 @pytest.mark.slow
 def test_two_ranks_log_the_sums_and_the_probe_distribution_of_one_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    # A new session, so that a hung run is killed with its spawned ranks, not only the parent.
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_callbacks_run.py"), str(tmp_path), str(WORLD)],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"2-rank ddp_spawn run did not finish in 180 s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    run_spawned_script("ddp_callbacks_run.py", tmp_path, WORLD)
     run(str(tmp_path), 1)
     ranks = [json.loads((tmp_path / f"rank{r}_devices{WORLD}.json").read_text()) for r in range(WORLD)]
     single = json.loads((tmp_path / "rank0_devices1.json").read_text())
