@@ -283,20 +283,39 @@ class _TorchvisionDataModule(_BaseDataModule):
     def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
                  num_workers: int, split_seed: int, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep)
         _check_int("val_size", val_size, 1)
+        if train_size is not None:
+            _check_int("train_size", train_size, 1)
+        self.train_size = train_size
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"`data_dir` must be a folder path, got {data_dir!r}")
         self.data_dir = str(data_dir)
         self.download = download
         self.val_size = val_size
 
-    def _check_nonempty(self, n: int) -> None:
+    def _train_val_split(self, n: int) -> tuple[Tensor, Tensor]:
+        """Indices of the training and validation images among the ``n`` of the data set's training part.
+
+        The validation images are ``val_size`` drawn with ``split_seed``; the training images are the rest, or
+        the first ``train_size`` of the rest in that seeded order (a fixed random subset for a smaller budget).
+        """
         if n == 0:
             raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
                              f"expected training images there")
+        if self.val_size >= n:
+            raise ValueError(
+                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
+            )
+        if self.train_size is not None and self.train_size > n - self.val_size:
+            raise ValueError(
+                f"`train_size` must be at most the {n - self.val_size} training images of {self.dataset_name} left "
+                f"after `val_size`={self.val_size}, got {self.train_size}"
+            )
+        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        return (train_idx if self.train_size is None else train_idx[: self.train_size]), val_idx
 
     def _dataset_cls(self) -> type:
         raise NotImplementedError
@@ -332,13 +351,7 @@ class _TorchvisionDataModule(_BaseDataModule):
         plain = transforms.ToTensor()
         train_aug = self._open(True, self._train_transform())
         train_plain = self._open(True, plain)
-        n = len(train_plain)
-        self._check_nonempty(n)
-        if self.val_size >= n:
-            raise ValueError(
-                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
-            )
-        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        train_idx, val_idx = self._train_val_split(len(train_plain))
         self.train_set = Subset(train_aug, train_idx.tolist())
         self.val_set = Subset(train_plain, val_idx.tolist())
         self.test_set = self._open(False, plain)
@@ -382,6 +395,8 @@ class MNISTDataModule(_TorchvisionDataModule):
         subset_file: train on a subset chosen from this stability profile (as :class:`DigitsDataModule`).
         subset_fraction: share of the training split kept with ``subset_file``, in (0, 1].
         subset_keep: ``"stable"`` or ``"unstable"``: which end of the profile's ranking is kept.
+        train_size: train on this many images of the training split only (a fixed subset drawn with
+            ``split_seed``, the same for every run); ``None``: all of them.
 
     Raises:
         ValueError: for bad sizes or subset arguments (as :class:`DigitsDataModule`). ``FileNotFoundError``
@@ -393,9 +408,9 @@ class MNISTDataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
                  num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
-                         return_index, subset_file, subset_fraction, subset_keep)
+                         return_index, subset_file, subset_fraction, subset_keep, train_size)
 
     def _dataset_cls(self) -> type:
         from torchvision.datasets import MNIST
@@ -424,13 +439,7 @@ class MNISTDataModule(_TorchvisionDataModule):
         if self.train_set is not None:
             return
         train = self._raw(True)
-        n = len(train)
-        self._check_nonempty(n)
-        if self.val_size >= n:
-            raise ValueError(
-                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
-            )
-        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        train_idx, val_idx = self._train_val_split(len(train))
         self.train_set = Subset(train, train_idx.tolist())
         self.val_set = Subset(train, val_idx.tolist())
         self.test_set = self._raw(False)
@@ -491,6 +500,8 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         subset_file: train on a subset chosen from this stability profile (as :class:`DigitsDataModule`).
         subset_fraction: share of the training split kept with ``subset_file``, in (0, 1].
         subset_keep: ``"stable"`` or ``"unstable"``: which end of the profile's ranking is kept.
+        train_size: train on this many images of the training split only (a fixed subset drawn with
+            ``split_seed``, the same for every run); ``None``: all of them.
 
     Raises:
         ValueError: for bad sizes, subset arguments (as :class:`DigitsDataModule`) or a ``cache_dir`` that is not
@@ -504,9 +515,9 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
                  augment: bool = True, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  cache_dir: str | None = None, return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
-                         return_index, subset_file, subset_fraction, subset_keep)
+                         return_index, subset_file, subset_fraction, subset_keep, train_size)
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             raise ValueError(f"`cache_dir` must be a folder path or None (the default cache), got {cache_dir!r}")
         self.augment = augment
@@ -545,12 +556,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
             return
         data = self._files()
         self.loaded_from_cache = data.from_cache
-        n = len(data.train_y)
-        self._check_nonempty(n)
-        if self.val_size >= n:
-            raise ValueError(f"`val_size` must be below the {n} training images of {self.dataset_name}, "
-                             f"got {self.val_size}")
-        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        train_idx, val_idx = self._train_val_split(len(data.train_y))
         self.train_set = Subset(TensorDataset(data.train_x, data.train_y), train_idx.tolist())
         self.val_set = Subset(_ScaledImages(data.train_x, data.train_y), val_idx.tolist())
         self.test_set = _ScaledImages(data.test_x, data.test_y)

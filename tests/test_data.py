@@ -73,3 +73,18 @@ def test_missing_data_set_error_says_where_it_looked_and_how_to_get_it(tmp_path,
 def test_bad_digits_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").exists(), reason="needs ../shared/data/MNIST")
+def test_mnist_train_size_is_a_fixed_prefix_of_the_seeded_split_and_leaves_validation_alone():
+    full = MNISTDataModule(data_dir=str(SHARED_DATA), val_size=5000)
+    small = MNISTDataModule(data_dir=str(SHARED_DATA), val_size=5000, train_size=1200)
+    full.setup("fit")
+    small.setup("fit")
+    assert len(small.train_set) == 1200
+    assert small.train_set.indices == full.train_set.indices[:1200]
+    assert small.val_set.indices == full.val_set.indices
+    with pytest.raises(ValueError, match=r"`train_size` must be at most the 55000 .* got 55001"):
+        MNISTDataModule(data_dir=str(SHARED_DATA), val_size=5000, train_size=55001).setup("fit")
+    with pytest.raises(ValueError, match=r"`train_size` must be an integer >= 1, got 0"):
+        MNISTDataModule(data_dir=str(SHARED_DATA), train_size=0)
