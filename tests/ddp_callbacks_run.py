@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
-from lightning_advsel.callbacks import AdaptivePUp, MinimumPerturbation, SelectionMakeup
+from lightning_advsel.callbacks import AdaptivePUp, MinimumPerturbation, SelectionMakeup, minimum_adversarial_pool
 
 N_TRAIN, N_VAL, BATCH, PROBE, WORLD = 48, 20, 8, 15, 2
 
@@ -57,8 +57,17 @@ class DumpRank(Callback):
         adaptive, makeup, probe = (next(c for c in trainer.callbacks if isinstance(c, t))
                                    for t in (AdaptivePUp, SelectionMakeup, MinimumPerturbation))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        # This rank's own Fig. 8 pool of its last batch (the learning rate is 0: the weights of the last
+        # measurement), for the test to sum over ranks.
+        x, y = probe._last_batch
+        pool = minimum_adversarial_pool(pl_module.model, x, y, probe.radii, pl_module.p_up, norm=probe.norm,
+                                        steps=probe.steps, step_factor=probe.step_factor, mode=probe.mode,
+                                        scoring_mode=pl_module.scoring_mode)
+        local = {"train_rows": y.numel(), "pool_size": pool.loss.numel(), "selected": pool.selected.numel(),
+                 "selected_min_adv": pool.n_selected_min_adv}
         state = {"p_up": adaptive.history, "accs": adaptive.accs, "makeup": makeup.history,
-                 "minperturb": probe.history, "probe_shard": int(probe._probe[0].shape[0]), "metrics": metrics}
+                 "minperturb": probe.history, "probe_shard": int(probe._probe[0].shape[0]), "metrics": metrics,
+                 "fig8_local": local}
         path = Path(self.out) / f"rank{trainer.global_rank}_devices{trainer.world_size}.json"
         path.write_text(json.dumps(state))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lightning_advsel.callbacks import (
     MinimumPerturbation,
     PaperFigures,
     SelectionMakeup,
+    minimum_adversarial_pool,
     minimum_eps,
     next_p_up,
     p_up_sequence,
@@ -85,6 +87,7 @@ def test_schedule_rejects_values_outside_their_range(kwargs, match):
     (lambda: MinimumPerturbation(num_eps=2.5), r"`num_eps` must be an integer >= 1, got 2.5"),
     (lambda: MinimumPerturbation(max_eps=-0.1), r"`max_eps` must be a finite number > 0, got -0.1"),
     (lambda: MinimumPerturbation(norm="l1"), r"`norm` must be one of .*'l1'"),
+    (lambda: MinimumPerturbation(max_train_rows=0), r"`max_train_rows` must be an integer >= 1 or None, got 0"),
     (lambda: PaperFigures(dpi=0), r"`dpi` must be an integer >= 10, got 0"),
 ])
 def test_callbacks_reject_bad_arguments_naming_them(factory, match):
@@ -113,7 +116,9 @@ def test_every_stateful_callback_round_trips_its_state_and_loads_old_checkpoints
     makeup = SelectionMakeup()
     makeup.history = [{"epoch": 0, "n_clean": 3, "n_adv": 5, "class_clean": [1, 2], "class_adv": [4, 1]}]
     probe = MinimumPerturbation()
-    probe.history = [{"epoch": 2, "max_eps": 0.2, "eps": [0.1, 0.2], "minperturb/mean": 0.15}]
+    probe.history = [{"epoch": 2, "max_eps": 0.2, "eps": [0.1, 0.2], "minperturb/mean": 0.15,
+                      "minperturb/selected_min_adv_frac": 0.75, "train_rows": 16, "train_misclassified": 2,
+                      "train_unflipped": 6, "pool_size": 16, "selected": 8, "selected_min_adv": 6}]
     figures = PaperFigures()
     figures.history = [{"epoch": 0, "p_up": 1.0, "val/acc_clean": 0.5}]
     for cb, fresh in ((adaptive, AdaptivePUp()), (makeup, SelectionMakeup()), (probe, MinimumPerturbation()),
@@ -220,6 +225,98 @@ def test_minimum_eps_of_a_linear_model_matches_the_closed_form_within_the_grid_r
     assert (x_min > 0).all() and (x_min < 1).all()
 
 
+# ------------------------------------------------------------------------------ Fig. 8 on a training batch
+def three_class_linear() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A linear model on two pixels ``(a, b)`` with logits ``(40 (a - 0.5), 0, 10 (b - 0.5))`` and four rows of
+    class 0, one of each kind: unconfident (logit 0.105 above class 1, class 2 level with class 1), confident
+    (2.98 above, class 2 far below), misclassified clean (-1), and out of reach (8: needs radius 0.2).
+
+    On this model L-inf PGD walks to the corner ``(a - r, b + r)`` of the ball (the loss gradient's signs are
+    fixed), so a row flips past the radius where ``l0 - 40 r = max(0, l2 + 10 r)``: 0.0021 for the unconfident
+    row, 0.0745 for the confident one, which the grid 0.025, 0.05, 0.075, 0.1 rounds up to 0.025 and 0.075.
+    """
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[40.0, 0.0], [0.0, 0.0], [0.0, 10.0]]))
+        model[1].bias.copy_(torch.tensor([-20.0, 0.0, -5.0]))
+    a = 0.5 + torch.tensor([0.105, 2.98, -1.0, 8.0]) / 40
+    b = torch.tensor([0.5, 0.0, 0.5, 0.0])
+    return model, torch.stack([a, b], 1).view(4, 1, 1, 2), torch.zeros(4, dtype=torch.long)
+
+
+GRID = torch.tensor([0.025, 0.05, 0.075, 0.1], dtype=torch.float64)  # L-inf radii, pixels
+
+
+@pytest.mark.parametrize("p_up,selected", [(0.25, [2]), (0.5, [0, 2]), (0.75, [0, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_fig8_pool_of_a_linear_model_selects_as_the_closed_form_losses_say(p_up, selected):
+    model, x, y = three_class_linear()
+    pool = minimum_adversarial_pool(model, x, y, GRID, p_up, steps=5)
+    assert pool.min_eps[:3].tolist() == pytest.approx([0.025, 0.075, 0.0])
+    assert math.isinf(pool.min_eps[3])
+    assert pool.rows.tolist() == [0, 1]  # misclassified clean and unflipped rows are left out, clean row too
+    # Cross-entropy from the logits at x and at the corner (a - r, b + r):
+    # unconfident clean (0.105, 0, 0), confident clean (2.98, 0, -5), their minimum adversarial examples
+    # (0.105 - 1, 0, 0.25) and (2.98 - 3, 0, -5 + 0.75).
+    def ce(l0: float, l2: float) -> float:
+        return math.log(1 + math.exp(-l0) * (1 + math.exp(l2)))
+    assert pool.loss.tolist() == pytest.approx([ce(0.105, 0.0), ce(2.98, -5.0), ce(-0.895, 0.25), ce(-0.02, -4.25)],
+                                               rel=1e-4)
+    # The unconfident row's clean loss (1.03) is above the confident row's minimum adversarial loss (0.71):
+    # a correct prediction of three classes may have p_y below 1/2, a wrong one p_y just under 1/2.
+    assert pool.selected.tolist() == selected
+    assert pool.n_selected_min_adv == sum(i >= 2 for i in selected)
+
+
+def test_fig8_pool_is_empty_when_no_row_flips_at_a_positive_radius():
+    model, x, y = three_class_linear()
+    pool = minimum_adversarial_pool(model, x[2:], y[2:], GRID, 0.5)
+    assert pool.rows.numel() == pool.loss.numel() == pool.selected.numel() == pool.n_selected_min_adv == 0
+    with pytest.raises(ValueError, match=r"`p_up` must be in \(0, 1\], got 0"):
+        minimum_adversarial_pool(model, x, y, GRID, 0)
+    with pytest.raises(ValueError, match=r"`scoring_mode` must be one of .*got 'test'"):
+        minimum_adversarial_pool(model, x, y, GRID, 0.5, scoring_mode="test")
+
+
+@pytest.mark.parametrize("max_train_rows,want", [
+    (None, {"train_rows": 4, "train_misclassified": 1, "train_unflipped": 1, "pool_size": 4, "selected": 2,
+            "selected_min_adv": 1}),
+    (2, {"train_rows": 2, "train_misclassified": 0, "train_unflipped": 0, "pool_size": 4, "selected": 2,
+         "selected_min_adv": 1}),
+    (3, {"train_rows": 3, "train_misclassified": 1, "train_unflipped": 0, "pool_size": 4, "selected": 2,
+         "selected_min_adv": 1}),
+])
+def test_fig8_callback_counts_the_rows_it_leaves_out_of_the_pool(tmp_path, max_train_rows, want):
+    model, x, y = three_class_linear()
+    module = AdversarialSelectionModule(model, recipe="ds", p_up=0.5, num_classes=3,
+                                        train_attack=AttackConfig(eps=0.05, alpha=0.05, steps=1),
+                                        eval_attack=AttackConfig(eps=0.05, alpha=0.05, steps=1),
+                                        optimizer=functools.partial(torch.optim.SGD, lr=0.0))  # weights fixed
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    probe = MinimumPerturbation(probe_size=4, max_eps=0.1, num_eps=4, steps=5, max_train_rows=max_train_rows)
+    t = trainer(tmp_path, [probe], max_epochs=1)
+    t.fit(module, loader, loader)
+    row = probe.history[-1]
+    assert {k: row[k] for k in want} == want
+    metrics = {k: float(v) for k, v in t.callback_metrics.items()}
+    assert metrics["minperturb/selected_min_adv_frac"] == pytest.approx(0.5)
+    n = want["train_rows"]
+    assert metrics["minperturb/train_misclassified_frac"] == pytest.approx(want["train_misclassified"] / n)
+    assert metrics["minperturb/train_unflipped_frac"] == pytest.approx(want["train_unflipped"] / n)
+    assert row["minperturb/selected_min_adv_frac"] == metrics["minperturb/selected_min_adv_frac"]
+
+
+def test_fig8_share_is_not_logged_when_no_training_row_is_in_a_pool(tmp_path):
+    model, x, y = three_class_linear()
+    module = AdversarialSelectionModule(model, recipe="ds", num_classes=3, optimizer=functools.partial(
+        torch.optim.SGD, lr=0.0), train_attack=AttackConfig(eps=0.05, alpha=0.05, steps=1))
+    probe = MinimumPerturbation(probe_size=2, max_eps=0.1, num_eps=4, steps=2)
+    rows = DataLoader(TensorDataset(x[2:], y[2:]), batch_size=2)  # misclassified and out of reach only
+    trainer(tmp_path, [probe], max_epochs=1).fit(module, rows, rows)
+    assert "minperturb/selected_min_adv_frac" not in probe.history[-1]
+    assert probe.history[-1]["minperturb/train_misclassified_frac"] == 0.5
+    assert probe.history[-1]["selected"] == 0
+
+
 # ------------------------------------------------------------------------------------ dashboard end to end
 @pytest.mark.slow
 def test_adaptive_config_writes_every_tag_in_range_and_the_four_figures(tmp_path):
@@ -240,10 +337,16 @@ def test_adaptive_config_writes_every_tag_in_range_and_the_four_figures(tmp_path
     scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in tags["scalars"]}
     fractions = ["train/p_up", "train/acc", "val/acc_clean", "val/acc_robust", "selection/clean_frac",
                  "selection/adv_frac", "minperturb/robust_frac_at_train_eps", "minperturb/unflipped_frac",
-                 "minperturb/ds_would_select"] + [f"selection/class_{c}/adv_frac" for c in range(10)]
+                 "minperturb/train_misclassified_frac", "minperturb/train_unflipped_frac"
+                 ] + [f"selection/class_{c}/adv_frac" for c in range(10)]
     for tag in fractions:
         assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
         assert all(0 <= v <= 1 for v in scalars[tag]), (tag, scalars[tag])
+    # Two short epochs leave a near-constant classifier: its last batch may have no row flipped at a positive
+    # radius, and then there is no pool to select from and no share to log.
+    pools = [h["pool_size"] for cb in cli.trainer.callbacks if isinstance(cb, MinimumPerturbation) for h in cb.history]
+    assert len(scalars.get("minperturb/selected_min_adv_frac", [])) == sum(n > 0 for n in pools)
+    assert all(0 <= v <= 1 for v in scalars.get("minperturb/selected_min_adv_frac", []))
     assert scalars["train/p_up"][0] == 1.0 and len(scalars["train/p_up"]) == 2
     assert scalars["train/p_up"][1] == pytest.approx(max(0.1, 1 - scalars["train/acc"][0]))
     for a, b in zip(scalars["selection/clean_frac"], scalars["selection/adv_frac"], strict=True):
@@ -273,4 +376,5 @@ def test_probe_runs_every_n_epochs_and_after_the_last_on_a_fixed_probe(tmp_path,
     for h in probe.history:
         assert len(h["eps"]) == 10
         assert all(e == 0 or any(math.isclose(e, r, rel_tol=1e-6) for r in (0.05, 0.1, 0.15, 0.2)) for e in h["eps"])
-    assert any("probe 10 validation samples, 4 radii up to 0.2" in m for m in printed)
+    assert any("probe 10 validation samples, 4 radii up to 0.2" in m and "16 rows of the epoch's last training batch"
+               in m for m in printed)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import run_spawned_script
-from ddp_callbacks_run import PROBE, WORLD, run
+from ddp_callbacks_run import BATCH, PROBE, WORLD, run
 
 
 @pytest.mark.slow
@@ -26,6 +26,13 @@ def test_two_ranks_log_the_sums_and_the_probe_distribution_of_one_process(tmp_pa
             assert got["eps"] == want["eps"]  # per-sample radii, gathered back into probe order
             for key in ("minperturb/mean", "minperturb/median", "minperturb/robust_frac_at_train_eps"):
                 assert got[key] == pytest.approx(want[key], abs=1e-9)
+        # The Fig. 8 counts: each rank pools its own last batch, and the logged counts are the sums.
+        last = rank["minperturb"][-1]
+        for key in rank["fig8_local"]:
+            assert last[key] == sum(r["fig8_local"][key] for r in ranks), key
+        assert last["train_rows"] == WORLD * BATCH and last["selected"] > 0
+        assert rank["metrics"]["minperturb/selected_min_adv_frac"] == pytest.approx(
+            last["selected_min_adv"] / last["selected"])
         for key in ("train/acc", "val/acc_clean", "val/acc_robust", "selection/n_clean", "selection/n_adv",
                     "selection/adv_frac", "minperturb/mean", "minperturb/median"):
             assert rank["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6), key

@@ -33,8 +33,9 @@ class PaperFigures(EpochHistory, Callback):
     * ``figures/p_up``: ``P_up`` per epoch (Fig. 6), as the module used it;
     * ``figures/selection_makeup``: selected clean and adversarial rows per epoch (Fig. 7), from a
       :class:`SelectionMakeup` callback of the same trainer;
-    * ``figures/min_perturbation``: the minimum-eps histogram of each measured epoch and the share the DS
-      rule would select (Fig. 8), from a :class:`MinimumPerturbation` callback of the same trainer;
+    * ``figures/min_perturbation``: the minimum-eps histogram of each measured epoch and the share of minimum
+      adversarial examples among the rows DS selects from a training batch's pool (Fig. 8), from a
+      :class:`MinimumPerturbation` callback of the same trainer;
     * ``figures/accuracy``: clean and robust validation accuracy per epoch (Figs. 4-5).
 
     Each figure goes to every TensorBoard logger (``add_figure`` under the tag above) and to
@@ -119,11 +120,14 @@ class PaperFigures(EpochHistory, Callback):
         ax.set(xlabel="minimum eps (pixels; max = not flipped)", ylabel="probe samples",
                title="Minimum perturbation (Fig. 8)")
         ax.legend(fontsize="small")
-        share = [h.get("minperturb/ds_would_select", math.nan) for h in history]
-        ax2.plot([h["epoch"] for h in history], share, marker="o", label="DS would select")
-        ax2.plot([h["epoch"] for h in history], [h["minperturb/robust_frac_at_train_eps"] for h in history],
+        epochs = [h["epoch"] for h in history]
+        share = [h.get("minperturb/selected_min_adv_frac", math.nan) for h in history]
+        ax2.plot(epochs, share, marker="o", label="min. adversarial among DS-selected")
+        # Half the pool is minimum adversarial examples: the share a random selection would have.
+        ax2.axhline(0.5, color="grey", linestyle=":", label="random selection")
+        ax2.plot(epochs, [h["minperturb/robust_frac_at_train_eps"] for h in history],
                  marker="s", label="robust at training eps")
-        ax2.set(xlabel="epoch", ylabel="share", ylim=(0, 1.05))
+        ax2.set(xlabel="epoch", ylabel="share", ylim=(0, 1.05), title="Selected minimum adversarial (Fig. 8)")
         ax2.legend(fontsize="small")
         ax2.grid(alpha=0.3)
         return fig

@@ -1,8 +1,10 @@
-"""Minimum perturbation (DS paper, Fig. 8): the smallest radius at which PGD changes each probe prediction."""
+"""Minimum perturbation (DS paper, Fig. 8): the smallest radius at which PGD changes each prediction, and
+whether the data-selection rule would pick such minimally perturbed examples of a training batch."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -61,6 +63,82 @@ def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: 
     return min_eps, x_min
 
 
+@dataclass
+class MinimumAdversarialPool:
+    """The DS pool of a batch's clean rows and their minimum adversarial examples, and what DS selects from it.
+
+    Attributes:
+        min_eps: per batch row, shape ``(N,)``, the radius found by :func:`minimum_eps` (0, a grid radius or inf).
+        rows: the ``n`` batch rows in the pool (flipped at a positive radius), ascending, shape ``(n,)``.
+        loss: per-sample cross-entropy of the pool, shape ``(2n,)``: the clean rows ``rows``, then their
+            minimum adversarial examples in the same order.
+        selected: pool indices of the top ``fraction_count(2n, p_up)`` losses, ascending.
+    """
+
+    min_eps: Tensor
+    rows: Tensor
+    loss: Tensor
+    selected: Tensor
+
+    @property
+    def n_selected_min_adv(self) -> int:
+        """How many selected rows are minimum adversarial examples (pool indices ``n`` and above)."""
+        return int((self.selected >= self.rows.numel()).sum())
+
+
+def minimum_adversarial_pool(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, p_up: float, *,
+                             norm: str = "linf", steps: int = 5, step_factor: float = 2.5, mode: str = "eval",
+                             scoring_mode: str = "train") -> MinimumAdversarialPool:
+    """Would the data-selection rule select the minimally perturbed examples of a clean batch (DS paper, Fig. 8)?
+
+    :func:`minimum_eps` finds each row's minimum-radius adversarial example on the grid ``radii``. The rows
+    flipped at a positive radius and their minimum adversarial examples form the pool, scored as DS scores its
+    pool (per-sample cross-entropy against the true label, one no-grad forward pass in ``scoring_mode``); the
+    top ``fraction_count(2n, p_up)`` losses are selected (ties broken as the DS rule breaks them).
+
+    Two kinds of rows have no minimum adversarial example and are left out, clean row included, so that the
+    pool stays pairs of a clean row and its adversarial example, half and half as DS's own pool:
+
+    * rows misclassified clean (radius 0): their "minimum adversarial example" is the clean row itself, and a
+      pool holding the same input twice would have a tie that only the order of the rows decides;
+    * rows no grid radius flips (``inf``): the example at the largest radius is still classified correctly,
+      so it is not an adversarial example at all.
+
+    ``min_eps`` tells how many rows each case takes.
+
+    Args:
+        model: classifier on inputs in [0, 1].
+        x: clean inputs in [0, 1], shape ``(N, C, H, W)``.
+        y: labels, shape ``(N,)``.
+        radii: ascending radii in pixel units, shape ``(R,)``.
+        p_up: the fraction DS selects, in (0, 1].
+        norm: ``"linf"`` or ``"l2"``.
+        steps: PGD steps per radius.
+        step_factor: PGD travel in units of the radius.
+        mode: model mode of the search (see :func:`~lightning_advsel.attacks.model_mode`). An example flipped
+            in this mode may be classified correctly in a different ``scoring_mode``.
+        scoring_mode: model mode of the scoring pass, as the module's ``scoring_mode``.
+
+    Returns:
+        The pool, its losses and the selected pool indices; empty tensors when no row is in the pool.
+
+    Raises:
+        ValueError: for ``p_up`` outside (0, 1] or an unknown ``scoring_mode``.
+    """
+    selection.check_fraction("p_up", p_up)
+    if scoring_mode not in MODES:
+        raise ValueError(f"`scoring_mode` must be one of {MODES}, got {scoring_mode!r}")
+    min_eps, x_min = minimum_eps(model, x, y, radii, norm=norm, steps=steps, step_factor=step_factor, mode=mode)
+    rows = ((min_eps > 0) & torch.isfinite(min_eps)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return MinimumAdversarialPool(min_eps, empty, torch.zeros(0, device=x.device), empty)
+    with torch.no_grad(), model_mode(model, scoring_mode):
+        loss = selection.per_sample_loss(model(torch.cat([x[rows], x_min[rows]])), y[rows].repeat(2))
+    selected = selection.top_k(loss, selection.fraction_count(loss.numel(), p_up))
+    return MinimumAdversarialPool(min_eps, rows, loss, selected)
+
+
 class MinimumPerturbation(EpochHistory, Callback):
     """Every ``every_n_epochs`` training epochs (and after the last), the minimum-perturbation distribution.
 
@@ -74,20 +152,28 @@ class MinimumPerturbation(EpochHistory, Callback):
     unflipped samples counted as ``max_eps`` (a lower bound), ``minperturb/unflipped_frac`` (no flip up to
     ``max_eps``), ``minperturb/robust_frac_at_train_eps`` (not flipped at any grid radius up to the module's
     training eps; exact when the training eps lies on the grid, as it does with the default ``max_eps``),
-    ``minperturb/ds_would_select`` (below), and the TensorBoard histogram ``minperturb/eps`` of the radii.
+    the Fig. 8 statistics of a training batch (below), and the TensorBoard histogram ``minperturb/eps`` of
+    the radii.
 
-    ``minperturb/ds_would_select``, the paper's Fig. 8 statistic: the *minimum adversarial examples* are the
-    probe samples flipped at some radius up to ``max_eps``, each at its minimum radius (the clean input when
-    it is misclassified clean). On each rank the last training batch of the epoch (b' clean rows) and its
-    PGD examples from the module's ``train_attack`` form the DS pool of 2b' rows. The pool and the minimum
-    adversarial examples are scored together, in one no-grad forward pass in the module's ``scoring_mode``,
-    by per-sample cross-entropy against the true label. With ``k = fraction_count(2b', p_up)`` and ``tau``
-    the k-th largest pool loss, a minimum adversarial example *would be selected* if its loss is at least
-    ``tau`` (it would enter the top ``k`` if added to the pool alone). The statistic is the share of minimum
-    adversarial examples that would be selected, counts summed over ranks (each rank uses its own batch).
+    Fig. 8 asks whether DS would select the minimally perturbed examples of training samples. On each rank the
+    clean rows of the epoch's last training batch (the first ``max_train_rows`` of them) go through
+    :func:`minimum_adversarial_pool` on the same radius grid: the rows flipped at a positive radius and their
+    minimum adversarial examples form a DS pool, scored by per-sample cross-entropy in one no-grad forward pass
+    in the module's ``scoring_mode``, and its top ``fraction_count(pool size, p_up)`` are selected, with the
+    module's current ``p_up``. Counts are summed over ranks (each rank uses its own batch):
 
-    Cost: at most ``probe_size * num_eps * (steps + 1)`` forward passes and ``probe_size * num_eps * steps``
-    backward passes per measurement (samples already flipped are not attacked again); printed at fit start.
+    * ``minperturb/selected_min_adv_frac``: share of the selected rows that are minimum adversarial examples
+      (half the pool is, so a random selection scores 0.5); not logged when no row of any rank is in a pool;
+    * ``minperturb/train_misclassified_frac``: share of the searched rows misclassified clean (radius 0);
+    * ``minperturb/train_unflipped_frac``: share of the searched rows no radius up to ``max_eps`` flips.
+
+    The last two kinds of rows are left out of the pool, clean row included (see
+    :func:`minimum_adversarial_pool` for why).
+
+    Cost: at most ``(probe_size + max_train_rows) * num_eps * (steps + 1)`` forward passes and
+    ``(probe_size + max_train_rows) * num_eps * steps`` backward passes per measurement (samples already
+    flipped are not attacked again), the probe split over ranks and the training rows per rank; printed when
+    training starts.
 
     Args:
         probe_size: validation samples probed.
@@ -98,16 +184,19 @@ class MinimumPerturbation(EpochHistory, Callback):
         steps: PGD steps per radius.
         step_factor: PGD travel in units of the radius (step size ``step_factor * r / steps``).
         mode: model mode during the search.
+        max_train_rows: training rows searched per rank for the Fig. 8 statistics (the first ones of the
+            epoch's last batch); ``None``: the whole batch.
 
     Raises:
         ValueError: for a non-positive ``probe_size``, ``every_n_epochs``, ``num_eps``, ``steps``,
-            ``max_eps`` or ``step_factor``, an unknown ``norm`` or ``mode``; at fit start, a ``probe_size``
-            larger than the validation set, no validation data, or no ``max_eps`` with a zero training eps.
+            ``max_train_rows``, ``max_eps`` or ``step_factor``, an unknown ``norm`` or ``mode``; at fit start,
+            a ``probe_size`` larger than the validation set, no validation data, or no ``max_eps`` with a zero
+            training eps.
     """
 
     def __init__(self, probe_size: int = 64, every_n_epochs: int = 1, max_eps: float | None = None,
                  num_eps: int = 12, norm: str | None = None, steps: int = 5, step_factor: float = 2.5,
-                 mode: str = "eval") -> None:
+                 mode: str = "eval", max_train_rows: int | None = None) -> None:
         for name, value in (("probe_size", probe_size), ("every_n_epochs", every_n_epochs), ("num_eps", num_eps),
                             ("steps", steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,6 +205,9 @@ class MinimumPerturbation(EpochHistory, Callback):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+        if max_train_rows is not None and (isinstance(max_train_rows, bool) or not isinstance(max_train_rows, int)
+                                           or max_train_rows < 1):
+            raise ValueError(f"`max_train_rows` must be an integer >= 1 or None, got {max_train_rows!r}")
         if norm is not None and norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS} or None, got {norm!r}")
         if mode not in MODES:
@@ -128,6 +220,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         self.steps = steps
         self.step_factor = float(step_factor)
         self.mode = mode
+        self.max_train_rows = max_train_rows
         self.history: list[dict[str, Any]] = []
         self._probe: tuple[Tensor, Tensor] | None = None
         self._last_batch: tuple[Tensor, Tensor] | None = None
@@ -159,18 +252,28 @@ class MinimumPerturbation(EpochHistory, Callback):
         rank, world = trainer.global_rank, trainer.world_size
         x, y = default_collate([loader.dataset[i] for i in range(rank, self.probe_size, world)])
         self._probe = (x.to(pl_module.device), y.to(pl_module.device))
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Printed here rather than at fit start: the training loader, whose batch size sets the cost of the
+        # training-batch search, is loaded by now.
+        batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+        rows = self.max_train_rows if batch_size is None else min(batch_size, self.max_train_rows or batch_size)
+        per_row = self.num_eps * self.steps
         rank_zero_info(
             f"MinimumPerturbation: probe {self.probe_size} validation samples, {self.num_eps} radii up to "
             f"{self.max_eps:g} ({self.norm}, resolution {self.max_eps / self.num_eps:g}), PGD-{self.steps} per "
-            f"radius: at most {self.probe_size * self.num_eps * self.steps} sample gradient steps every "
-            f"{self.every_n_epochs} epoch(s), split over {world} rank(s)"
+            f"radius: at most {self.probe_size * per_row} sample gradient steps every "
+            f"{self.every_n_epochs} epoch(s), split over {trainer.world_size} rank(s); plus, on each rank, "
+            + (f"{rows} rows of the epoch's last training batch: at most {rows * per_row} more" if rows else
+               f"every row of the epoch's last training batch: at most {per_row} more per row")
         )
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         x, y, _ = unpack(batch)
-        self._last_batch = (x.detach(), y.detach())
+        self._last_batch = (x[: self.max_train_rows].detach(), y[: self.max_train_rows].detach())
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -180,12 +283,9 @@ class MinimumPerturbation(EpochHistory, Callback):
             return
         model = pl_module.model
         x, y = self._probe
-        local, x_min = minimum_eps(model, x, y, self.radii.to(x.device), norm=self.norm, steps=self.steps,
-                                   step_factor=self.step_factor, mode=self.mode)
+        local, _ = minimum_eps(model, x, y, self.radii.to(x.device), norm=self.norm, steps=self.steps,
+                               step_factor=self.step_factor, mode=self.mode)
         eps = self._gather(trainer, pl_module, local)
-        selected, found = self._would_select(pl_module, x_min[torch.isfinite(local)], y[torch.isfinite(local)])
-        counts = trainer.strategy.reduce(torch.tensor([selected, found], dtype=torch.float64, device=x.device),
-                                         reduce_op="sum")
         censored = eps.clamp(max=self.max_eps)
         train_eps = float(pl_module.train_attack.eps)
         values = {
@@ -194,14 +294,34 @@ class MinimumPerturbation(EpochHistory, Callback):
             "minperturb/unflipped_frac": float(torch.isinf(eps).float().mean()),
             "minperturb/robust_frac_at_train_eps": float((eps > train_eps * (1 + 1e-6)).float().mean()),
         }
-        if counts[1] > 0:
-            values["minperturb/ds_would_select"] = float(counts[0] / counts[1])
+        counts = self._train_batch_counts(trainer, pl_module)
+        if counts["train_rows"]:
+            values["minperturb/train_misclassified_frac"] = counts["train_misclassified"] / counts["train_rows"]
+            values["minperturb/train_unflipped_frac"] = counts["train_unflipped"] / counts["train_rows"]
+        if counts["selected"]:
+            values["minperturb/selected_min_adv_frac"] = counts["selected_min_adv"] / counts["selected"]
         pl_module.log_dict(values, on_step=False, on_epoch=True)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_histogram("minperturb/eps", censored.cpu(), trainer.global_step)
-        self.record(epoch, {"max_eps": self.max_eps, "num_eps": self.num_eps, "eps": censored.cpu().tolist(), **values})
+        self.record(epoch, {"max_eps": self.max_eps, "num_eps": self.num_eps, "eps": censored.cpu().tolist(),
+                            **values, **counts})
+
+    def _train_batch_counts(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
+        """The Fig. 8 counts of this rank's last training batch, summed over ranks (a collective: every rank)."""
+        keys = ("train_rows", "train_misclassified", "train_unflipped", "pool_size", "selected", "selected_min_adv")
+        local = torch.zeros(len(keys), dtype=torch.float64, device=pl_module.device)
+        if self._last_batch is not None:
+            x, y = self._last_batch
+            pool = minimum_adversarial_pool(pl_module.model, x, y, self.radii.to(x.device), pl_module.p_up,
+                                            norm=self.norm, steps=self.steps, step_factor=self.step_factor,
+                                            mode=self.mode, scoring_mode=pl_module.scoring_mode)
+            local = torch.tensor([y.numel(), int((pool.min_eps == 0).sum()), int(torch.isinf(pool.min_eps).sum()),
+                                  pool.loss.numel(), pool.selected.numel(), pool.n_selected_min_adv],
+                                 dtype=torch.float64, device=pl_module.device)
+        total = trainer.strategy.reduce(local, reduce_op="sum")
+        return {key: int(v) for key, v in zip(keys, total.tolist(), strict=True)}
 
     def _gather(self, trainer: L.Trainer, pl_module: L.LightningModule, local: Tensor) -> Tensor:
         """All ranks' radii in probe order; shards differ in length by at most one, so pad with NaN."""
@@ -217,21 +337,3 @@ class MinimumPerturbation(EpochHistory, Callback):
             shard = gathered[r][: len(range(r, self.probe_size, world))]
             eps[r::world] = shard
         return eps
-
-    def _would_select(self, pl_module: L.LightningModule, x_min: Tensor, y_min: Tensor) -> tuple[int, int]:
-        """How many of these minimum adversarial examples clear the DS threshold of the last training batch."""
-        if self._last_batch is None or x_min.shape[0] == 0:
-            return 0, 0
-        xb, yb = self._last_batch
-        model = pl_module.model
-        attack = pl_module.train_attack
-        if attack.enabled:
-            gen = torch.Generator(device=xb.device).manual_seed(pl_module.seed)
-            xb = torch.cat([xb, attack(model, xb, yb, generator=gen)])
-            yb = torch.cat([yb, yb])
-        with torch.no_grad(), model_mode(model, pl_module.scoring_mode):
-            losses = selection.per_sample_loss(model(torch.cat([xb, x_min])), torch.cat([yb, y_min]))
-        pool, probe = losses[: xb.shape[0]], losses[xb.shape[0]:]
-        k = selection.fraction_count(pool.numel(), pl_module.p_up)
-        tau = pool.topk(k).values[-1]
-        return int((probe >= tau).sum()), probe.numel()
