@@ -1,0 +1,48 @@
+"""The real-data benchmark runs end to end on a tiny budget: records through the CLI, resume, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "reproduce.py"
+
+
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:  # noqa: ANN001
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_the_records(tmp_path):
+    records, runs = tmp_path / "records", tmp_path / "runs"
+    common = ("--records", str(records), "--runs", str(runs))
+    done = _run("run", "tiny", "--only", "robust", "ds", *common, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for row in ("robust", "ds"):
+        rec = json.loads((records / "tiny" / f"{row}-s0.json").read_text())
+        assert rec["row"] == row and rec["seed"] == 0 and rec["resolved_config"]["model"]["init_args"]["recipe"] == row
+        assert rec["epochs"] == 2 and rec["steps"] == 4 and len(rec["flops_per_epoch"]) == 2
+        assert rec["train_flops"] == sum(rec["flops_per_epoch"]) > 0
+        assert rec["test"]["pgd20"]["attack"].startswith("PGD-20") and rec["test"]["pgd20"]["images"] == 16
+        assert rec["test"]["aa_apgd"]["attack"].startswith("AutoAttack apgd")
+        # Robust accuracy counts images classified correctly after the attack: at most the clean accuracy.
+        assert 0 <= rec["test"]["aa_apgd"]["robust"] <= rec["test"]["aa_apgd"]["clean"]
+    ds = json.loads((records / "tiny" / "ds-s0.json").read_text())
+    robust = json.loads((records / "tiny" / "robust-s0.json").read_text())
+    assert ds["train_flops"] > robust["train_flops"]  # the DS pool adds a scoring pass over 2b' rows
+
+    again = _run("run", "tiny", "--only", "robust", *common, cwd=tmp_path)
+    assert again.returncode == 0 and "[skip] tiny/robust-s0: record exists" in again.stdout
+
+    out = tmp_path / "RESULTS.md"
+    report = _run("report", "--records", str(records), "--out", str(out), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = out.read_text()
+    assert "## tiny" in text and "| robust | 1 |" in text and "| ds | 1 |" in text
+    assert "| 1.000 |" in text  # robust's FLOPs relative to itself
+    assert (tmp_path / "figures" / "tiny_pareto.png").stat().st_size > 0
