@@ -8,6 +8,7 @@ can be filled over several sittings.
 
     python benchmarks/reproduce.py run mnist --data-dir /path/to/data          # the whole MNIST matrix
     python benchmarks/reproduce.py run mnist --data-dir ... --only robust ds   # some rows
+    python benchmarks/reproduce.py run mnist --data-dir ... --seeds 0          # every row once
     python benchmarks/reproduce.py list mnist                                  # what the matrix holds
     python benchmarks/reproduce.py report                                      # RESULTS.md and figures
 
@@ -247,9 +248,12 @@ def _record_path(records: Path, suite: str, run: Run) -> Path:
     return records / suite / f"{run.run_id}.json"
 
 
-def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Path) -> None:
+def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Path, data_dir: str,
+              seeds: list[int] | None = None) -> None:
+    """Run the suite's rows (or those named in ``only``, at the ``seeds`` given) whose record is missing."""
     # Seed 0 of every row first: a partly filled matrix then holds every recipe once.
-    todo = sorted((r for r in suite.rows if not only or r.name in only), key=lambda r: r.seed)
+    todo = sorted((r for r in suite.rows if (not only or r.name in only) and (seeds is None or r.seed in seeds)),
+                  key=lambda r: r.seed)
     for run in todo:
         path = _record_path(records, suite.name, run)
         if path.exists():
@@ -257,7 +261,7 @@ def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Pat
             continue
         print(f"[run ] {suite.name}/{run.run_id}", flush=True)
         cmd = [sys.executable, __file__, "_one", suite.name, run.run_id, "--records", str(records),
-               "--runs", str(runs_dir), "--data-dir", os.environ["REPRODUCE_DATA_DIR"]]
+               "--runs", str(runs_dir), "--data-dir", data_dir]
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{REPO}"})
         if proc.returncode:
             print(f"[fail] {suite.name}/{run.run_id}: exit {proc.returncode}", flush=True)
@@ -275,6 +279,7 @@ def main() -> None:
         p.add_argument("--records", type=Path, default=RECORDS)
         p.add_argument("--runs", type=Path, default=RUNS)
         p.add_argument("--only", nargs="*", help="row names to run (default: all)")
+        p.add_argument("--seeds", nargs="*", type=int, help="seeds to run (default: all the suite holds)")
     rep = sub.add_parser("report")
     rep.add_argument("--records", type=Path, default=RECORDS)
     rep.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -296,8 +301,7 @@ def main() -> None:
             state = "done" if _record_path(args.records, suite.name, run).exists() else "todo"
             print(f"{state}  {suite.name}/{run.run_id}  {run.config}  {' '.join(run.extra)}")
     elif args.cmd == "run":
-        os.environ["REPRODUCE_DATA_DIR"] = args.data_dir
-        run_suite(suite, args.only, args.records, args.runs)
+        run_suite(suite, args.only, args.records, args.runs, args.data_dir, args.seeds)
     else:
         run = next(r for r in suite.rows if r.run_id == args.run_id)
         record = _do_run(suite, run, args.records, args.runs)
