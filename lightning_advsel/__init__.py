@@ -2,8 +2,9 @@
 
 from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, pgd
 from lightning_advsel.evaluation import AutoAttackConfig
-from lightning_advsel.module import RECIPES, AdversarialSelectionModule, SelectionRecord
+from lightning_advsel.module import AdversarialSelectionModule
+from lightning_advsel.step import RECIPES, SelectionModule, SelectionRecord, StepResult, StepSettings, adversarial_step
 
-__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "SelectionRecord", "fgsm",
-           "fgsm_rs", "pgd"]
+__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "SelectionModule",
+           "SelectionRecord", "StepResult", "StepSettings", "adversarial_step", "fgsm", "fgsm_rs", "pgd"]
 __version__ = "0.1.0"

@@ -84,11 +84,6 @@ def global_top_k(strategy: Any, scores: Tensor, k: int, sizes: Tensor) -> Tensor
     return mine.sort().values
 
 
-def global_random_scores(n: int, device: torch.device, generator: torch.Generator) -> Tensor:
-    """Uniform scores whose global top-k is a uniformly random subset of the global pool."""
-    return torch.rand(n, device=device, generator=generator)
-
-
 def global_loss_scale(strategy: Any, k_global: int) -> float:
     """Factor on the summed per-row loss so that DDP's averaged gradient is the mean over ``k_global`` rows."""
     return world_size(strategy) / max(k_global, 1)

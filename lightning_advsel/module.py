@@ -1,42 +1,18 @@
-"""The LightningModule: attack, select, backpropagate only what was selected.
+"""The LightningModule around the training step: optimizer, scheduler, logging, checkpoint state.
 
-One training step, for every recipe:
-
-1. **Pre-attack selection**: which clean rows are attacked (none, all, or the top ``attack_frac`` by a
-   pre-attack score computed from one no-grad forward pass).
-2. **Attack**: PGD on those rows only (``train_attack``).
-3. **Pool**: ``"replace"`` puts each adversarial example in place of its clean row (robust, selective);
-   ``"append"`` keeps the clean rows and adds the adversarial ones (the DS paper's 2b' pool).
-4. **Post-attack selection**: the top ``p_up`` fraction of the pool by per-sample cross-entropy (scored in
-   one no-grad forward pass), or a random ``p_up`` fraction; all of it when ``p_up == 1`` (no scoring pass).
-5. **Update**: forward and backward over the selected rows only, so the backward work scales with
-   ``p_up``; the loss is the mean cross-entropy over the selected rows.
-
-Selective recipes (``attack="score"``): the score (:data:`~lightning_advsel.selection.PRE_ATTACK_SCORES`:
-margin, gradmatch, gradmatch_exact, loss, random) is computed on the whole clean batch before any PGD step, and
-PGD runs on the chosen ``attack_frac`` of the rows only. With ``recipe="selective"`` and ``p_up=1`` the loss is
-the mixed objective: cross-entropy on the adversarial example of each attacked row and on the clean input of
-every other row, averaged over the batch, so each sample counts once whether it was attacked or not.
-``selective_ds`` then applies the data-selection rule to the pool of the clean batch plus the attacked rows.
-
-Reuse of the scoring forward: with the ``"append"`` pool its clean logits are the clean rows' scores for the
-post-attack selection, so the clean rows are not forwarded twice. With the ``"replace"`` pool they are not
-reused as the clean-loss forward of the unattacked rows: the scoring pass runs under ``no_grad`` (it must not
-hold activations for the whole batch while PGD runs) and, with BatchNorm, under the clean batch's statistics,
-whereas the training forward normalizes the mixed batch of clean and adversarial rows together. The cost is
-one extra no-grad forward of the batch, the ``+1`` in the ``(k + 4) / (2k + 3)`` cost of selective training
-at ``attack_frac=0.5`` relative to PGD-k training (measured in ``benchmarks/flops_per_step.py``).
-
-BatchNorm: the scoring passes and (by default) the training attack run with batch statistics but leave the
-running statistics untouched (:func:`~lightning_advsel.attacks.model_mode` ``"train"``); only the training
-forward updates them, so running statistics see exactly the samples that are backpropagated.
+What a training step does (attack, pool, selection, loss over the selected rows) is the functional core in
+:mod:`lightning_advsel.step`; :class:`AdversarialSelectionModule` calls :func:`~lightning_advsel.step.adversarial_step`
+once per batch and owns what Lightning needs around it: manual optimization, the per-step random generator,
+the DDP scope of the selection, the metrics and logs, the non-finite policy and the resume state. The callbacks
+read the module through :class:`~lightning_advsel.step.SelectionModule` (``model``, ``num_classes``,
+``settings``, ``p_up``, ``last_selection``), which a user's own module can provide as well.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
@@ -50,70 +26,24 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_advsel import distributed, selection
-from lightning_advsel.attacks import MODES, AttackConfig, model_mode
+from lightning_advsel.attacks import AttackConfig, model_mode
 from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
+from lightning_advsel.step import (
+    LOCAL,
+    RECIPES,
+    GlobalScope,
+    SelectionRecord,
+    StepResult,
+    StepSettings,
+    adversarial_step,
+    default_p_up,
+)
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a named recipe fills the three stages of a step."""
-
-    attack: str  # "none" | "all" | "score"
-    pool: str  # "replace" | "append"
-    post: str  # "loss" | "random"
+__all__ = ["RECIPES", "AdversarialSelectionModule", "SelectionRecord", "default_p_up"]
 
 
 NONFINITE = ("raise", "skip")
-
-RECIPES: dict[str, Recipe] = {
-    "standard": Recipe(attack="none", pool="replace", post="loss"),
-    "robust": Recipe(attack="all", pool="replace", post="loss"),
-    "ds": Recipe(attack="all", pool="append", post="loss"),
-    "random": Recipe(attack="all", pool="append", post="random"),
-    "selective": Recipe(attack="score", pool="replace", post="loss"),
-    "selective_ds": Recipe(attack="score", pool="append", post="loss"),
-}
-
-
-@dataclass
-class SelectionRecord:
-    """What one training step selected; kept on the module as ``last_selection`` for callbacks.
-
-    Attributes:
-        y: labels of the pool, shape ``(P,)``.
-        is_adv: whether each pool row is adversarial, shape ``(P,)``.
-        selected: indices into the pool of the backpropagated rows, shape ``(S,)``.
-        pool_scores: per-sample cross-entropy of the pool if a scoring pass ran, else ``None``.
-        attacked: indices into the clean batch of the attacked rows.
-        attack_scores: pre-attack scores of the clean batch (selective recipes), else ``None``.
-        batch_size: rows in the clean batch.
-        logits: detached logits of the backpropagated rows from the training forward (before the update),
-            aligned with ``selected``; ``None`` when this rank selected no row.
-        source: the clean-batch row each pool row was made from, shape ``(P,)``.
-        index: the batch's dataset indices ``(B,)`` when it carries them (``return_index=True``), else ``None``.
-    """
-
-    y: Tensor
-    is_adv: Tensor
-    selected: Tensor
-    pool_scores: Tensor | None
-    attacked: Tensor
-    attack_scores: Tensor | None
-    batch_size: int
-    logits: Tensor | None = None
-    source: Tensor | None = None
-    index: Tensor | None = None
-
-
-def default_p_up(recipe: str) -> float:
-    """The ``p_up`` a recipe uses unless told otherwise.
-
-    An ``"append"`` pool holds the clean batch plus its adversarial rows; the DS paper backpropagates half of
-    it (``ds``, ``random``, ``selective_ds``). A ``"replace"`` pool is the batch itself, trained on whole
-    (``standard``, ``robust``, ``selective``: with ``p_up < 1`` they would drop rows nobody asked to drop).
-    """
-    return 0.5 if RECIPES[recipe].pool == "append" else 1.0
 
 
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
@@ -225,14 +155,13 @@ class AdversarialSelectionModule(L.LightningModule):
             raise ValueError(f"`model` must be an nn.Module classifier, got {type(model).__name__}")
         if recipe not in RECIPES:
             raise ValueError(f"`recipe` must be one of {tuple(RECIPES)}, got {recipe!r}")
-        if attack_score not in selection.PRE_ATTACK_SCORES:
-            raise ValueError(
-                f"`attack_score` must be one of {tuple(selection.PRE_ATTACK_SCORES)}, got {attack_score!r}"
-            )
+        self.settings = StepSettings(
+            recipe=recipe, p_up=default_p_up(recipe) if p_up is None else p_up, attack_frac=attack_frac,
+            attack_score=attack_score, scoring_mode=scoring_mode,
+            train_attack=_as_attack("train_attack", train_attack) or AttackConfig(mode="train"),
+        )
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
-        if scoring_mode not in MODES:
-            raise ValueError(f"`scoring_mode` must be one of {MODES}, got {scoring_mode!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -242,11 +171,9 @@ class AdversarialSelectionModule(L.LightningModule):
         distributed.check_scope(selection_scope)
         if nonfinite not in NONFINITE:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE}, got {nonfinite!r}")
-        self.p_up = selection.check_fraction("p_up", default_p_up(recipe) if p_up is None else p_up)
-        self.attack_frac = selection.check_fraction("attack_frac", attack_frac)
-        self.train_attack = _as_attack("train_attack", train_attack) or AttackConfig(mode="train")
         if eval_attack is None:
-            eval_attack = AttackConfig(eps=self.train_attack.eps, alpha=0.01, steps=20, norm=self.train_attack.norm)
+            train = self.settings.train_attack
+            eval_attack = AttackConfig(eps=train.eps, alpha=0.01, steps=20, norm=train.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)
         self.test_attack = _as_test_attack(test_attack)
 
@@ -263,13 +190,10 @@ class AdversarialSelectionModule(L.LightningModule):
                 self.hparams[key] = asdict(self.hparams[key])
 
         self.model = model
-        self.recipe = recipe
-        self.attack_score = attack_score
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
-        self.scoring_mode = scoring_mode
         self.seed = seed
         self.automatic_optimization = False
         self.last_selection: SelectionRecord | None = None
@@ -288,6 +212,17 @@ class AdversarialSelectionModule(L.LightningModule):
         self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_robust = MulticlassAccuracy(num_classes, average="micro")
+
+    @property
+    def p_up(self) -> float:
+        """Fraction of the pool backpropagated. Written by the constructor, by a callback such as
+        :class:`~lightning_advsel.callbacks.AdaptivePUp` at the start of an epoch, and when a checkpoint is
+        restored; every write is checked (a value outside (0, 1] raises ``ValueError``)."""
+        return self.settings.p_up
+
+    @p_up.setter
+    def p_up(self, value: float) -> None:
+        self.settings = replace(self.settings, p_up=value)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -310,154 +245,25 @@ class AdversarialSelectionModule(L.LightningModule):
                 f"for `num_classes`={self.num_classes}"
             )
 
-    def _pre_attack(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Rows to attack, their pre-attack scores, and the clean logits of the scoring pass (if any)."""
-        n = x.shape[0]
-        kind = RECIPES[self.recipe].attack
-        if kind == "none" or not self.train_attack.enabled:
-            return torch.zeros(0, dtype=torch.long, device=x.device), None, None
-        if kind == "all":
-            return torch.arange(n, device=x.device), None, None
-        score = selection.PRE_ATTACK_SCORES[self.attack_score]
-        features: list[Tensor] = []
-        handle = None
-        if score.needs_features:
-            head = selection.last_linear(self.model, who=f"`attack_score`={self.attack_score!r}")
-            head_out: list[Tensor] = []
-
-            def keep(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-                features.append(inputs[0].detach())
-                head_out.append(out)
-
-            handle = head.register_forward_hook(keep)
-        try:
-            with torch.no_grad(), model_mode(self.model, self.scoring_mode):
-                logits = self.model(x)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if score.needs_features and (len(head_out) != 1 or head_out[0] is not logits):
-            # The closed form is the gradient of the head's weights only if the head's output is the logits.
-            raise ValueError(
-                f"`attack_score`={self.attack_score!r} takes the last nn.Linear of `model` "
-                f"({type(head).__name__}({head.in_features}, {head.out_features})) as its output layer, but the "
-                f"model's logits are not that layer's output (it ran {len(head_out)} times, or something follows "
-                f"it); use 'gradmatch_exact' or 'margin' for this model"
-            )
-        scoring = selection.ScoringPass(
-            self.model, x, y, logits, features[0] if features else None, gen
-        )
-        scores = score.fn(scoring).detach()
-        k = selection.fraction_count(n, self.attack_frac)
-        return score.pick(scores, k), scores, logits
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y, _ = unpack(batch)
         self._check_model_output(x)
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
         self._check_batch(x, y, batch_idx)
-        recipe = RECIPES[self.recipe]
-        gen = self._generator(x.device, self.global_step)
-        n = x.shape[0]
-
-        attacked, attack_scores, clean_logits = self._pre_attack(x, y, gen)
-        x_adv = self.train_attack(self.model, x[attacked], y[attacked], generator=gen) if attacked.numel() else None
-
-        # The pool the post-attack selection chooses from.
-        if x_adv is None:
-            pool_x, pool_y = x, y
-            is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
-        elif recipe.pool == "replace":
-            pool_x, pool_y = x.clone(), y
-            pool_x[attacked] = x_adv
-            is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
-            is_adv[attacked] = True
-        else:
-            pool_x, pool_y = torch.cat([x, x_adv]), torch.cat([y, y[attacked]])
-            is_adv = torch.cat([torch.zeros(n, dtype=torch.bool, device=x.device),
-                                torch.ones_like(attacked, dtype=torch.bool)])
-
-        m = pool_x.shape[0]
-        k = selection.fraction_count(m, self.p_up)
-        pool_scores: Tensor | None = None
-        pool_logits: Tensor | None = None
-        k_global: int | None = None
-        if self.selection_scope == "global":
-            selected, pool_scores, pool_logits, k_global = self._select_global(
-                pool_x, pool_y, recipe, x_adv, clean_logits, gen)
-        elif k == m:
-            selected = torch.arange(m, device=x.device)
-        elif recipe.post == "random":
-            selected = selection.random_k(m, k, device=x.device, generator=gen)
-        else:
-            pool_logits = self._score_pool(pool_x, recipe, x_adv, clean_logits)
-            pool_scores = selection.per_sample_loss(pool_logits, pool_y)
-            selected = selection.top_k(pool_scores, k)
-
-        loss, logits = self._selected_loss(pool_x, pool_y, selected, k_global)
-        if self._nonfinite_step(not bool(torch.isfinite(loss)), "loss", batch_idx, loss):
+        scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
+        out = adversarial_step(self.model, x, y, self.settings, self._generator(x.device, self.global_step), scope)
+        if self._nonfinite_step(not bool(torch.isfinite(out.loss)), "loss", batch_idx, out.loss):
             return None
         opt = self.optimizers()
         opt.zero_grad()
-        self.manual_backward(loss)
+        self.manual_backward(out.loss)
         opt.step()
         if self.scheduler_interval == "step":
             self._step_scheduler()
-
-        rows = torch.arange(n, device=x.device)
-        self.last_selection = SelectionRecord(
-            y=pool_y, is_adv=is_adv, selected=selected, pool_scores=pool_scores,
-            attacked=attacked, attack_scores=attack_scores, batch_size=n,
-            logits=None if logits is None else logits.detach(),
-            source=torch.cat([rows, attacked]) if m > n else rows, index=index_of(batch),
-        )
-        if logits is None:
-            # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
-            logits = pool_x.new_zeros((0, self.num_classes))
-            shown = loss.detach()
-        else:
-            shown = loss if k_global is None else F.cross_entropy(logits.detach(), pool_y[selected])
-        self._log_train(shown, logits, pool_logits, pool_y, is_adv, selected, attacked, n)
-        if attack_scores is not None:
-            self._log_attack_scores(attack_scores, attacked)
-        return loss.detach()
-
-    def _select_global(self, pool_x: Tensor, pool_y: Tensor, recipe: Recipe, x_adv: Tensor | None,
-                       clean_logits: Tensor | None, gen: torch.Generator
-                       ) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
-        """This rank's rows of the global top ``p_up`` (see :mod:`lightning_advsel.distributed`)."""
-        scored: dict[str, Tensor] = {}
-
-        def scores() -> Tensor:
-            if recipe.post == "random":
-                return distributed.global_random_scores(pool_x.shape[0], pool_x.device, gen)
-            scored["logits"] = self._score_pool(pool_x, recipe, x_adv, clean_logits)
-            return selection.per_sample_loss(scored["logits"], pool_y)
-
-        selected, pool_scores, k_global = distributed.global_selection(
-            self.trainer.strategy, pool_x.shape[0], self.p_up, pool_x.device, scores)
-        if recipe.post == "random":
-            pool_scores = None
-        return selected, pool_scores, scored.get("logits"), k_global
-
-    def _selected_loss(self, pool_x: Tensor, pool_y: Tensor, selected: Tensor,
-                       k_global: int | None) -> tuple[Tensor, Tensor | None]:
-        """Training loss over the selected rows and their logits (``None`` when this rank selected none).
-
-        Local scope: the mean cross-entropy. Global scope: the summed cross-entropy scaled so that DDP's
-        gradient average equals the mean over the ``k_global`` rows selected on all ranks.
-        """
-        if selected.numel() == 0:
-            # No row of this rank passed the global threshold. A backward touching every parameter (with
-            # zero gradient) still runs, so this rank joins DDP's gradient all-reduce and nobody hangs.
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            return torch.stack([p.sum() for p in params]).sum() * 0.0, None
-        logits = self.model(pool_x[selected])
-        if k_global is None:
-            return F.cross_entropy(logits, pool_y[selected]), logits
-        scale = distributed.global_loss_scale(self.trainer.strategy, k_global)
-        return F.cross_entropy(logits, pool_y[selected], reduction="sum") * scale, logits
+        self.last_selection = replace(out.record, index=index_of(batch))
+        self._log_train(out)
+        return out.loss.detach()
 
     def _nonfinite_step(self, bad: bool, what: str, batch_idx: int, loss: Tensor | None = None) -> bool:
         """Agree across ranks whether this step met a NaN or inf; raise, or count a skip (returns True)."""
@@ -505,32 +311,36 @@ class AdversarialSelectionModule(L.LightningModule):
                 "without `sync_batchnorm`"
             )
 
-    def _score_pool(self, pool_x: Tensor, recipe: Recipe, x_adv: Tensor | None, clean_logits: Tensor | None) -> Tensor:
-        """Logits of the whole pool from a no-grad pass, reusing the pre-attack pass for clean rows."""
-        with torch.no_grad(), model_mode(self.model, self.scoring_mode):
-            if recipe.pool == "append" and clean_logits is not None and x_adv is not None:
-                return torch.cat([clean_logits, self.model(x_adv)])
-            return self.model(pool_x)
-
-    def _log_train(self, loss: Tensor, logits: Tensor, pool_logits: Tensor | None, pool_y: Tensor,
-                   is_adv: Tensor, selected: Tensor, attacked: Tensor, n: int) -> None:
+    def _log_train(self, out: StepResult) -> None:
+        r = out.record
+        selected, y = r.selected, r.y[r.selected]
+        if r.logits is None:  # no row of this rank passed the global threshold
+            shown = out.loss.detach()
+        elif out.k_global is None:
+            shown = out.loss.detach()
+        else:  # the scaled global loss is not a mean: show this rank's mean cross-entropy
+            shown = F.cross_entropy(r.logits, y)
         # Accuracy over the pool: from the scoring pass when there was one; otherwise the trained rows are
         # the whole pool or a uniform sample of it.
-        if pool_logits is not None:
-            self.train_acc(pool_logits, pool_y)
+        if out.pool_logits is not None:
+            self.train_acc(out.pool_logits, r.y)
         elif selected.numel():
-            self.train_acc(logits.detach(), pool_y[selected])
-        if selected.numel():  # a rank may select no row under the global scope
-            self.train_acc_selected(logits.detach(), pool_y[selected])
-            self.train_adv_frac.update(is_adv[selected].float())
-        self.train_attacked_frac.update(torch.tensor(attacked.numel() / n, device=logits.device), weight=n)
+            self.train_acc(r.logits, y)
+        if selected.numel():
+            self.train_acc_selected(r.logits, y)
+            self.train_adv_frac.update(r.is_adv[selected].float())
+        n = r.batch_size
+        self.train_attacked_frac.update(torch.tensor(r.attacked.numel() / n, device=r.y.device), weight=n)
+        # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
         s = selected.numel()
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=s)
+        self.log("train/loss", shown, on_step=True, on_epoch=True, prog_bar=True, batch_size=s)
         self.log("train/p_up", self.p_up, on_step=False, on_epoch=True, batch_size=s)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc_selected", self.train_acc_selected, on_step=False, on_epoch=True)
         self.log("train/selected_adv_frac", self.train_adv_frac, on_step=False, on_epoch=True)
         self.log("train/attacked_frac", self.train_attacked_frac, on_step=False, on_epoch=True)
+        if r.attack_scores is not None:
+            self._log_attack_scores(r.attack_scores, r.attacked)
 
     def _log_attack_scores(self, scores: Tensor, attacked: Tensor) -> None:
         """Epoch means of the pre-attack score (margin, cosine, ...) over the attacked and the other rows."""
@@ -607,7 +417,7 @@ class AdversarialSelectionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["advsel"] = {"p_up": self.p_up, "recipe": self.recipe, "skipped_steps": self.skipped_steps,
+        checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps,
                                 "train_metrics": self._train_metric_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -98,9 +98,14 @@ def loss_score(p: ScoringPass) -> Tensor:
     return per_sample_loss(p.logits, p.y)
 
 
+def uniform_scores(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` scores drawn uniformly from [0, 1): the top k of them is a uniformly random subset."""
+    return torch.rand(n, generator=generator, device=device)
+
+
 def random_score(p: ScoringPass) -> Tensor:
     """Uniform noise: a random subset is attacked (baseline)."""
-    return torch.rand(p.y.shape[0], generator=p.generator, device=p.y.device)
+    return uniform_scores(p.y.shape[0], p.y.device, p.generator)
 
 
 def _cosine_to_mean(dots: Tensor, sq_norms: Tensor, mean_sq_norm: Tensor) -> Tensor:
@@ -204,3 +209,47 @@ def last_linear(model: nn.Module, who: str = "this score") -> nn.Linear:
             f"gradients of all parameters, expensive) or 'margin' for such models"
         )
     return linears[-1]
+
+
+def scoring_pass(model: nn.Module, x: Tensor, y: Tensor, mode: str, generator: torch.Generator | None = None, *,
+                 features: bool = False, who: str = "this score") -> ScoringPass:
+    """One no-grad forward pass over the clean batch, in model mode ``mode``, for a pre-attack score.
+
+    Args:
+        model: the classifier.
+        x: clean inputs in [0, 1].
+        y: labels.
+        mode: model mode of the pass (:func:`~lightning_advsel.attacks.model_mode`).
+        generator: the step's random generator, handed to the score.
+        features: also capture the input of the model's last ``nn.Linear`` (the closed-form gradient match).
+        who: what asked for the features, named in errors.
+
+    Raises:
+        ValueError: with ``features``, for a model without an ``nn.Linear`` or whose logits are not the output
+            of its last ``nn.Linear`` (it ran more than once, or something follows it).
+    """
+    captured: list[Tensor] = []
+    head_out: list[Tensor] = []
+    handle = None
+    if features:
+        head = last_linear(model, who=who)
+
+        def keep(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+            captured.append(inputs[0].detach())
+            head_out.append(out)
+
+        handle = head.register_forward_hook(keep)
+    try:
+        with torch.no_grad(), model_mode(model, mode):
+            logits = model(x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if features and (len(head_out) != 1 or head_out[0] is not logits):
+        # The closed form is the gradient of the head's weights only if the head's output is the logits.
+        raise ValueError(
+            f"{who} takes the last nn.Linear of `model` ({type(head).__name__}({head.in_features}, "
+            f"{head.out_features})) as its output layer, but the model's logits are not that layer's output (it "
+            f"ran {len(head_out)} times, or something follows it); use 'gradmatch_exact' or 'margin' for this model"
+        )
+    return ScoringPass(model, x, y, logits, captured[0] if captured else None, generator)

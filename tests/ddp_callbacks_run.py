@@ -62,7 +62,7 @@ class DumpRank(Callback):
         x, y = probe._last_batch
         pool = minimum_adversarial_pool(pl_module.model, x, y, probe.radii, pl_module.p_up, norm=probe.norm,
                                         steps=probe.steps, step_factor=probe.step_factor, mode=probe.mode,
-                                        scoring_mode=pl_module.scoring_mode)
+                                        scoring_mode=pl_module.settings.scoring_mode)
         local = {"train_rows": y.numel(), "pool_size": pool.loss.numel(), "selected": pool.selected.numel(),
                  "selected_min_adv": pool.n_selected_min_adv}
         state = {"p_up": adaptive.history, "accs": adaptive.accs, "makeup": makeup.history,

@@ -31,7 +31,7 @@ def main() -> None:
                          "--model.init_args.recipe", recipe, "--model.init_args.selection_scope", scope,
                          "--trainer.logger.init_args.save_dir", str(out / run.replace(":", "_"))])
         rank = cli.trainer.global_rank
-        results[run] = {"global_step": cli.trainer.global_step, "recipe": cli.model.recipe,
+        results[run] = {"global_step": cli.trainer.global_step, "recipe": cli.model.settings.recipe,
                         "world_size": cli.trainer.world_size,
                         "val_acc_clean": float(cli.trainer.callback_metrics["val/acc_clean"])}
     (out / f"rank{rank}.json").write_text(json.dumps(results))

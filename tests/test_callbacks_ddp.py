@@ -34,5 +34,5 @@ def test_two_ranks_log_the_sums_and_the_probe_distribution_of_one_process(tmp_pa
         assert rank["metrics"]["minperturb/selected_min_adv_frac"] == pytest.approx(
             last["selected_min_adv"] / last["selected"])
         for key in ("train/acc", "val/acc_clean", "val/acc_robust", "selection/n_clean", "selection/n_adv",
-                    "selection/adv_frac", "minperturb/mean", "minperturb/median"):
+                    "train/selected_adv_frac", "minperturb/mean", "minperturb/median"):
             assert rank["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6), key

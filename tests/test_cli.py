@@ -58,7 +58,7 @@ def test_fit_checkpoint_load_and_validate_reproduce_the_validation_numbers(tmp_p
                                            ("digits_random.yaml", "random"), ("digits_ds_p1.yaml", "ds")])
 def test_baseline_configs_run_their_recipe(tmp_path, config, recipe):
     cli = fit(config, tmp_path, "--trainer.max_epochs", "1")
-    assert cli.model.recipe == recipe
+    assert cli.model.settings.recipe == recipe
     assert cli.trainer.global_step == 4
     frac = float(cli.trainer.callback_metrics["train/selected_adv_frac"])
     expected = {"standard": 0.0, "robust": 1.0, "ds": 0.5}.get(recipe)

@@ -33,8 +33,8 @@ def test_config_parses_and_instantiates(config, tmp_path):
     parent = config.parent.name
     expected = config.stem if parent == "configs" else f"{parent}_{config.stem}"
     assert logger.name == expected
-    if cli.model.recipe.startswith("selective"):
-        assert 0 < cli.model.attack_frac <= 1
+    if cli.model.settings.recipe.startswith("selective"):
+        assert 0 < cli.model.settings.attack_frac <= 1
     if parent in ("mnist", "cifar10"):
         # Against robust overfitting: the most robust epoch is kept besides last.ckpt.
         checkpoint = cli.trainer.checkpoint_callback

@@ -20,7 +20,7 @@ def test_main_job_reaches_the_promised_clean_and_robust_accuracy(tmp_path, capsy
     assert float(metrics["val/acc_robust"]) >= 0.80
     assert "val accuracy: clean" in capsys.readouterr().out
     # The dashboard of the main job: make-up and minimum-perturbation scalars, and the four figures.
-    for key in ("selection/adv_frac", "minperturb/median", "minperturb/selected_min_adv_frac"):
+    for key in ("train/selected_adv_frac", "minperturb/median", "minperturb/selected_min_adv_frac"):
         assert 0 <= float(metrics[key]) <= 1
     for name in ("p_up", "selection_makeup", "min_perturbation", "accuracy"):
         assert (Path(cli.trainer.log_dir) / "figures" / f"{name}.png").stat().st_size > 0

@@ -178,7 +178,7 @@ def test_p_up_is_saved_in_checkpoints_and_python_built_modules_reload_with_a_mod
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     loaded = AdversarialSelectionModule.load_from_checkpoint(path, model=TinyNet())
-    assert loaded.p_up == 0.3 and loaded.recipe == "ds"
+    assert loaded.p_up == 0.3 and loaded.settings.recipe == "ds"
     for a, b in zip(loaded.model.parameters(), module.model.parameters(), strict=True):
         assert torch.equal(a, b)
     # Only plain values go into the checkpoint's hyperparameters when built from Python.

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_advsel.callbacks.schedules import P_UP_MODES, next_p_up
 from lightning_advsel.selection import check_fraction
+from lightning_advsel.step import check_selection_module
 
 
 class AdaptivePUp(Callback):
@@ -62,6 +63,11 @@ class AdaptivePUp(Callback):
         self.next_value = self.initial_p_up
         self.history: list[float] = []  # P_up used in epochs 0, 1, ...
         self.accs: list[float] = []  # monitored accuracy of epochs 0, 1, ...
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_selection_module(pl_module, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_advsel.callbacks.history import EpochHistory
 from lightning_advsel.callbacks.min_perturbation import MinimumPerturbation
 from lightning_advsel.callbacks.selection_makeup import SelectionMakeup
+from lightning_advsel.step import check_selection_module
 
 ACCURACY_KEYS = ("val/acc_clean", "val/acc_robust", "train/acc")
 
@@ -53,6 +54,11 @@ class PaperFigures(EpochHistory, Callback):
         self.dpi = dpi
         self.history: list[dict[str, float]] = []
         self.written: list[Path] = []
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_selection_module(pl_module, type(self).__name__)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

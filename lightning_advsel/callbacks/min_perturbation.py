@@ -20,6 +20,7 @@ from lightning_advsel import selection
 from lightning_advsel.attacks import MODES, NORMS, model_mode, pgd
 from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
+from lightning_advsel.step import check_selection_module
 
 
 def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: str = "linf", steps: int = 5,
@@ -230,8 +231,13 @@ class MinimumPerturbation(EpochHistory, Callback):
         return torch.arange(1, self.num_eps + 1, dtype=torch.float64) * (self.max_eps / self.num_eps)
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_selection_module(pl_module, type(self).__name__)
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        attack = pl_module.train_attack
+        attack = pl_module.settings.train_attack
         if self.max_eps is None:
             if not attack.enabled:
                 raise ValueError("MinimumPerturbation: set `max_eps`; the module's training eps is 0")
@@ -287,7 +293,7 @@ class MinimumPerturbation(EpochHistory, Callback):
                                step_factor=self.step_factor, mode=self.mode)
         eps = self._gather(trainer, pl_module, local)
         censored = eps.clamp(max=self.max_eps)
-        train_eps = float(pl_module.train_attack.eps)
+        train_eps = float(pl_module.settings.train_attack.eps)
         values = {
             "minperturb/mean": float(censored.mean()),
             "minperturb/median": float(censored.quantile(0.5)),
@@ -316,7 +322,7 @@ class MinimumPerturbation(EpochHistory, Callback):
             x, y = self._last_batch
             pool = minimum_adversarial_pool(pl_module.model, x, y, self.radii.to(x.device), pl_module.p_up,
                                             norm=self.norm, steps=self.steps, step_factor=self.step_factor,
-                                            mode=self.mode, scoring_mode=pl_module.scoring_mode)
+                                            mode=self.mode, scoring_mode=pl_module.settings.scoring_mode)
             local = torch.tensor([y.numel(), int((pool.min_eps == 0).sum()), int(torch.isinf(pool.min_eps).sum()),
                                   pool.loss.numel(), pool.selected.numel(), pool.n_selected_min_adv],
                                  dtype=torch.float64, device=pl_module.device)

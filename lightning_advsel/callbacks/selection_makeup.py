@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_advsel.callbacks.history import EpochHistory
+from lightning_advsel.step import check_selection_module
 
 
 class SelectionCounts(Metric):
@@ -54,7 +55,8 @@ class SelectionMakeup(EpochHistory, Callback):
     summed over DDP ranks, so every rank logs the same values):
 
     * ``selection/n_clean``, ``selection/n_adv``: selected clean and adversarial rows in the epoch;
-    * ``selection/clean_frac``, ``selection/adv_frac``: their shares of all selected rows;
+    * (their shares of all selected rows are the module's ``train/selected_adv_frac``, logged without this
+      callback too);
     * ``selection/class_{c}/adv_frac``: the adversarial share of the selected rows of class ``c`` (classes
       with no selected row in the epoch are not logged).
 
@@ -69,6 +71,8 @@ class SelectionMakeup(EpochHistory, Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_selection_module(pl_module, type(self).__name__)
         if self.counts is None:
             self.counts = SelectionCounts(int(pl_module.num_classes))
 
@@ -88,9 +92,8 @@ class SelectionMakeup(EpochHistory, Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts = {k: v.cpu() for k, v in self.counts.compute().items()}
         n_clean, n_adv = int(counts["n_clean"]), int(counts["n_adv"])
-        total = max(n_clean + n_adv, 1)
-        values = {"selection/n_clean": float(n_clean), "selection/n_adv": float(n_adv),
-                  "selection/clean_frac": n_clean / total, "selection/adv_frac": n_adv / total}
+        # The adversarial share itself is the module's `train/selected_adv_frac`: logged once, from one source.
+        values = {"selection/n_clean": float(n_clean), "selection/n_adv": float(n_adv)}
         if self.per_class:
             class_total = counts["class_clean"] + counts["class_adv"]
             for c in range(self.counts.num_classes):

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_advsel import stability
 from lightning_advsel.batch import index_of
-from lightning_advsel.module import RECIPES
+from lightning_advsel.step import RECIPES, check_selection_module
 
 DEFAULT_FILENAME = "stability_profile.json"
 
@@ -75,16 +75,14 @@ def check_profiled_module(pl_module: L.LightningModule) -> None:
         ValueError: naming the setting, for a module that is not an ``AdversarialSelectionModule``-like module
             with a recipe that attacks every row, an enabled ``train_attack`` and ``p_up`` = 1.
     """
-    recipe = RECIPES.get(getattr(pl_module, "recipe", None))
-    if recipe is None or not hasattr(pl_module, "last_selection"):
-        raise ValueError(
-            f"StabilityProfile needs an AdversarialSelectionModule, got {type(pl_module).__name__}"
-        )
-    every_row = recipe.attack == "all" or (recipe.attack == "score" and pl_module.attack_frac == 1)
-    if not every_row or not pl_module.train_attack.enabled:
+    check_selection_module(pl_module, "StabilityProfile")
+    settings = pl_module.settings
+    recipe = RECIPES[settings.recipe]
+    every_row = recipe.attack == "all" or (recipe.attack == "score" and settings.attack_frac == 1)
+    if not every_row or not settings.train_attack.enabled:
         raise ValueError(
             f"StabilityProfile counts misclassified training adversarial examples, so the recipe must attack "
-            f"every row; `recipe`={pl_module.recipe!r} with train_attack {pl_module.train_attack.describe()} "
+            f"every row; `recipe`={settings.recipe!r} with train_attack {settings.train_attack.describe()} "
             f"does not. Profile with `recipe: robust` (PGD adversarial training, the baseline's first run)"
         )
     if pl_module.p_up != 1:

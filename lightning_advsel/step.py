@@ -1,0 +1,377 @@
+"""One training step as plain functions: a batch in, the loss over the selected rows and a record out.
+
+    result = adversarial_step(model, x, y, settings, generator)   # settings: a StepSettings
+    result.loss.backward()                                          # or Lightning's manual_backward
+    result.record                                                   # what was attacked and selected
+
+:func:`adversarial_step` is the whole data path, in five calls a reader can follow on one screen:
+
+1. **Pre-attack selection** (:func:`rows_to_attack`): which clean rows are attacked: none, all, or the top
+   ``attack_frac`` by a pre-attack score from one no-grad forward pass (selective recipes).
+2. **Attack**: ``settings.train_attack`` (PGD) on those rows only.
+3. **Pool** (:func:`build_pool`): ``"replace"`` puts each adversarial example in place of its clean row
+   (robust, selective); ``"append"`` keeps the clean rows and adds the adversarial ones (the DS paper's 2b').
+4. **Post-attack selection** (:func:`select_pool`): the top ``p_up`` fraction of the pool by per-sample
+   cross-entropy (one no-grad scoring pass), or a random ``p_up`` fraction; all of it at ``p_up == 1``.
+5. **Loss** (:func:`selected_loss`): one forward over the selected rows only, so the backward work scales
+   with ``p_up``; the mean cross-entropy over them.
+
+Nothing here touches a Trainer. Distributed training enters as the ``scope`` argument: :data:`LOCAL` (each
+process selects from its own pool) or :class:`GlobalScope` (processes agree on the top ``p_up`` of the global
+pool through the Lightning strategy, see :mod:`lightning_advsel.distributed`). The random generator is the
+caller's: the module reseeds one per step so that a resumed run draws the same PGD starts and random picks.
+
+Selective recipes (``attack="score"``) with ``p_up=1`` give the mixed objective: cross-entropy on the
+adversarial example of each attacked row and on the clean input of every other row, averaged over the batch.
+``selective_ds`` applies the data-selection rule to the clean batch plus the attacked rows.
+
+Reuse of the scoring forward: with the ``"append"`` pool the pre-attack pass's clean logits are the clean rows'
+post-attack scores, so the clean rows are not forwarded twice. With ``"replace"`` they are not reused as the
+clean-loss forward of the unattacked rows: the scoring pass runs under ``no_grad`` (it must not hold
+activations for the whole batch while PGD runs) and, with BatchNorm, under the clean batch's statistics,
+whereas the training forward normalizes the mixed batch together. That extra no-grad forward is the ``+1`` in
+the ``(k + 4) / (2k + 3)`` cost of selective training at ``attack_frac=0.5`` relative to PGD-k training
+(``benchmarks/flops_per_step.py``).
+
+BatchNorm: the scoring passes and (by default) the attack run with batch statistics but leave the running
+statistics untouched (:func:`~lightning_advsel.attacks.model_mode` ``"train"``); only the training forward
+updates them, so running statistics see exactly the rows that are backpropagated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_advsel import distributed, selection
+from lightning_advsel.attacks import MODES, AttackConfig, model_mode
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a named recipe fills the stages of a step."""
+
+    attack: str  # "none" | "all" | "score"
+    pool: str  # "replace" | "append"
+    post: str  # "loss" | "random"
+
+
+RECIPES: dict[str, Recipe] = {
+    "standard": Recipe(attack="none", pool="replace", post="loss"),
+    "robust": Recipe(attack="all", pool="replace", post="loss"),
+    "ds": Recipe(attack="all", pool="append", post="loss"),
+    "random": Recipe(attack="all", pool="append", post="random"),
+    "selective": Recipe(attack="score", pool="replace", post="loss"),
+    "selective_ds": Recipe(attack="score", pool="append", post="loss"),
+}
+
+
+def default_p_up(recipe: str) -> float:
+    """The ``p_up`` a recipe uses unless told otherwise.
+
+    An ``"append"`` pool holds the clean batch plus its adversarial rows; the DS paper backpropagates half of
+    it (``ds``, ``random``, ``selective_ds``). A ``"replace"`` pool is the batch itself, trained on whole
+    (``standard``, ``robust``, ``selective``: with ``p_up < 1`` they would drop rows nobody asked to drop).
+    """
+    return 0.5 if RECIPES[recipe].pool == "append" else 1.0
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a training step does, checked once when built.
+
+    Attributes:
+        recipe: a key of :data:`RECIPES`.
+        p_up: fraction of the pool backpropagated, in (0, 1].
+        attack_frac: fraction of the clean batch attacked by the selective recipes, in (0, 1].
+        attack_score: pre-attack score of the selective recipes, a key of
+            :data:`~lightning_advsel.selection.PRE_ATTACK_SCORES`.
+        train_attack: the attack that makes the training examples.
+        scoring_mode: model mode of the no-grad scoring passes (:func:`~lightning_advsel.attacks.model_mode`).
+
+    Raises:
+        ValueError: for an unknown ``recipe``, ``attack_score`` or ``scoring_mode``, or a fraction outside (0, 1].
+    """
+
+    recipe: str = "ds"
+    p_up: float = 0.5
+    attack_frac: float = 0.5
+    attack_score: str = "margin"
+    train_attack: AttackConfig = field(default_factory=lambda: AttackConfig(mode="train"))
+    scoring_mode: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"`recipe` must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        if self.attack_score not in selection.PRE_ATTACK_SCORES:
+            raise ValueError(
+                f"`attack_score` must be one of {tuple(selection.PRE_ATTACK_SCORES)}, got {self.attack_score!r}"
+            )
+        if self.scoring_mode not in MODES:
+            raise ValueError(f"`scoring_mode` must be one of {MODES}, got {self.scoring_mode!r}")
+        object.__setattr__(self, "p_up", selection.check_fraction("p_up", self.p_up))
+        object.__setattr__(self, "attack_frac", selection.check_fraction("attack_frac", self.attack_frac))
+
+
+@dataclass
+class SelectionRecord:
+    """What one training step selected; the module keeps it as ``last_selection`` for the callbacks.
+
+    Attributes:
+        y: labels of the pool, shape ``(P,)``.
+        is_adv: whether each pool row is adversarial, shape ``(P,)``.
+        selected: indices into the pool of the backpropagated rows, shape ``(S,)``.
+        pool_scores: per-sample cross-entropy of the pool if a scoring pass ran, else ``None``.
+        attacked: indices into the clean batch of the attacked rows.
+        attack_scores: pre-attack scores of the clean batch (selective recipes), else ``None``.
+        batch_size: rows in the clean batch.
+        logits: detached logits of the backpropagated rows from the training forward (before the update),
+            aligned with ``selected``; ``None`` when this process selected no row.
+        source: the clean-batch row each pool row was made from, shape ``(P,)``.
+        index: the batch's dataset indices ``(B,)`` when it carries them (``return_index=True``), else ``None``.
+    """
+
+    y: Tensor
+    is_adv: Tensor
+    selected: Tensor
+    pool_scores: Tensor | None
+    attacked: Tensor
+    attack_scores: Tensor | None
+    batch_size: int
+    logits: Tensor | None = None
+    source: Tensor | None = None
+    index: Tensor | None = None
+
+
+@dataclass
+class Pool:
+    """The rows the post-attack selection chooses from.
+
+    Attributes:
+        x: inputs, shape ``(P, ...)``.
+        y: labels, shape ``(P,)``.
+        is_adv: whether each row is an adversarial example, shape ``(P,)``.
+        source: the clean-batch row each pool row was made from, shape ``(P,)``.
+    """
+
+    x: Tensor
+    y: Tensor
+    is_adv: Tensor
+    source: Tensor
+
+
+@dataclass
+class StepResult:
+    """The outcome of :func:`adversarial_step`.
+
+    Attributes:
+        loss: the training loss over the selected rows (attached to the graph), a scalar.
+        record: what was attacked and selected.
+        pool_logits: logits of the whole pool from the no-grad scoring pass, when one ran, else ``None``.
+        k_global: under :class:`GlobalScope`, rows selected over all processes; ``None`` under :data:`LOCAL`.
+    """
+
+    loss: Tensor
+    record: SelectionRecord
+    pool_logits: Tensor | None
+    k_global: int | None = None
+
+
+# ------------------------------------------------------------------------------------------------- scopes
+ScoresFn = Callable[[], Tensor]
+
+
+class LocalScope:
+    """Each process keeps the top ``p_up`` of its own pool and averages the loss over its own selected rows."""
+
+    def select(self, n: int, p_up: float, device: torch.device, scores: ScoresFn, random: bool,
+               generator: torch.Generator | None) -> tuple[Tensor, int | None]:
+        """Indices into the pool of the rows to backpropagate, and ``None`` (no global count)."""
+        k = selection.fraction_count(n, p_up)
+        if k == n:
+            return torch.arange(n, device=device), None
+        if random:
+            return selection.random_k(n, k, device=device, generator=generator), None
+        return selection.top_k(scores(), k), None
+
+    def loss(self, logits: Tensor, y: Tensor, k_global: int | None) -> Tensor:
+        """The mean cross-entropy over this process's selected rows."""
+        return F.cross_entropy(logits, y)
+
+
+@dataclass(frozen=True)
+class GlobalScope:
+    """Processes agree on the top ``p_up`` of the global pool (:func:`distributed.global_selection`).
+
+    Attributes:
+        strategy: the Lightning strategy (``trainer.strategy``), which gathers the scores of every process.
+    """
+
+    strategy: Any
+
+    def select(self, n: int, p_up: float, device: torch.device, scores: ScoresFn, random: bool,
+               generator: torch.Generator | None) -> tuple[Tensor, int | None]:
+        """This process's rows of the global selection, and how many rows all processes select together."""
+        if random:  # uniform scores: their global top k is a uniformly random subset of the global pool
+            scores = partial(selection.uniform_scores, n, device, generator)
+        selected, _, k_global = distributed.global_selection(self.strategy, n, p_up, device, scores)
+        return selected, k_global
+
+    def loss(self, logits: Tensor, y: Tensor, k_global: int | None) -> Tensor:
+        """The summed cross-entropy, scaled so that DDP's gradient average is the mean over ``k_global`` rows."""
+        scale = distributed.global_loss_scale(self.strategy, k_global)
+        return F.cross_entropy(logits, y, reduction="sum") * scale
+
+
+LOCAL = LocalScope()
+
+
+# --------------------------------------------------------------------------------------------------- step
+def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSettings,
+                     generator: torch.Generator | None = None,
+                     scope: LocalScope | GlobalScope = LOCAL) -> StepResult:
+    """Attack, select, and return the loss over the selected rows (not yet backpropagated) with its record.
+
+    Args:
+        model: the classifier, inputs in [0, 1], logits ``(B, C)``; its train/eval mode is left as found.
+        x: clean inputs in [0, 1], shape ``(B, ...)``.
+        y: integer labels, shape ``(B,)``.
+        settings: the recipe and its fractions, score and attack.
+        generator: random generator for PGD starts and random picks (``None``: the global generator).
+        scope: :data:`LOCAL`, or :class:`GlobalScope` to select over all DDP processes.
+
+    Returns:
+        The loss, the selection record (``index`` unset: the caller knows its batch) and the scoring logits.
+    """
+    recipe = RECIPES[settings.recipe]
+    attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator)
+    x_adv = settings.train_attack(model, x[attacked], y[attacked], generator=generator) if attacked.numel() else None
+    pool = build_pool(x, y, attacked, x_adv, recipe.pool)
+    selected, pool_scores, pool_logits, k_global = select_pool(
+        model, pool, settings, x_adv, clean_logits, generator, scope)
+    loss, logits = selected_loss(model, pool, selected, k_global, scope)
+    record = SelectionRecord(
+        y=pool.y, is_adv=pool.is_adv, selected=selected, pool_scores=pool_scores, attacked=attacked,
+        attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
+        source=pool.source,
+    )
+    return StepResult(loss=loss, record=record, pool_logits=pool_logits, k_global=k_global)
+
+
+def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSettings,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Rows of the clean batch to attack, their pre-attack scores, and the clean logits of the scoring pass.
+
+    Scores and logits are ``None`` for the recipes that attack no row or every row (no scoring pass runs).
+    """
+    n = x.shape[0]
+    kind = RECIPES[settings.recipe].attack
+    if kind == "none" or not settings.train_attack.enabled:
+        return torch.zeros(0, dtype=torch.long, device=x.device), None, None
+    if kind == "all":
+        return torch.arange(n, device=x.device), None, None
+    score = selection.PRE_ATTACK_SCORES[settings.attack_score]
+    scoring = selection.scoring_pass(model, x, y, settings.scoring_mode, generator,
+                                     features=score.needs_features, who=f"`attack_score`={settings.attack_score!r}")
+    scores = score.fn(scoring).detach()
+    return score.pick(scores, selection.fraction_count(n, settings.attack_frac)), scores, scoring.logits
+
+
+def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kind: str) -> Pool:
+    """The clean batch with the adversarial rows put in place (``"replace"``) or appended (``"append"``)."""
+    n = x.shape[0]
+    rows = torch.arange(n, device=x.device)
+    is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
+    if x_adv is None:
+        return Pool(x=x, y=y, is_adv=is_adv, source=rows)
+    if kind == "replace":
+        pool_x = x.clone()
+        pool_x[attacked] = x_adv
+        is_adv[attacked] = True
+        return Pool(x=pool_x, y=y, is_adv=is_adv, source=rows)
+    return Pool(x=torch.cat([x, x_adv]), y=torch.cat([y, y[attacked]]),
+                is_adv=torch.cat([is_adv, torch.ones_like(attacked, dtype=torch.bool)]),
+                source=torch.cat([rows, attacked]))
+
+
+def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Tensor | None,
+                clean_logits: Tensor | None, generator: torch.Generator | None,
+                scope: LocalScope | GlobalScope = LOCAL) -> tuple[Tensor, Tensor | None, Tensor | None, int | None]:
+    """The post-attack selection: indices of the pool rows to backpropagate.
+
+    Returns:
+        ``(selected, pool_scores, pool_logits, k_global)``: ascending indices into the pool; the per-sample
+        cross-entropy and the logits of the scoring pass when one ran (else ``None``); the global count under
+        :class:`GlobalScope` (else ``None``).
+    """
+    recipe = RECIPES[settings.recipe]
+    scored: dict[str, Tensor] = {}
+
+    def loss_scores() -> Tensor:
+        with torch.no_grad(), model_mode(model, settings.scoring_mode):
+            if recipe.pool == "append" and clean_logits is not None and x_adv is not None:
+                scored["logits"] = torch.cat([clean_logits, model(x_adv)])
+            else:
+                scored["logits"] = model(pool.x)
+        scored["scores"] = selection.per_sample_loss(scored["logits"], pool.y)
+        return scored["scores"]
+
+    selected, k_global = scope.select(pool.x.shape[0], settings.p_up, pool.x.device, loss_scores,
+                                      random=recipe.post == "random", generator=generator)
+    return selected, scored.get("scores"), scored.get("logits"), k_global
+
+
+def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int | None,
+                  scope: LocalScope | GlobalScope = LOCAL) -> tuple[Tensor, Tensor | None]:
+    """Training loss over the selected rows and their logits (``None`` when this process selected none)."""
+    if selected.numel() == 0:
+        # No row of this process passed the global threshold. A backward touching every parameter (with zero
+        # gradient) still runs, so this process joins DDP's gradient all-reduce and nobody hangs.
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0, None
+    logits = model(pool.x[selected])
+    return scope.loss(logits, pool.y[selected], k_global), logits
+
+
+# ----------------------------------------------------------------------------------------------- contract
+@runtime_checkable
+class SelectionModule(Protocol):
+    """What the callbacks read from a LightningModule: ours, or a user's own that calls :func:`adversarial_step`.
+
+    Attributes:
+        model: the classifier being trained (inputs in [0, 1]).
+        num_classes: classes of the task.
+        settings: the step's settings (recipe, fractions, score, training attack, scoring mode).
+        p_up: the fraction backpropagated now; :class:`~lightning_advsel.callbacks.AdaptivePUp` writes it.
+        last_selection: the record of the last training step, ``None`` before the first.
+    """
+
+    model: nn.Module
+    num_classes: int
+    settings: StepSettings
+    p_up: float
+    last_selection: SelectionRecord | None
+
+
+def check_selection_module(module: Any, who: str) -> None:
+    """Raise unless ``module`` provides :class:`SelectionModule`'s attributes.
+
+    Args:
+        module: the LightningModule a callback is attached to.
+        who: the callback's name, for the message.
+
+    Raises:
+        TypeError: naming the missing attributes.
+    """
+    missing = [name for name in SelectionModule.__annotations__ if not hasattr(module, name)]
+    if missing:
+        raise TypeError(
+            f"{who} needs a LightningModule with the attributes of lightning_advsel.step.SelectionModule "
+            f"({', '.join(SelectionModule.__annotations__)}); {type(module).__name__} lacks {', '.join(missing)}"
+        )
