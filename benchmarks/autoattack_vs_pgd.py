@@ -1,6 +1,7 @@
 """Clean, PGD-20 and AutoAttack robust accuracy of one trained model, as a table.
 
-Trains the model through the public CLI (default: the main job, ``configs/digits_ds.yaml``), or loads a
+Trains the model through the public CLI (default: the main job, ``configs/digits/base.yaml`` +
+``recipes/ds.yaml`` + ``callbacks/dashboards.yaml``), or loads a
 checkpoint the CLI wrote, then tests it on the data module's test split (the first ``--images`` of it) under
 each attack through ``trainer.test``, the same path as ``lightning-advsel test``:
 
@@ -34,24 +35,28 @@ from lightning_advsel import AdversarialSelectionModule, AutoAttackConfig
 from lightning_advsel.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
+MAIN_JOB = ("digits/base.yaml", "recipes/ds.yaml", "callbacks/dashboards.yaml")  # under configs/
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "digits_ds.yaml"),
-                        help="CLI config to train (and whose data module gives the test split)")
+    parser.add_argument("--config", "-c", action="append",
+                        help="CLI config to train, repeatable, combined in order (and whose data module gives the "
+                             "test split); default: the main job's")
     parser.add_argument("--ckpt", default=None, help="test this CLI checkpoint instead of training")
     parser.add_argument("--images", type=int, default=None, help="first test images to use (default: all)")
     parser.add_argument("--batch_size", type=int, default=64, help="test images per batch")
     parser.add_argument("--seed", type=int, default=0, help="AutoAttack seed")
     parser.add_argument("--no-standard", action="store_true", help="skip the full (slow) AutoAttack")
     args, cli_args = parser.parse_known_args()  # anything else goes to the CLI, e.g. --trainer.max_epochs 1
+    args.config = args.config or [str(REPO / "configs" / name) for name in MAIN_JOB]
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
     with tempfile.TemporaryDirectory() as logs:
         started = time.perf_counter()
         train = args.ckpt is None
-        cli = build_cli([*(["fit"] if train else []), "--config", args.config, "--trainer.enable_progress_bar",
+        cli = build_cli([*(["fit"] if train else []), *[a for c in args.config for a in ("--config", c)],
+                         "--trainer.enable_progress_bar",
                          "false", "--trainer.logger.init_args.save_dir", logs, *cli_args], run=train)
         trained_s = time.perf_counter() - started
         module = cli.model
@@ -82,7 +87,7 @@ def main() -> None:
         rows.append((name, attack.describe(), metrics["test/acc_clean"], metrics["test/acc_robust"],
                      time.perf_counter() - started))
 
-    source = args.ckpt or f"{Path(args.config).name}, trained in {trained_s:.0f} s"
+    source = args.ckpt or f"{' + '.join(Path(c).name for c in args.config)}, trained in {trained_s:.0f} s"
     print(f"\n{n} test images of {type(datamodule).__name__}; model: {source}\n")
     print("| attack | settings | clean | robust | wall |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -6,8 +6,8 @@ multiplies the steady per-batch time (the first batch of each phase, which pays 
 by the number of batches of a full epoch. Every argument it does not know is passed to the CLI, so
 ``--config`` (repeatable), ``--data.init_args.data_dir`` and any other override work as with ``fit``::
 
-    python benchmarks/epoch_time.py --config configs/mnist/robust.yaml --data.init_args.data_dir ../shared/data \\
-        --train-batches 30 --val-batches 5
+    python benchmarks/epoch_time.py --config configs/mnist/base.yaml --config configs/recipes/robust.yaml \\
+        --data.init_args.data_dir ../shared/data --train-batches 30 --val-batches 5
 
 Not counted: callbacks that run at the end of an epoch (minimum perturbation, figures) and checkpoint writes.
 On a GPU, each time is read after ``torch.cuda.synchronize()``.

@@ -39,13 +39,13 @@ RUNS = HERE / "runs"  # logs and checkpoints of the runs (not committed)
 
 @dataclass(frozen=True)
 class Run:
-    """One row of the matrix at one seed: a shipped config plus overrides."""
+    """One row of the matrix at one seed: a shipped recipe overlay on the suite's base config, plus overrides."""
 
     name: str  # row label, e.g. "ds" or "selective_margin"
-    config: str  # config file(s), relative to configs/, combined in order
+    config: str  # overlay file(s) after the suite's base, relative to configs/, joined by "+", combined in order
     seed: int
     extra: tuple[str, ...] = ()  # CLI overrides of this row only
-    pre: str | None = None  # a config fitted first, in the same folder (the stability baseline's profiling run)
+    pre: str | None = None  # overlay(s) fitted first, in the same folder (the stability baseline's profiling run)
 
     @property
     def run_id(self) -> str:
@@ -57,6 +57,7 @@ class Suite:
     """A data set, the overrides that make every row of it share model, data, attack and budget, and its rows."""
 
     name: str
+    base: str  # the data set's base config, relative to configs/: the first file of every run
     overrides: tuple[str, ...]
     test_batches: int  # test images = test_batches * test batch size (the data module's batch_size)
     eps: float  # pixels, L-inf; training and evaluation radius
@@ -78,7 +79,6 @@ def _rows(spec: list[tuple]) -> tuple[Run, ...]:
 DASHBOARD = ("--trainer.callbacks+=lightning_advsel.callbacks.SelectionMakeup",
              "--trainer.callbacks+=lightning_advsel.callbacks.MinimumPerturbation",
              "--trainer.callbacks+=lightning_advsel.callbacks.PaperFigures")
-ADAPTIVE = ("--model.init_args.p_up", "1.0", "--trainer.callbacks+=lightning_advsel.callbacks.AdaptivePUp")
 
 
 def suites(data_dir: str) -> dict[str, Suite]:
@@ -89,6 +89,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
     # robust and AutoAttack does not (SmallCNN, 12,000 images, 5 epochs, PGD-10: 65% PGD-50, 17% APGD).
     mnist = Suite(
         name="mnist",
+        base="mnist/base.yaml",
         eps=mnist_eps,
         test_batches=10,  # 1,000 test images (the first of the test split), batch 100
         aa_standard_batches=5,  # 500 of them
@@ -110,20 +111,21 @@ def suites(data_dir: str) -> dict[str, Suite]:
         ),
         limits=(("limit_val_batches", 5),),  # 500 validation images per epoch
         rows=_rows([
-            ("robust", "mnist/robust.yaml", seeds3, ()),
-            ("standard", "mnist/standard.yaml", (0,), ()),
-            ("ds", "mnist/ds.yaml", (0,), DASHBOARD),
-            ("ds", "mnist/ds.yaml", (1, 2), ()),
-            ("ds_adaptive", "mnist/ds.yaml", (0,), ADAPTIVE),
-            ("selective_margin", "mnist/selective_margin.yaml", seeds3, ()),
-            ("random", "mnist/random.yaml", seeds3, ()),
-            ("stability", "mnist/stability.yaml", (0,), (), "mnist/stability_profile.yaml"),
-            ("selective_gradmatch", "mnist/selective_gradmatch.yaml", (0,), ()),
-            ("selective_ds", "mnist/selective_ds.yaml", seeds3, ()),
+            ("robust", "recipes/robust.yaml", seeds3, ()),
+            ("standard", "recipes/standard.yaml", (0,), ()),
+            ("ds", "recipes/ds.yaml", (0,), DASHBOARD),
+            ("ds", "recipes/ds.yaml", (1, 2), ()),
+            ("ds_adaptive", "recipes/ds_adaptive.yaml", (0,), ()),
+            ("selective_margin", "recipes/selective_margin.yaml", seeds3, ()),
+            ("random", "recipes/random.yaml", seeds3, ()),
+            ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
+            ("selective_gradmatch", "recipes/selective_gradmatch.yaml", (0,), ()),
+            ("selective_ds", "recipes/selective_ds.yaml", seeds3, ()),
         ]),
     )
     tiny = Suite(
         name="tiny",
+        base="digits/base.yaml",
         eps=0.1,
         test_batches=1,
         overrides=(
@@ -134,9 +136,9 @@ def suites(data_dir: str) -> dict[str, Suite]:
         ),
         limits=(("limit_train_batches", 2), ("limit_val_batches", 1)),
         rows=_rows([
-            ("robust", "digits_robust.yaml", (0,), ()),
-            ("ds", "digits_ds_p1.yaml", (0,), ("--model.init_args.p_up", "0.5")),
-            ("stability", "digits/stability.yaml", (0,), (), "digits/stability_profile.yaml"),
+            ("robust", "recipes/robust.yaml", (0,), ()),
+            ("ds", "recipes/ds.yaml", (0,), ()),
+            ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
         ]),
     )
     return {s.name: s for s in (mnist, tiny)}
@@ -171,8 +173,7 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     save_dir = (runs_dir / suite.name).resolve()
-    configs = [arg for c in run.config.split("+") for arg in ("--config", str(REPO / "configs" / c))]
-    common = [*configs, *suite.overrides, *run.extra, "--trainer.enable_progress_bar", "false"]
+    common = [*_config_args(suite, run.config), *suite.overrides, *run.extra, "--trainer.enable_progress_bar", "false"]
     work = runs_dir / suite.name / run.run_id  # the stability profile's relative path lands here
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
@@ -180,7 +181,7 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
     start = time.perf_counter()
     if run.pre:
         pre_counter = CountFlops()
-        pre = build_cli(["--config", str(REPO / "configs" / run.pre), *suite.overrides,
+        pre = build_cli([*_config_args(suite, run.pre), *suite.overrides,
                          "--trainer.enable_progress_bar", "false", "--seed_everything", str(run.seed),
                          "--trainer.logger.init_args.save_dir", str(save_dir),
                          "--trainer.logger.init_args.name", f"{run.name}_profile",
@@ -228,15 +229,25 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
                                        "--model.init_args.test_attack.version", "standard"],
                                       suite.aa_standard_batches)
     return {
-        "suite": suite.name, "row": run.name, "seed": run.seed, "config_files": run.config.split("+"),
+        "suite": suite.name, "row": run.name, "seed": run.seed, "config_files": _config_files(suite, run.config),
         "overrides": [*suite.overrides, *run.extra], "resolved_config": resolved, "commit": _commit(),
         "machine": _machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fit_seconds": fit_seconds, "train_flops": counter.total_flops, "flops_per_epoch": counter.per_epoch,
-        "profile_flops": profile_flops, "profile_config": run.pre,
+        "profile_flops": profile_flops,
+        "profile_config": run.pre and _config_files(suite, run.pre),
         "epochs": int(cli.trainer.current_epoch), "steps": int(cli.trainer.global_step),
         "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")},
         "test": results,
     }
+
+
+def _config_files(suite: Suite, overlays: str) -> list[str]:
+    """The files of a run, relative to configs/: the suite's base, then the "+"-joined overlays."""
+    return [suite.base, *overlays.split("+")]
+
+
+def _config_args(suite: Suite, overlays: str) -> list[str]:
+    return [arg for c in _config_files(suite, overlays) for arg in ("--config", str(REPO / "configs" / c))]
 
 
 def _limit(trainer, suite: Suite) -> None:  # noqa: ANN001 - a lightning Trainer
@@ -299,7 +310,8 @@ def main() -> None:
     if args.cmd == "list":
         for run in suite.rows:
             state = "done" if _record_path(args.records, suite.name, run).exists() else "todo"
-            print(f"{state}  {suite.name}/{run.run_id}  {run.config}  {' '.join(run.extra)}")
+            print(f"{state}  {suite.name}/{run.run_id}  {' + '.join(_config_files(suite, run.config))}  "
+                  f"{' '.join(run.extra)}")
     elif args.cmd == "run":
         run_suite(suite, args.only, args.records, args.runs, args.data_dir, args.seeds)
     else:

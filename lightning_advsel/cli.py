@@ -1,22 +1,110 @@
-"""``lightning-advsel``: LightningCLI with ``fit``, ``validate`` and ``test`` over YAML configs.
+"""``lightning-advsel``: LightningCLI with ``fit``, ``validate`` and ``test`` over composed YAML configs.
 
-Example::
+A run combines a data set's base config with a recipe overlay and, optionally, callback or trainer overlays;
+later files override earlier ones::
 
-    lightning-advsel fit --config configs/digits_ds.yaml
-    lightning-advsel validate --config configs/digits_ds.yaml --ckpt_path last
+    lightning-advsel fit --config configs/digits/base.yaml --config configs/recipes/ds.yaml
+    lightning-advsel validate --config configs/digits/base.yaml --config configs/recipes/ds.yaml --ckpt_path last
+
+The TensorBoard run is named after what was combined (:func:`run_name`: ``digits/ds`` above), unless a
+config or the command line names it (``--trainer.logger.init_args.name``).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_advsel.module import AdversarialSelectionModule
 
+BASE_CONFIG = "base.yaml"  # configs/<data set>/base.yaml: the data set's data, model, attacks and trainer
+ADD_ON_FOLDERS = ("callbacks", "trainer")  # overlays that watch or place a run, not change what it trains
+DATA_SET_FIELD = "{data_set}"  # in a config's strings: the folder of the base config, e.g. "mnist"
+LOG_DIR = "lightning_logs"  # TensorBoard's folder, relative to the working directory
+
+
+def config_files(args: list[str]) -> list[Path]:
+    """The files given with ``--config``/``-c`` in ``args``, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    return files
+
+
+def _label(path: Path) -> str | None:
+    path = path.resolve()
+    if path.name == BASE_CONFIG:
+        return path.parent.name
+    return None if path.parent.name in ADD_ON_FOLDERS else path.stem
+
+
+def run_name(files: list[Path]) -> str | None:
+    """The TensorBoard run name of a combination of config files: their labels joined by ``/``.
+
+    A ``base.yaml`` is labelled by its folder (the data set), a file in a ``callbacks/`` or ``trainer/`` folder
+    has no label, and any other file is labelled by its stem: ``configs/mnist/base.yaml`` +
+    ``configs/recipes/ds.yaml`` + ``configs/callbacks/dashboards.yaml`` gives ``mnist/ds``. ``None`` without
+    a labelled file.
+    """
+    return "/".join(label for label in map(_label, files) if label) or None
+
+
+def data_set(files: list[Path]) -> str | None:
+    """The data set of a combination of config files: the folder of its (last) ``base.yaml``, else ``None``."""
+    bases = [f.resolve().parent.name for f in files if f.name == BASE_CONFIG]
+    return bases[-1] if bases else None
+
+
+def _fill(value: Any, data_set_name: str | None) -> Any:
+    """``value`` with ``{data_set}`` replaced in every string it holds (namespaces, lists and dicts walked)."""
+    if isinstance(value, str) and DATA_SET_FIELD in value:
+        if data_set_name is None:
+            raise ValueError(f"{value!r} names {DATA_SET_FIELD}, the folder of the base config, but no "
+                             f"--config file is a {BASE_CONFIG} (e.g. configs/digits/{BASE_CONFIG})")
+        return value.replace(DATA_SET_FIELD, data_set_name)
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, _fill(item, data_set_name))
+    elif isinstance(value, list):
+        value[:] = [_fill(item, data_set_name) for item in value]
+    elif isinstance(value, dict):
+        value.update({key: _fill(item, data_set_name) for key, item in value.items()})
+    return value
+
 
 class AdvSelCLI(LightningCLI):
-    """LightningCLI that prints clean and robust validation accuracy when ``fit`` ends."""
+    """LightningCLI for composed configs that prints clean and robust validation accuracy when ``fit`` ends.
+
+    From the ``--config`` files given it takes the default TensorBoard logger (``lightning_logs/<run name>``,
+    see :func:`run_name`; a name or logger given in a config or on the command line wins) and fills
+    ``{data_set}`` in the config's strings (see :func:`data_set`), so that one recipe overlay serves every data
+    set: the stability baseline's profile path.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        given = sys.argv[1:] if given is None else given
+        # Command-line words only; a dict or namespace of arguments names no config files.
+        self._config_files = config_files([str(a) for a in given]) if isinstance(given, list) else []
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:  # noqa: ANN401 - a LightningArgumentParser
+        name = run_name(self._config_files)
+        if name is not None:
+            parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                                    "init_args": {"save_dir": LOG_DIR, "name": name}}})
+
+    def before_instantiate_classes(self) -> None:
+        _fill(self.config[self.subcommand] if self.subcommand else self.config, data_set(self._config_files))
 
     def after_fit(self) -> None:
         self._print_summary("val")

@@ -89,7 +89,7 @@ def read_profile(path: str | os.PathLike) -> Profile:
     if not path.is_file():
         raise FileNotFoundError(
             f"`subset_file` {str(path)!r} does not exist; write it first with a profiling run (the "
-            f"StabilityProfile callback, e.g. configs/digits/stability_profile.yaml)"
+            f"StabilityProfile callback, e.g. configs/digits/base.yaml with configs/recipes/stability_profile.yaml)"
         )
     try:
         content = json.loads(path.read_text())

@@ -16,6 +16,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+MAIN_JOB = ("digits/base.yaml", "recipes/ds.yaml", "callbacks/dashboards.yaml")  # the README's main job
+
+
+def config_args(*names: str) -> list[str]:
+    """``--config`` arguments for files under ``configs/``, combined in the order given."""
+    return [arg for name in names for arg in ("--config", str(REPO / "configs" / name))]
+
+
+def digits(recipe: str) -> list[str]:
+    """``--config`` arguments of the digits base with ``configs/recipes/<recipe>.yaml``."""
+    return config_args("digits/base.yaml", f"recipes/{recipe}.yaml")
 
 
 class TinyNet(nn.Module):

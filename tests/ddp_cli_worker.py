@@ -1,8 +1,8 @@
 """Run by tests as ``python tests/ddp_cli_worker.py OUT_DIR RECIPE:SCOPE ...``: the CLI under 2-process DDP.
 
-Each ``RECIPE:SCOPE`` is one ``lightning-advsel fit`` of the digits config with ``configs/trainer/ddp_cpu.yaml``
-on a tiny schedule, in one launch (a launch costs more than the training here). Every rank writes the
-steps it took and the recipe it ran to ``OUT_DIR/rank{R}.json``.
+Each ``RECIPE:SCOPE`` is one ``lightning-advsel fit`` of the main job's configs (``conftest.MAIN_JOB``) with
+``configs/trainer/ddp_cpu.yaml`` on a tiny schedule, in one launch (a launch costs more than the training here).
+Every rank writes the steps it took and the recipe it ran to ``OUT_DIR/rank{R}.json``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from conftest import MAIN_JOB, config_args  # tests/ is on the worker's PYTHONPATH
+
 from lightning_advsel.cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
         "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -26,8 +27,7 @@ def main() -> None:
     results, rank = {}, 0
     for run in sys.argv[2:]:
         recipe, scope = run.split(":")
-        cli = build_cli(["fit", "--config", str(REPO / "configs" / "digits_ds.yaml"),
-                         "--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml"), *TINY,
+        cli = build_cli(["fit", *config_args(*MAIN_JOB, "trainer/ddp_cpu.yaml"), *TINY,
                          "--model.init_args.recipe", recipe, "--model.init_args.selection_scope", scope,
                          "--trainer.logger.init_args.save_dir", str(out / run.replace(":", "_"))])
         rank = cli.trainer.global_rank

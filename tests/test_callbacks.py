@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TinyNet, tiny_batch
+from conftest import TinyNet, config_args, tiny_batch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -325,7 +325,7 @@ def test_adaptive_config_writes_every_tag_in_range_and_the_four_figures(tmp_path
 
     from lightning_advsel.cli import build_cli
 
-    cli = build_cli(["fit", "--config", str(REPO / "configs" / "digits_ds_adaptive.yaml"),
+    cli = build_cli(["fit", *config_args("digits/base.yaml", "recipes/ds_adaptive.yaml", "callbacks/dashboards.yaml"),
                      "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
                      "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
                      "--model.init_args.train_attack.steps", "2", "--model.init_args.eval_attack.steps", "2",

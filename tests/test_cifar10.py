@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, config_args
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import nn
@@ -93,7 +93,7 @@ def test_nothing_is_written_into_the_data_folder(real):
 
 
 def test_cifar10_config_trains_on_the_jpeg_copy_and_tests_its_best_checkpoint(real, tmp_path, capsys):
-    common = ["--config", str(REPO / "configs" / "cifar10" / "ds.yaml"), "--data.init_args.data_dir", str(SHARED_DATA),
+    common = [*config_args("cifar10/base.yaml", "recipes/ds.yaml"), "--data.init_args.data_dir", str(SHARED_DATA),
               "--data.init_args.cache_dir", str(real["cache"]), "--data.init_args.batch_size", "8",
               "--model.init_args.train_attack.steps", "1", "--model.init_args.eval_attack.steps", "1",
               "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path),

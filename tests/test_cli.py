@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA
+from conftest import MAIN_JOB, REPO, SHARED_DATA, config_args, digits
 
 from lightning_advsel import AdversarialSelectionModule
 from lightning_advsel.cli import build_cli
@@ -19,13 +19,13 @@ TINY = [
 ]
 
 
-def fit(config: str, tmp_path: Path, *extra: str):
-    return build_cli(["fit", "--config", str(REPO / "configs" / config), *TINY,
+def fit(configs: list[str], tmp_path: Path, *extra: str):
+    return build_cli(["fit", *configs, *TINY,
                       "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
 
 
 def test_fit_checkpoint_load_and_validate_reproduce_the_validation_numbers(tmp_path, capsys):
-    cli = fit("digits_ds.yaml", tmp_path)
+    cli = fit(config_args(*MAIN_JOB), tmp_path)
     out = capsys.readouterr().out
     val_clean = float(cli.trainer.callback_metrics["val/acc_clean"])
     val_robust = float(cli.trainer.callback_metrics["val/acc_robust"])
@@ -40,13 +40,13 @@ def test_fit_checkpoint_load_and_validate_reproduce_the_validation_numbers(tmp_p
         assert torch.equal(a, b)
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["recipe"] == "ds"
 
-    again = build_cli(["validate", "--config", str(REPO / "configs" / "digits_ds.yaml"), *TINY,
+    again = build_cli(["validate", *config_args(*MAIN_JOB), *TINY,
                        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
                        "--ckpt_path", str(ckpt)])
     assert float(again.trainer.callback_metrics["val/acc_clean"]) == pytest.approx(val_clean, abs=1e-7)
     assert float(again.trainer.callback_metrics["val/acc_robust"]) == pytest.approx(val_robust, abs=1e-7)
 
-    tested = build_cli(["test", "--config", str(REPO / "configs" / "digits_ds.yaml"), *TINY,
+    tested = build_cli(["test", *config_args(*MAIN_JOB), *TINY,
                         "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
                         "--ckpt_path", str(ckpt)])
     metrics = tested.trainer.callback_metrics
@@ -54,10 +54,10 @@ def test_fit_checkpoint_load_and_validate_reproduce_the_validation_numbers(tmp_p
     assert "test accuracy: clean" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config,recipe", [("digits_standard.yaml", "standard"), ("digits_robust.yaml", "robust"),
-                                           ("digits_random.yaml", "random"), ("digits_ds_p1.yaml", "ds")])
-def test_baseline_configs_run_their_recipe(tmp_path, config, recipe):
-    cli = fit(config, tmp_path, "--trainer.max_epochs", "1")
+@pytest.mark.parametrize("overlay,recipe", [("standard", "standard"), ("robust", "robust"), ("random", "random"),
+                                            ("ds_p1", "ds")])
+def test_baseline_configs_run_their_recipe(tmp_path, overlay, recipe):
+    cli = fit(digits(overlay), tmp_path, "--trainer.max_epochs", "1")
     assert cli.model.settings.recipe == recipe
     assert cli.trainer.global_step == 4
     frac = float(cli.trainer.callback_metrics["train/selected_adv_frac"])
@@ -72,7 +72,7 @@ def test_baseline_configs_run_their_recipe(tmp_path, config, recipe):
 def test_paper_configs_parse_with_the_papers_settings(dataset, capsys):
     for method in ("standard", "robust", "ds", "random"):
         with pytest.raises(SystemExit) as exit_info:
-            build_cli(["fit", "--config", str(REPO / "configs" / dataset / f"{method}.yaml"), "--print_config"])
+            build_cli(["fit", *config_args(f"{dataset}/base.yaml", f"recipes/{method}.yaml"), "--print_config"])
         assert exit_info.value.code == 0
         text = capsys.readouterr().out
         assert f"recipe: {method}" in text
@@ -84,7 +84,7 @@ def test_paper_configs_parse_with_the_papers_settings(dataset, capsys):
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").exists(), reason="needs ../shared/data/MNIST")
 def test_mnist_config_trains_from_a_torchvision_layout_folder(tmp_path):
-    cli = build_cli(["fit", "--config", str(REPO / "configs" / "mnist" / "ds.yaml"),
+    cli = build_cli(["fit", *config_args("mnist/base.yaml", "recipes/ds.yaml"),
                      "--data.init_args.data_dir", str(SHARED_DATA), "--trainer.accelerator", "cpu",
                      "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
                      "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
@@ -113,27 +113,25 @@ def test_mnist_config_trains_from_a_torchvision_layout_folder(tmp_path):
 )
 def test_bad_cli_values_fail_before_training_and_write_nothing(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
-        fit("digits_ds.yaml", tmp_path, *override)
+        fit(config_args(*MAIN_JOB), tmp_path, *override)
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("recipe,p_up", [("robust", 1.0), ("selective", 1.0), ("ds", 0.5)])
 def test_cli_without_p_up_takes_the_recipes_default(tmp_path, recipe, p_up):
     # LightningCLI passes the signature default explicitly: None must still mean the recipe's own default.
-    config = tmp_path / "no_p_up.yaml"
-    config.write_text("\n".join(line for line in (REPO / "configs" / "digits_ds.yaml").read_text().splitlines()
-                                if not line.strip().startswith("p_up:")))
-    cli = build_cli(["--config", str(config), "--model.init_args.recipe", recipe, "--trainer.logger", "false"],
-                    run=False)
+    # The digits base sets no p_up (the recipe overlays do).
+    base = config_args("digits/base.yaml")
+    cli = build_cli([*base, "--model.init_args.recipe", recipe, "--trainer.logger", "false"], run=False)
     assert cli.model.p_up == p_up
-    explicit = build_cli(["--config", str(config), "--model.init_args.recipe", recipe, "--model.init_args.p_up",
-                          "0.25", "--trainer.logger", "false"], run=False)
+    explicit = build_cli([*base, "--model.init_args.recipe", recipe, "--model.init_args.p_up", "0.25",
+                          "--trainer.logger", "false"], run=False)
     assert explicit.model.p_up == 0.25
 
 
 def test_missing_data_set_names_the_folder_and_how_to_fetch_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"MNIST was not found under data_dir=.*download: true"):
-        build_cli(["fit", "--config", str(REPO / "configs" / "mnist" / "ds.yaml"),
+        build_cli(["fit", *config_args("mnist/base.yaml", "recipes/ds.yaml"),
                    "--data.init_args.data_dir", str(tmp_path / "nowhere"), "--trainer.accelerator", "cpu",
                    "--trainer.logger.init_args.save_dir", str(tmp_path)])
 

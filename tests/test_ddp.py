@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import MAIN_JOB, REPO, config_args
 
 from lightning_advsel import RECIPES
 
@@ -52,8 +52,8 @@ def test_recipe_trains_on_two_ranks_and_validates(recipe_runs, recipe):
 
 
 def test_console_cli_with_the_ddp_trainer_config_trains_checkpoints_and_draws_the_figures(tmp_path):
-    args = [sys.executable, "-m", "lightning_advsel.cli", "fit", "--config", str(REPO / "configs" / "digits_ds.yaml"),
-            "--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml"), "--trainer.max_epochs", "1",
+    args = [sys.executable, "-m", "lightning_advsel.cli", "fit", *config_args(*MAIN_JOB, "trainer/ddp_cpu.yaml"),
+            "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
             "--trainer.enable_progress_bar", "false", "--model.init_args.train_attack.steps", "2",
             "--model.init_args.eval_attack.steps", "2", "--model.init_args.selection_scope", "global",

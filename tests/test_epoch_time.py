@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, digits
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from epoch_time import main, measure, per_batch_seconds  # noqa: E402
@@ -24,7 +24,7 @@ def test_bad_batch_counts_are_refused_before_anything_runs():
 
 
 def test_epoch_time_of_a_digits_config_extrapolates_to_the_full_loaders(capsys):
-    rows = main(["--config", str(REPO / "configs" / "digits_robust.yaml"), "--train-batches", "3",
+    rows = main([*digits("robust"), "--train-batches", "3",
                  "--val-batches", "1", "--model.init_args.train_attack.steps", "1",
                  "--model.init_args.eval_attack.steps", "1", "--trainer.accelerator", "cpu"])
     train, val, epoch = rows

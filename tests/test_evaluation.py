@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TinyNet, fit_steps, tiny_batch
+from conftest import MAIN_JOB, REPO, TinyNet, config_args, fit_steps, tiny_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, AutoAttackConfig
@@ -225,7 +225,7 @@ AA_ARGS = ["--model.init_args.test_attack", "AutoAttackConfig", "--model.init_ar
 
 @pytest.mark.slow
 def test_cli_builds_autoattack_by_name_tests_with_it_and_its_checkpoint_reloads_it(tmp_path, capsys):
-    config = ["--config", str(REPO / "configs" / "digits_ds.yaml"), *CLI_TINY, *AA_ARGS]
+    config = [*config_args(*MAIN_JOB), *CLI_TINY, *AA_ARGS]
     cli = build_cli(["fit", *config, "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert type(cli.model.test_attack) is AutoAttackConfig
     assert cli.model.test_attack == AutoAttackConfig(eps=0.1, version="apgd")
@@ -255,7 +255,7 @@ def test_cli_builds_autoattack_by_name_tests_with_it_and_its_checkpoint_reloads_
     ],
 )
 def test_cli_spellings_build_the_named_test_attack(tmp_path, yaml_text, args, expected):
-    configs = ["--config", str(REPO / "configs" / "digits_ds.yaml")]
+    configs = config_args(*MAIN_JOB)
     if yaml_text:
         overlay = tmp_path / "overlay.yaml"
         overlay.write_text("model:\n  init_args:\n" + "".join(f"    {line}\n" for line in yaml_text.splitlines()))

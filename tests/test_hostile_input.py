@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TinyNet, tiny_batch
+from conftest import MAIN_JOB, TinyNet, config_args, tiny_batch
 from torch import nn
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, pgd
@@ -255,7 +255,7 @@ def test_data_module_refuses_bad_data_at_setup(tmp_path, case_id, call, error, m
 def test_cli_refuses_bad_value_before_any_training_step(tmp_path, capsys, case_id, override, error, match):
     steps = []
     with pytest.raises(error, match=None if error is SystemExit else match):
-        cli = build_cli(["fit", "--config", str(REPO / "configs" / "digits_ds.yaml"), "--trainer.max_epochs", "1",
+        cli = build_cli(["fit", *config_args(*MAIN_JOB), "--trainer.max_epochs", "1",
                          "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
                          "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
                          "--trainer.default_root_dir", str(tmp_path), *override])

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import MAIN_JOB, config_args
 
 from lightning_advsel.cli import build_cli
 
 
 @pytest.mark.slow
 def test_main_job_reaches_the_promised_clean_and_robust_accuracy(tmp_path, capsys):
-    cli = build_cli(["fit", "--config", str(REPO / "configs" / "digits_ds.yaml"),
+    cli = build_cli(["fit", *config_args(*MAIN_JOB),
                      "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     metrics = cli.trainer.callback_metrics
     assert cli.model.eval_attack.steps == 20 and cli.model.eval_attack.eps == pytest.approx(0.1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import MAIN_JOB, REPO, config_args
 
 pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 6
@@ -57,7 +57,7 @@ model:
 
 
 def command(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lightning_advsel.cli", "fit", "--config", str(REPO / "configs" / "digits_ds.yaml"),
+    return [sys.executable, "-m", "lightning_advsel.cli", "fit", *config_args(*MAIN_JOB),
             "--config", str(cfg), *extra]
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TinyNet, fit_steps, tiny_batch
+from conftest import REPO, TinyNet, digits, fit_steps, tiny_batch
 from test_module import RowCounter, make
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -266,6 +266,6 @@ def test_closed_form_gradmatch_refuses_a_model_whose_last_linear_is_not_the_outp
 
 def test_bad_attack_frac_from_the_command_line_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"`attack_frac` must be in \(0, 1\], got 1.5"):
-        build_cli(["--config", str(REPO / "configs" / "digits_selective_margin.yaml"),
+        build_cli([*digits("selective_margin"),
                    "--model.init_args.attack_frac", "1.5", "--trainer.logger.init_args.save_dir", str(tmp_path)],
                   run=False)

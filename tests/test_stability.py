@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TinyNet, run_spawned_script
+from conftest import TinyNet, digits, run_spawned_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
@@ -224,12 +224,12 @@ def test_the_two_digits_commands_run_in_sequence_from_the_configs(tmp_path, monk
     monkeypatch.chdir(tmp_path)  # the configs' fixed profile path is relative to the working directory
     short = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
              "--model.init_args.train_attack.steps", "3", "--model.init_args.eval_attack.steps", "3"]
-    first = build_cli(["fit", "--config", str(REPO / "configs" / "digits" / "stability_profile.yaml"), *short])
-    path = tmp_path / "lightning_logs" / "digits_stability_profile" / "stability_profile.json"
+    first = build_cli(["fit", *digits("stability_profile"), *short])
+    path = tmp_path / "lightning_logs" / "digits" / "stability_profile" / "stability_profile.json"
     profile = read_profile(path)
     assert profile.epochs == 2 and profile.num_samples == N_DIGITS_TRAIN
 
-    second = build_cli(["fit", "--config", str(REPO / "configs" / "digits" / "stability.yaml"), *short])
+    second = build_cli(["fit", *digits("stability"), *short])
     kept = subset_indices(profile.counts, 0.5, "stable")
     view = second.datamodule.training_view()
     assert view.indices == kept.tolist() and len(kept) == 629
