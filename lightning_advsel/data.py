@@ -22,7 +22,6 @@ samples). Validation and test sets are never restricted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +32,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from typing_extensions import override
 
-from lightning_advsel import selection, stability
+from lightning_advsel import stability
 from lightning_advsel.augment import augment_generator, random_crop_flip
 from lightning_advsel.batch import unpack
+from lightning_advsel.checks import check_choice, check_fraction, check_int, check_path
+from lightning_advsel.stability import Keep
 
 NUM_CLASSES = 10
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
 def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
@@ -96,26 +92,18 @@ class _BaseDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int, split_seed: int, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None, subset_fraction: float = 0.5,
-                 subset_keep: str = "stable") -> None:
+                 subset_keep: Keep = "stable") -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("split_seed", split_seed, 0)
-        _check_int("shuffle_seed", shuffle_seed, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.split_seed = check_int("split_seed", split_seed, 0)
+        self.shuffle_seed = check_int("shuffle_seed", shuffle_seed, 0)
         if not isinstance(return_index, bool):
             raise ValueError(f"`return_index` must be true or false, got {return_index!r}")
-        if subset_file is not None and (not isinstance(subset_file, (str, os.PathLike)) or not str(subset_file)):
-            raise ValueError(f"`subset_file` must be the path of a stability profile or None, got {subset_file!r}")
-        self.subset_fraction = selection.check_fraction("subset_fraction", subset_fraction)
-        if subset_keep not in stability.KEEP:
-            raise ValueError(f"`subset_keep` must be one of {stability.KEEP}, got {subset_keep!r}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.split_seed = split_seed
-        self.shuffle_seed = shuffle_seed
         self.return_index = return_index
-        self.subset_file = None if subset_file is None else str(subset_file)
-        self.subset_keep = subset_keep
+        self.subset_file = check_path("subset_file", subset_file, "the path of a stability profile", optional=True)
+        self.subset_fraction = check_fraction("subset_fraction", subset_fraction)
+        self.subset_keep = check_choice("subset_keep", subset_keep, stability.KEEP)
         self.subset_profile: stability.Profile | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -240,11 +228,11 @@ class DigitsDataModule(_BaseDataModule):
     def __init__(self, batch_size: int = 64, val_size: int = 270, test_size: int = 270,
                  num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable") -> None:
         super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep)
-        _check_int("val_size", val_size, 1)
-        _check_int("test_size", test_size, 1)
+        check_int("val_size", val_size, 1)
+        check_int("test_size", test_size, 1)
         if val_size + test_size >= self.total:
             raise ValueError(
                 f"`val_size` + `test_size` must leave training data out of {self.total} digits, "
@@ -283,16 +271,12 @@ class _TorchvisionDataModule(_BaseDataModule):
     def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
                  num_workers: int, split_seed: int, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep)
-        _check_int("val_size", val_size, 1)
-        if train_size is not None:
-            _check_int("train_size", train_size, 1)
-        self.train_size = train_size
-        if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
-            raise ValueError(f"`data_dir` must be a folder path, got {data_dir!r}")
-        self.data_dir = str(data_dir)
+        check_int("val_size", val_size, 1)
+        self.train_size = check_int("train_size", train_size, 1, optional=True)
+        self.data_dir = check_path("data_dir", data_dir, "a folder path")
         self.download = download
         self.val_size = val_size
 
@@ -408,7 +392,7 @@ class MNISTDataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
                  num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep, train_size)
 
@@ -515,13 +499,11 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
                  augment: bool = True, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  cache_dir: str | None = None, return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep, train_size)
-        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
-            raise ValueError(f"`cache_dir` must be a folder path or None (the default cache), got {cache_dir!r}")
         self.augment = augment
-        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.cache_dir = check_path("cache_dir", cache_dir, "a folder path", optional=True)
         self.loaded_from_cache: bool | None = None
 
     def _dataset_cls(self) -> type:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -49,8 +49,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_advsel import distributed, selection
-from lightning_advsel.attacks import MODES, AttackConfig, model_mode
+from lightning_advsel import checks, distributed, selection
+from lightning_advsel.attacks import MODES, AttackConfig, Mode, model_mode
 from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
 
@@ -204,46 +204,37 @@ class AdversarialSelectionModule(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        recipe: str = "ds",
+        recipe: Literal["standard", "robust", "ds", "random", "selective", "selective_ds"] = "ds",
         p_up: float | None = None,
         attack_frac: float = 0.5,
-        attack_score: str = "margin",
+        attack_score: selection.AttackScore = "margin",
         train_attack: AttackConfig | None = None,
         eval_attack: AttackConfig | None = None,
         test_attack: AutoAttackConfig | AttackConfig | None = None,  # this order: see evaluation._ByClassPath
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: str = "epoch",
-        scoring_mode: str = "train",
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scoring_mode: Mode = "train",
         seed: int = 0,
-        selection_scope: str = "local",
-        nonfinite: str = "raise",
+        selection_scope: distributed.Scope = "local",
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be an nn.Module classifier, got {type(model).__name__}")
-        if recipe not in RECIPES:
-            raise ValueError(f"`recipe` must be one of {tuple(RECIPES)}, got {recipe!r}")
-        if attack_score not in selection.PRE_ATTACK_SCORES:
-            raise ValueError(
-                f"`attack_score` must be one of {tuple(selection.PRE_ATTACK_SCORES)}, got {attack_score!r}"
-            )
+        checks.check_choice("recipe", recipe, RECIPES)
+        checks.check_choice("attack_score", attack_score, selection.PRE_ATTACK_SCORES)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
-        if scoring_mode not in MODES:
-            raise ValueError(f"`scoring_mode` must be one of {MODES}, got {scoring_mode!r}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-        distributed.check_scope(selection_scope)
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"`nonfinite` must be one of {NONFINITE}, got {nonfinite!r}")
-        self.p_up = selection.check_fraction("p_up", default_p_up(recipe) if p_up is None else p_up)
-        self.attack_frac = selection.check_fraction("attack_frac", attack_frac)
+        checks.check_choice("scoring_mode", scoring_mode, MODES)
+        checks.check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        checks.check_int("num_classes", num_classes, 2)
+        checks.check_int("seed", seed, 0)
+        checks.check_choice("selection_scope", selection_scope, distributed.SCOPES)
+        checks.check_choice("nonfinite", nonfinite, NONFINITE)
+        self.p_up = checks.check_fraction("p_up", default_p_up(recipe) if p_up is None else p_up)
+        self.attack_frac = checks.check_fraction("attack_frac", attack_frac)
         self.train_attack = _as_attack("train_attack", train_attack) or AttackConfig(mode="train")
         if eval_attack is None:
             eval_attack = AttackConfig(eps=self.train_attack.eps, alpha=0.01, steps=20, norm=self.train_attack.norm)
