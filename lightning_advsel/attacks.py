@@ -15,18 +15,23 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-NORMS = ("linf", "l2")
-MODES = ("eval", "train", "keep")
+from lightning_advsel.checks import check_choice, check_int, check_linf_eps, check_number
+
+Norm = Literal["linf", "l2"]
+Mode = Literal["eval", "train", "keep"]
+NORMS: tuple[str, ...] = get_args(Norm)
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @contextmanager
-def model_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+def model_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
     """Run a block with ``model`` in a given mode and restore every submodule's mode afterwards.
 
     Args:
@@ -38,8 +43,7 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     Raises:
         ValueError: if ``mode`` is not one of ``"eval"``, ``"train"``, ``"keep"``.
     """
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     flags = [(m, m.training) for m in model.modules()]
     saved: list[tuple[_BatchNorm, Tensor, Tensor, Tensor]] = []
     if mode == "eval":
@@ -62,18 +66,12 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
 
 
 def _check_attack_args(eps: float, alpha: float, steps: int, norm: str, restarts: int) -> None:
-    for name, value in (("eps", eps), ("alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"`{name}` must be a finite number (pixel units), got {value!r}")
-        if value < 0:
-            raise ValueError(f"`{name}` must be >= 0 (pixel units), got {value}")
-    if norm not in NORMS:
-        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
-    if norm == "linf" and eps > 1:
-        raise ValueError(f"`eps` must be <= 1 for the linf norm: pixels lie in [0, 1], got {eps}")
-    for name, value in (("steps", steps), ("restarts", restarts)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    check_number("eps", eps, 0, unit="pixel units")
+    check_number("alpha", alpha, 0, unit="pixel units")
+    check_choice("norm", norm, NORMS)
+    check_linf_eps("eps", eps, norm)
+    check_int("steps", steps, 1)
+    check_int("restarts", restarts, 1)
 
 
 def _check_inputs(x: Tensor, y: Tensor, eps: float, norm: str) -> None:
@@ -139,10 +137,10 @@ def pgd(
     eps: float,
     alpha: float,
     steps: int,
-    norm: str = "linf",
+    norm: Norm = "linf",
     random_start: bool = True,
     restarts: int = 1,
-    mode: str = "eval",
+    mode: Mode = "eval",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient descent on the cross-entropy (Madry et al., 2018, arXiv:1706.06083).
@@ -214,7 +212,7 @@ def pgd(
         return best.detach()
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", mode: str = "eval") -> Tensor:
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Norm = "linf", mode: Mode = "eval") -> Tensor:
     """Fast gradient sign method (Goodfellow et al., 2015): one step of size ``eps`` from ``x``.
 
     Same contract as :func:`pgd` (inputs in [0, 1], output within eps and in [0, 1]).
@@ -229,8 +227,8 @@ def fgsm_rs(
     *,
     eps: float,
     alpha: float | None = None,
-    norm: str = "linf",
-    mode: str = "eval",
+    norm: Norm = "linf",
+    mode: Mode = "eval",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """FGSM from a random start, the 'fast is better than free' recipe (Wong et al., 2020).
@@ -265,15 +263,14 @@ class AttackConfig:
     eps: float = 0.1
     alpha: float = 0.025
     steps: int = 10
-    norm: str = "linf"
+    norm: Norm = "linf"
     random_start: bool = True
     restarts: int = 1
-    mode: str = "eval"
+    mode: Mode = "eval"
 
     def __post_init__(self) -> None:
         _check_attack_args(self.eps, self.alpha, self.steps, self.norm, self.restarts)
-        if self.mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
+        check_choice("mode", self.mode, MODES)
 
     @property
     def enabled(self) -> bool:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_advsel.checks import check_int
+
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
     """Randomly crop each image out of its zero-padded copy and flip half of them left-right.
@@ -37,8 +39,7 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
     """
     if x.ndim != 4:
         raise ValueError(f"`x` must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"`padding` must be an integer >= 0, got {padding!r}")
+    check_int("padding", padding, 0)
     b, c, h, w = x.shape
     offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator, device=generator.device).to(x.device)
     flip = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(x.device)

@@ -22,7 +22,6 @@ samples). Validation and test sets are never restricted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +32,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from typing_extensions import override
 
-from lightning_advsel import selection, stability
+from lightning_advsel import stability
 from lightning_advsel.augment import augment_generator, random_crop_flip
 from lightning_advsel.batch import unpack
+from lightning_advsel.checks import check_choice, check_fraction, check_int, check_path
+from lightning_advsel.stability import Keep
 
 NUM_CLASSES = 10
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
 def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
@@ -89,33 +85,25 @@ class IndexedDataset(Dataset):
 
 
 class _BaseDataModule(L.LightningDataModule):
-    """Shared loaders. Subclasses set ``train_set``, ``val_set`` and ``test_set`` in ``setup``.
+    """Shared setup and loaders. Subclasses return their three sets from :meth:`_load_sets`.
 
     ``train_set`` is always the whole training split; the loader reads :meth:`training_view` of it.
     """
 
     def __init__(self, batch_size: int, num_workers: int, split_seed: int, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None, subset_fraction: float = 0.5,
-                 subset_keep: str = "stable") -> None:
+                 subset_keep: Keep = "stable") -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("split_seed", split_seed, 0)
-        _check_int("shuffle_seed", shuffle_seed, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.split_seed = check_int("split_seed", split_seed, 0)
+        self.shuffle_seed = check_int("shuffle_seed", shuffle_seed, 0)
         if not isinstance(return_index, bool):
             raise ValueError(f"`return_index` must be true or false, got {return_index!r}")
-        if subset_file is not None and (not isinstance(subset_file, (str, os.PathLike)) or not str(subset_file)):
-            raise ValueError(f"`subset_file` must be the path of a stability profile or None, got {subset_file!r}")
-        self.subset_fraction = selection.check_fraction("subset_fraction", subset_fraction)
-        if subset_keep not in stability.KEEP:
-            raise ValueError(f"`subset_keep` must be one of {stability.KEEP}, got {subset_keep!r}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.split_seed = split_seed
-        self.shuffle_seed = shuffle_seed
         self.return_index = return_index
-        self.subset_file = None if subset_file is None else str(subset_file)
-        self.subset_keep = subset_keep
+        self.subset_file = check_path("subset_file", subset_file, "the path of a stability profile", optional=True)
+        self.subset_fraction = check_fraction("subset_fraction", subset_fraction)
+        self.subset_keep = check_choice("subset_keep", subset_keep, stability.KEEP)
         self.subset_profile: stability.Profile | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -156,20 +144,26 @@ class _BaseDataModule(L.LightningDataModule):
             self._view = (self.train_set, view)
         return self._view[1]
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, sampler: ResumableSampler | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
+        """The whole training split, the validation set and the test set, read from the data source."""
+        raise NotImplementedError
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.train_set, self.val_set, self.test_set = self._load_sets()
+        self._check_sets()
 
     def _check_sets(self) -> None:
         """Called at the end of ``setup``: a training set that is empty or smaller than one batch is refused."""
-        n = len(self.train_set) if self.train_set is not None else 0
+        n = len(self.train_set)
         if n == 0:
             raise ValueError(f"{type(self).__name__} has an empty training set; check the data set and the split sizes")
         n = len(self.training_view())
@@ -185,8 +179,7 @@ class _BaseDataModule(L.LightningDataModule):
             # Every rank consumed the same number of batches; skip this rank's share of them.
             sampler.skip(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = {}
-        return DataLoader(train_set, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self._loader(train_set, sampler)
 
     def state_dict(self) -> dict[str, int]:
         """Where training is inside the current epoch: ``{"epoch", "batches"}`` consumed so far."""
@@ -203,10 +196,10 @@ class _BaseDataModule(L.LightningDataModule):
             self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict.get("batches", 0))}
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
 
 
 class DigitsDataModule(_BaseDataModule):
@@ -240,11 +233,11 @@ class DigitsDataModule(_BaseDataModule):
     def __init__(self, batch_size: int = 64, val_size: int = 270, test_size: int = 270,
                  num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable") -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable") -> None:
         super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep)
-        _check_int("val_size", val_size, 1)
-        _check_int("test_size", test_size, 1)
+        check_int("val_size", val_size, 1)
+        check_int("test_size", test_size, 1)
         if val_size + test_size >= self.total:
             raise ValueError(
                 f"`val_size` + `test_size` must leave training data out of {self.total} digits, "
@@ -258,20 +251,16 @@ class DigitsDataModule(_BaseDataModule):
         self.val_size = val_size
         self.test_size = test_size
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    @override
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.tensor(digits.target, dtype=torch.long)
         n_train = len(y) - self.val_size - self.test_size
-        train, val, test = _split(len(y), (n_train, self.val_size, self.test_size), self.split_seed)
-        self.train_set = TensorDataset(x[train], y[train])
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x[test], y[test])
-        self._check_sets()
+        splits = _split(len(y), (n_train, self.val_size, self.test_size), self.split_seed)
+        return tuple(TensorDataset(x[rows], y[rows]) for rows in splits)
 
 
 class _TorchvisionDataModule(_BaseDataModule):
@@ -283,25 +272,24 @@ class _TorchvisionDataModule(_BaseDataModule):
     def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
                  num_workers: int, split_seed: int, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep)
-        _check_int("val_size", val_size, 1)
-        if train_size is not None:
-            _check_int("train_size", train_size, 1)
-        self.train_size = train_size
-        if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
-            raise ValueError(f"`data_dir` must be a folder path, got {data_dir!r}")
-        self.data_dir = str(data_dir)
+        check_int("val_size", val_size, 1)
+        self.train_size = check_int("train_size", train_size, 1, optional=True)
+        self.data_dir = check_path("data_dir", data_dir, "a folder path")
         self.download = download
         self.val_size = val_size
 
-    def _train_val_split(self, n: int) -> tuple[Tensor, Tensor]:
-        """Indices of the training and validation images among the ``n`` of the data set's training part.
+    def _train_val_split(self, train: Dataset, val: Dataset | None = None) -> tuple[Subset, Subset]:
+        """The training and validation subsets of the data set's training part ``train``.
 
         The validation images are ``val_size`` drawn with ``split_seed``; the training images are the rest, or
         the first ``train_size`` of the rest in that seeded order (a fixed random subset for a smaller budget).
+        ``val``, when given, is the same images served differently (without augmentation); the validation
+        subset is taken from it.
         """
+        n = len(train)
         if n == 0:
             raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
                              f"expected training images there")
@@ -315,7 +303,9 @@ class _TorchvisionDataModule(_BaseDataModule):
                 f"after `val_size`={self.val_size}, got {self.train_size}"
             )
         train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
-        return (train_idx if self.train_size is None else train_idx[: self.train_size]), val_idx
+        if self.train_size is not None:
+            train_idx = train_idx[: self.train_size]
+        return Subset(train, train_idx.tolist()), Subset(train if val is None else val, val_idx.tolist())
 
     def _dataset_cls(self) -> type:
         raise NotImplementedError
@@ -343,19 +333,13 @@ class _TorchvisionDataModule(_BaseDataModule):
             self._open(True, transforms.ToTensor())
             self._open(False, transforms.ToTensor())
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    @override
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
         from torchvision import transforms
 
         plain = transforms.ToTensor()
-        train_aug = self._open(True, self._train_transform())
-        train_plain = self._open(True, plain)
-        train_idx, val_idx = self._train_val_split(len(train_plain))
-        self.train_set = Subset(train_aug, train_idx.tolist())
-        self.val_set = Subset(train_plain, val_idx.tolist())
-        self.test_set = self._open(False, plain)
-        self._check_sets()
+        train, val = self._train_val_split(self._open(True, self._train_transform()), self._open(True, plain))
+        return train, val, self._open(False, plain)
 
 
 _IDX_FILES = {
@@ -408,7 +392,7 @@ class MNISTDataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, val_size: int = 5000,
                  num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep, train_size)
 
@@ -435,15 +419,9 @@ class MNISTDataModule(_TorchvisionDataModule):
             for train in (True, False):
                 self._dataset_cls()(self.data_dir, train=train, download=True)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        train = self._raw(True)
-        train_idx, val_idx = self._train_val_split(len(train))
-        self.train_set = Subset(train, train_idx.tolist())
-        self.val_set = Subset(train, val_idx.tolist())
-        self.test_set = self._raw(False)
-        self._check_sets()
+    @override
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
+        return (*self._train_val_split(self._raw(True)), self._raw(False))
 
 
 class FashionMNISTDataModule(MNISTDataModule):
@@ -515,13 +493,11 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 256, val_size: int = 5000,
                  augment: bool = True, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  cache_dir: str | None = None, return_index: bool = False, subset_file: str | None = None,
-                 subset_fraction: float = 0.5, subset_keep: str = "stable", train_size: int | None = None) -> None:
+                 subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep, train_size)
-        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
-            raise ValueError(f"`cache_dir` must be a folder path or None (the default cache), got {cache_dir!r}")
         self.augment = augment
-        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.cache_dir = check_path("cache_dir", cache_dir, "a folder path", optional=True)
         self.loaded_from_cache: bool | None = None
 
     def _dataset_cls(self) -> type:
@@ -551,16 +527,12 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         self._files(prepare=True)
 
     @override
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
         data = self._files()
         self.loaded_from_cache = data.from_cache
-        train_idx, val_idx = self._train_val_split(len(data.train_y))
-        self.train_set = Subset(TensorDataset(data.train_x, data.train_y), train_idx.tolist())
-        self.val_set = Subset(_ScaledImages(data.train_x, data.train_y), val_idx.tolist())
-        self.test_set = _ScaledImages(data.test_x, data.test_y)
-        self._check_sets()
+        train, val = self._train_val_split(TensorDataset(data.train_x, data.train_y),
+                                           _ScaledImages(data.train_x, data.train_y))
+        return train, val, _ScaledImages(data.test_x, data.test_y)
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -17,25 +17,15 @@ Every function here takes the Lightning strategy, so the same code runs with glo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_advsel import selection
 
-SCOPES = ("local", "global")
-
-
-def check_scope(scope: str) -> str:
-    """Return ``scope`` if it is a known selection scope.
-
-    Raises:
-        ValueError: if ``scope`` is not ``"local"`` or ``"global"``.
-    """
-    if scope not in SCOPES:
-        raise ValueError(f"`selection_scope` must be one of {SCOPES}, got {scope!r}")
-    return scope
+Scope = Literal["local", "global"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 
 def world_size(strategy: Any) -> int:

@@ -27,17 +27,18 @@ its robust accuracy is at or above the reference's; Square's 5000 queries are th
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from lightning_advsel.attacks import NORMS, _check_inputs, model_mode
+from lightning_advsel.attacks import NORMS, Norm, _check_inputs, model_mode
+from lightning_advsel.checks import check_choice, check_int, check_linf_eps, check_number
 
-VERSIONS = ("standard", "apgd")
+Version = Literal["standard", "apgd"]
+VERSIONS: tuple[str, ...] = get_args(Version)
 INSTALL_HINT = 'pip install "lightning-advsel[eval]"  (or: pip install "torchattacks>=3.5")'
 _TORCHATTACKS_NORMS = {"linf": "Linf", "l2": "L2"}
 
@@ -64,16 +65,11 @@ def batch_seed(seed: int, batch_idx: int) -> int:
 
 
 def _check_settings(eps: float, norm: str, version: str, seed: int) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"`eps` must be a finite number > 0 (pixel units), got {eps!r}")
-    if norm not in NORMS:
-        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
-    if norm == "linf" and eps > 1:
-        raise ValueError(f"`eps` must be <= 1 for the linf norm: pixels lie in [0, 1], got {eps}")
-    if version not in VERSIONS:
-        raise ValueError(f"`version` must be one of {VERSIONS}, got {version!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+    check_number("eps", eps, 0, strict=True, unit="pixel units")
+    check_choice("norm", norm, NORMS)
+    check_linf_eps("eps", eps, norm)
+    check_choice("version", version, VERSIONS)
+    check_int("seed", seed, 0)
 
 
 def _build(torchattacks: Any, model: nn.Module, eps: float, norm: str, version: str, num_classes: int,
@@ -110,8 +106,8 @@ def autoattack(
     y: Tensor,
     *,
     eps: float,
-    norm: str = "linf",
-    version: str = "standard",
+    norm: Norm = "linf",
+    version: Version = "standard",
     seed: int = 0,
     num_classes: int | None = None,
 ) -> Tensor:
@@ -196,8 +192,8 @@ class AutoAttackConfig(_ByClassPath):
     """
 
     eps: float
-    norm: str = "linf"
-    version: str = "standard"
+    norm: Norm = "linf"
+    version: Version = "standard"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_advsel.checks import check_int
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
@@ -35,11 +37,6 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 class SmallCNN(nn.Module):
@@ -71,7 +68,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("input_size", input_size),
                             ("width", width), ("hidden", hidden)):
-            _check_positive(name, value)
+            check_int(name, value, 1)
         if input_size % 4:
             raise ValueError(f"`input_size` must be a multiple of 4 (two 2x2 pools), got {input_size}")
         self.normalize = Normalize(mean, std)
@@ -135,8 +132,8 @@ class _CifarResNet(nn.Module):
     def __init__(self, block: type[nn.Module], preact: bool, num_classes: int, in_channels: int,
                  mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        _check_positive("num_classes", num_classes)
-        _check_positive("in_channels", in_channels)
+        check_int("num_classes", num_classes, 1)
+        check_int("in_channels", in_channels, 1)
         self.normalize = Normalize(mean, std)
         self.preact = preact
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -25,14 +25,15 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_advsel import distributed, selection
-from lightning_advsel.attacks import AttackConfig, model_mode
+from lightning_advsel import checks, distributed, selection
+from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.step import (
     LOCAL,
     RECIPES,
     GlobalScope,
+    RecipeName,
     SelectionRecord,
     StepResult,
     StepSettings,
@@ -43,7 +44,9 @@ from lightning_advsel.step import (
 __all__ = ["RECIPES", "AdversarialSelectionModule", "SelectionRecord", "default_p_up"]
 
 
-NONFINITE = ("raise", "skip")
+Nonfinite = Literal["raise", "skip"]
+NONFINITE = get_args(Nonfinite)
+Interval = Literal["epoch", "step"]
 
 
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
@@ -134,27 +137,26 @@ class AdversarialSelectionModule(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        recipe: str = "ds",
+        recipe: RecipeName = "ds",
         p_up: float | None = None,
         attack_frac: float = 0.5,
-        attack_score: str = "margin",
+        attack_score: selection.AttackScore = "margin",
         train_attack: AttackConfig | None = None,
         eval_attack: AttackConfig | None = None,
         test_attack: AutoAttackConfig | AttackConfig | None = None,  # this order: see evaluation._ByClassPath
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: str = "epoch",
-        scoring_mode: str = "train",
+        scheduler_interval: Interval = "epoch",
+        scoring_mode: Mode = "train",
         seed: int = 0,
-        selection_scope: str = "local",
-        nonfinite: str = "raise",
+        selection_scope: distributed.Scope = "local",
+        nonfinite: Nonfinite = "raise",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be an nn.Module classifier, got {type(model).__name__}")
-        if recipe not in RECIPES:
-            raise ValueError(f"`recipe` must be one of {tuple(RECIPES)}, got {recipe!r}")
+        checks.check_choice("recipe", recipe, RECIPES)
         self.settings = StepSettings(
             recipe=recipe, p_up=default_p_up(recipe) if p_up is None else p_up, attack_frac=attack_frac,
             attack_score=attack_score, scoring_mode=scoring_mode,
@@ -162,15 +164,11 @@ class AdversarialSelectionModule(L.LightningModule):
         )
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-        distributed.check_scope(selection_scope)
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"`nonfinite` must be one of {NONFINITE}, got {nonfinite!r}")
+        checks.check_choice("scheduler_interval", scheduler_interval, get_args(Interval))
+        checks.check_int("num_classes", num_classes, 2)
+        checks.check_int("seed", seed, 0)
+        checks.check_choice("selection_scope", selection_scope, distributed.SCOPES)
+        checks.check_choice("nonfinite", nonfinite, NONFINITE)
         if eval_attack is None:
             train = self.settings.train_attack
             eval_attack = AttackConfig(eps=train.eps, alpha=0.01, steps=20, norm=train.norm)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +25,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_advsel.attacks import model_mode
-
-
-def check_fraction(name: str, value: float) -> float:
-    """Return ``value`` if it is a number in (0, 1], else raise an error naming ``name``.
-
-    Raises:
-        ValueError: if ``value`` is not a finite number in (0, 1].
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
-    if not 0 < value <= 1:
-        raise ValueError(f"`{name}` must be in (0, 1], got {value}")
-    return float(value)
 
 
 def fraction_count(n: int, fraction: float) -> int:
@@ -182,6 +170,9 @@ class PreAttackScore:
         return top_k(scores if self.higher_first else -scores, k)
 
 
+AttackScore = Literal["margin", "gradmatch", "gradmatch_exact", "loss", "random"]
+
+# Keyed in the order of `AttackScore`; tests/test_checks.py holds the two together.
 PRE_ATTACK_SCORES: dict[str, PreAttackScore] = {
     "margin": PreAttackScore(margin_score, higher_first=False),
     "gradmatch": PreAttackScore(gradmatch_score, needs_features=True),

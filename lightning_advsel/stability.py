@@ -21,15 +21,18 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_advsel import selection
+from lightning_advsel.checks import check_choice, check_fraction
 
 PROFILE_FORMAT = "lightning_advsel.stability_profile"
 PROFILE_VERSION = 1
-KEEP = ("stable", "unstable")
+Keep = Literal["stable", "unstable"]
+KEEP: tuple[str, ...] = get_args(Keep)
 
 _DESCRIPTION = (
     "counts[i]: epochs of the profiling run in which the PGD training example of training sample i was "
@@ -137,16 +140,15 @@ def check_profile(profile: Profile, path: str | os.PathLike, num_samples: int, s
         )
 
 
-def subset_indices(counts: Tensor, fraction: float, keep: str = "stable") -> Tensor:
+def subset_indices(counts: Tensor, fraction: float, keep: Keep = "stable") -> Tensor:
     """Training-split positions of the ``fraction`` of samples with the fewest (``"stable"``) or the most
     (``"unstable"``) misclassified epochs; ties go to the lower index. Returned in ascending order.
 
     Raises:
         ValueError: for ``fraction`` outside (0, 1] or an unknown ``keep``.
     """
-    fraction = selection.check_fraction("subset_fraction", fraction)
-    if keep not in KEEP:
-        raise ValueError(f"`subset_keep` must be one of {KEEP}, got {keep!r}")
+    fraction = check_fraction("subset_fraction", fraction)
+    check_choice("subset_keep", keep, KEEP)
     k = selection.fraction_count(counts.numel(), fraction)
     # A stable sort keeps index order among equal counts, so ties are broken the same way every time.
     key = counts.long() if keep == "stable" else -counts.long()

@@ -43,14 +43,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_advsel import distributed, selection
-from lightning_advsel.attacks import MODES, AttackConfig, model_mode
+from lightning_advsel import checks, distributed, selection
+from lightning_advsel.attacks import MODES, AttackConfig, Mode, model_mode
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class Recipe:
     post: str  # "loss" | "random"
 
 
+RecipeName = Literal["standard", "robust", "ds", "random", "selective", "selective_ds"]
+
+# Keyed in the order of `RecipeName`; tests/test_checks.py holds the two together.
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(attack="none", pool="replace", post="loss"),
     "robust": Recipe(attack="all", pool="replace", post="loss"),
@@ -99,24 +102,19 @@ class StepSettings:
         ValueError: for an unknown ``recipe``, ``attack_score`` or ``scoring_mode``, or a fraction outside (0, 1].
     """
 
-    recipe: str = "ds"
+    recipe: RecipeName = "ds"
     p_up: float = 0.5
     attack_frac: float = 0.5
-    attack_score: str = "margin"
+    attack_score: selection.AttackScore = "margin"
     train_attack: AttackConfig = field(default_factory=lambda: AttackConfig(mode="train"))
-    scoring_mode: str = "train"
+    scoring_mode: Mode = "train"
 
     def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"`recipe` must be one of {tuple(RECIPES)}, got {self.recipe!r}")
-        if self.attack_score not in selection.PRE_ATTACK_SCORES:
-            raise ValueError(
-                f"`attack_score` must be one of {tuple(selection.PRE_ATTACK_SCORES)}, got {self.attack_score!r}"
-            )
-        if self.scoring_mode not in MODES:
-            raise ValueError(f"`scoring_mode` must be one of {MODES}, got {self.scoring_mode!r}")
-        object.__setattr__(self, "p_up", selection.check_fraction("p_up", self.p_up))
-        object.__setattr__(self, "attack_frac", selection.check_fraction("attack_frac", self.attack_frac))
+        checks.check_choice("recipe", self.recipe, RECIPES)
+        checks.check_choice("attack_score", self.attack_score, selection.PRE_ATTACK_SCORES)
+        checks.check_choice("scoring_mode", self.scoring_mode, MODES)
+        object.__setattr__(self, "p_up", checks.check_fraction("p_up", self.p_up))
+        object.__setattr__(self, "attack_frac", checks.check_fraction("attack_frac", self.attack_frac))
 
 
 @dataclass

@@ -123,8 +123,8 @@ def test_attack_config_calls_pgd_with_its_settings(net):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"eps": -0.1}, r"`eps` must be >= 0.*-0.1"),
-        ({"alpha": -1.0}, r"`alpha` must be >= 0.*-1.0"),
+        ({"eps": -0.1}, r"`eps` must be a finite number >= 0.*-0.1"),
+        ({"alpha": -1.0}, r"`alpha` must be a finite number >= 0.*-1.0"),
         ({"eps": float("nan")}, r"`eps` must be a finite number.*nan"),
         ({"eps": 1.5}, r"`eps` must be <= 1 for the linf norm.*1.5"),
         ({"steps": 0}, r"`steps` must be an integer >= 1, got 0"),

@@ -86,5 +86,5 @@ def test_mnist_train_size_is_a_fixed_prefix_of_the_seeded_split_and_leaves_valid
     assert small.val_set.indices == full.val_set.indices
     with pytest.raises(ValueError, match=r"`train_size` must be at most the 55000 .* got 55001"):
         MNISTDataModule(data_dir=str(SHARED_DATA), val_size=5000, train_size=55001).setup("fit")
-    with pytest.raises(ValueError, match=r"`train_size` must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"`train_size` must be an integer >= 1 or None, got 0"):
         MNISTDataModule(data_dir=str(SHARED_DATA), train_size=0)

@@ -173,8 +173,8 @@ def test_asking_for_autoattack_without_torchattacks_names_the_pip_command(monkey
         ({"eps": 2.0}, r"`eps` must be <= 1 for the linf norm.*got 2.0"),
         ({"eps": 0.1, "norm": "l1"}, r"`norm` must be one of \('linf', 'l2'\), got 'l1'"),
         ({"eps": 0.1, "version": "plus"}, r"`version` must be one of \('standard', 'apgd'\), got 'plus'"),
-        ({"eps": 0.1, "seed": -1}, r"`seed` must be a non-negative integer, got -1"),
-        ({"eps": 0.1, "seed": True}, r"`seed` must be a non-negative integer, got True"),
+        ({"eps": 0.1, "seed": -1}, r"`seed` must be an integer >= 0, got -1"),
+        ({"eps": 0.1, "seed": True}, r"`seed` must be an integer >= 0, got True"),
     ],
 )
 def test_bad_autoattack_settings_fail_at_construction_naming_the_field(kwargs, match):

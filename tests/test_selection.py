@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_advsel.selection import check_fraction, fraction_count, random_k, top_k
+from lightning_advsel.selection import fraction_count, random_k, top_k
 
 
 @pytest.mark.parametrize("n,fraction,expected", [(128, 0.5, 64), (10, 0.25, 3), (10, 0.24, 2), (7, 1.0, 7),
@@ -37,14 +37,3 @@ def test_random_k_draws_distinct_indices_reproducibly_and_covers_the_pool():
         hits[random_k(20, 5, device=torch.device("cpu"), generator=gen)] += 1
     # Each index is picked with probability 1/4: 100 of 400 draws on average.
     assert hits.min() > 60 and hits.max() < 140
-
-
-@pytest.mark.parametrize("value", [0, -0.1, 1.01, float("nan"), float("inf"), "0.5", True, None])
-def test_check_fraction_refuses_values_outside_the_unit_interval(value):
-    with pytest.raises(ValueError, match=r"`p_up` must be"):
-        check_fraction("p_up", value)
-
-
-def test_check_fraction_accepts_one_and_small_values():
-    assert check_fraction("p_up", 1) == 1.0
-    assert check_fraction("p_up", 1e-3) == 1e-3

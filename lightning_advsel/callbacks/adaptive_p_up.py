@@ -9,8 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_advsel.callbacks.schedules import P_UP_MODES, next_p_up
-from lightning_advsel.selection import check_fraction
+from lightning_advsel.callbacks.schedules import P_UP_MODES, PUpMode, next_p_up
+from lightning_advsel.checks import check_choice, check_fraction
 from lightning_advsel.step import check_selection_module
 
 
@@ -46,12 +46,11 @@ class AdaptivePUp(Callback):
             ``trainer.callback_metrics`` (the message lists the keys there) or an accuracy outside [0, 1].
     """
 
-    def __init__(self, monitor: str = "train/acc", mode: str = "paper", min_p_up: float = 0.1,
+    def __init__(self, monitor: str = "train/acc", mode: PUpMode = "paper", min_p_up: float = 0.1,
                  initial_p_up: float = 1.0) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a non-empty metric key such as 'train/acc', got {monitor!r}")
-        if mode not in P_UP_MODES:
-            raise ValueError(f"`mode` must be one of {P_UP_MODES}, got {mode!r}")
+        check_choice("mode", mode, P_UP_MODES)
         check_fraction("min_p_up", min_p_up)
         check_fraction("initial_p_up", initial_p_up)
         if initial_p_up < min_p_up:

@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_advsel.callbacks.history import EpochHistory
 from lightning_advsel.callbacks.min_perturbation import MinimumPerturbation
 from lightning_advsel.callbacks.selection_makeup import SelectionMakeup
+from lightning_advsel.checks import check_int
 from lightning_advsel.step import check_selection_module
 
 ACCURACY_KEYS = ("val/acc_clean", "val/acc_robust", "train/acc")
@@ -49,9 +50,7 @@ class PaperFigures(EpochHistory, Callback):
     """
 
     def __init__(self, dpi: int = 100) -> None:
-        if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 10:
-            raise ValueError(f"`dpi` must be an integer >= 10, got {dpi!r}")
-        self.dpi = dpi
+        self.dpi = check_int("dpi", dpi, 10)
         self.history: list[dict[str, float]] = []
         self.written: list[Path] = []
 

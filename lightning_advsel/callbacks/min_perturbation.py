@@ -17,14 +17,15 @@ from torch.utils.data import default_collate
 from typing_extensions import override
 
 from lightning_advsel import selection
-from lightning_advsel.attacks import MODES, NORMS, model_mode, pgd
+from lightning_advsel.attacks import MODES, NORMS, Mode, Norm, model_mode, pgd
 from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
+from lightning_advsel.checks import check_choice, check_fraction, check_int, check_linf_eps, check_number
 from lightning_advsel.step import check_selection_module
 
 
-def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: str = "linf", steps: int = 5,
-                step_factor: float = 2.5, mode: str = "eval") -> tuple[Tensor, Tensor]:
+def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: Norm = "linf", steps: int = 5,
+                step_factor: float = 2.5, mode: Mode = "eval") -> tuple[Tensor, Tensor]:
     """Per sample, the smallest radius of ``radii`` at which PGD makes the model misclassify it.
 
     At each radius ``r`` (ascending) PGD (``steps`` steps of size ``step_factor * r / steps``, no random start,
@@ -88,8 +89,8 @@ class MinimumAdversarialPool:
 
 
 def minimum_adversarial_pool(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, p_up: float, *,
-                             norm: str = "linf", steps: int = 5, step_factor: float = 2.5, mode: str = "eval",
-                             scoring_mode: str = "train") -> MinimumAdversarialPool:
+                             norm: Norm = "linf", steps: int = 5, step_factor: float = 2.5, mode: Mode = "eval",
+                             scoring_mode: Mode = "train") -> MinimumAdversarialPool:
     """Would the data-selection rule select the minimally perturbed examples of a clean batch (DS paper, Fig. 8)?
 
     :func:`minimum_eps` finds each row's minimum-radius adversarial example on the grid ``radii``. The rows
@@ -126,9 +127,8 @@ def minimum_adversarial_pool(model: nn.Module, x: Tensor, y: Tensor, radii: Tens
     Raises:
         ValueError: for ``p_up`` outside (0, 1] or an unknown ``scoring_mode``.
     """
-    selection.check_fraction("p_up", p_up)
-    if scoring_mode not in MODES:
-        raise ValueError(f"`scoring_mode` must be one of {MODES}, got {scoring_mode!r}")
+    check_fraction("p_up", p_up)
+    check_choice("scoring_mode", scoring_mode, MODES)
     min_eps, x_min = minimum_eps(model, x, y, radii, norm=norm, steps=steps, step_factor=step_factor, mode=mode)
     rows = ((min_eps > 0) & torch.isfinite(min_eps)).nonzero().squeeze(1)
     if rows.numel() == 0:
@@ -196,23 +196,17 @@ class MinimumPerturbation(EpochHistory, Callback):
     """
 
     def __init__(self, probe_size: int = 64, every_n_epochs: int = 1, max_eps: float | None = None,
-                 num_eps: int = 12, norm: str | None = None, steps: int = 5, step_factor: float = 2.5,
-                 mode: str = "eval", max_train_rows: int | None = None) -> None:
+                 num_eps: int = 12, norm: Norm | None = None, steps: int = 5, step_factor: float = 2.5,
+                 mode: Mode = "eval", max_train_rows: int | None = None) -> None:
         for name, value in (("probe_size", probe_size), ("every_n_epochs", every_n_epochs), ("num_eps", num_eps),
                             ("steps", steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        for name, value in (("max_eps", max_eps), ("step_factor", step_factor)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-        if max_train_rows is not None and (isinstance(max_train_rows, bool) or not isinstance(max_train_rows, int)
-                                           or max_train_rows < 1):
-            raise ValueError(f"`max_train_rows` must be an integer >= 1 or None, got {max_train_rows!r}")
-        if norm is not None and norm not in NORMS:
-            raise ValueError(f"`norm` must be one of {NORMS} or None, got {norm!r}")
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+            check_int(name, value, 1)
+        if max_eps is not None:
+            check_number("max_eps", max_eps, 0, strict=True)
+        check_number("step_factor", step_factor, 0, strict=True)
+        check_int("max_train_rows", max_train_rows, 1, optional=True)
+        check_choice("norm", norm, (*NORMS, None))
+        check_choice("mode", mode, MODES)
         self.probe_size = probe_size
         self.every_n_epochs = every_n_epochs
         self.max_eps = max_eps
@@ -243,8 +237,7 @@ class MinimumPerturbation(EpochHistory, Callback):
                 raise ValueError("MinimumPerturbation: set `max_eps`; the module's training eps is 0")
             self.max_eps = 2 * attack.eps
         self.norm = self.norm or attack.norm
-        if self.norm == "linf" and self.max_eps > 1:
-            raise ValueError(f"`max_eps` must be <= 1 for the linf norm: pixels lie in [0, 1], got {self.max_eps}")
+        check_linf_eps("max_eps", self.max_eps, self.norm)
         # Lightning loads validation loaders lazily; ask the same source the validation loop will use.
         source = trainer.fit_loop.epoch_loop.val_loop._data_source
         loader = source.dataloader() if source.is_defined() else None

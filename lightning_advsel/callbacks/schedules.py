@@ -10,22 +10,21 @@ keeps a useful number of rows in the backward pass. The recursion continues from
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
+from typing import Literal, get_args
 
-from lightning_advsel.selection import check_fraction
+from lightning_advsel.checks import check_choice, check_fraction, check_number
 
-P_UP_MODES = ("paper", "complement")
+PUpMode = Literal["paper", "complement"]
+P_UP_MODES: tuple[str, ...] = get_args(PUpMode)
 
 
 def _check_accuracy(value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`acc` must be a finite number, got {value!r}")
-    if not 0 <= value <= 1:
+    if check_number("acc", value, 0) > 1:
         raise ValueError(f"`acc` must be in [0, 1], got {value}")
 
 
-def next_p_up(prev: float, acc: float, mode: str = "paper", min_p_up: float = 0.1) -> float:
+def next_p_up(prev: float, acc: float, mode: PUpMode = "paper", min_p_up: float = 0.1) -> float:
     """The ``P_up`` of the next epoch from the one just used and the accuracy it reached.
 
     Args:
@@ -40,8 +39,7 @@ def next_p_up(prev: float, acc: float, mode: str = "paper", min_p_up: float = 0.
     Raises:
         ValueError: for an unknown ``mode`` or a value outside its interval.
     """
-    if mode not in P_UP_MODES:
-        raise ValueError(f"`mode` must be one of {P_UP_MODES}, got {mode!r}")
+    check_choice("mode", mode, P_UP_MODES)
     check_fraction("prev", prev)
     _check_accuracy(acc)
     check_fraction("min_p_up", min_p_up)
@@ -49,7 +47,7 @@ def next_p_up(prev: float, acc: float, mode: str = "paper", min_p_up: float = 0.
     return float(min(1.0, max(min_p_up, raw)))
 
 
-def p_up_sequence(accs: Iterable[float], mode: str = "paper", min_p_up: float = 0.1,
+def p_up_sequence(accs: Iterable[float], mode: PUpMode = "paper", min_p_up: float = 0.1,
                   initial: float = 1.0) -> list[float]:
     """``P_up`` of every epoch: ``[P_up(0), P_up(1), ...]`` from the accuracies of epochs ``0, 1, ...``.
 

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_advsel import stability
 from lightning_advsel.batch import index_of
+from lightning_advsel.checks import check_path
 from lightning_advsel.step import RECIPES, check_selection_module
 
 DEFAULT_FILENAME = "stability_profile.json"
@@ -120,9 +121,7 @@ class StabilityProfile(_FitClock, Callback):
     """
 
     def __init__(self, path: str | None = None) -> None:
-        if path is not None and (not isinstance(path, (str, Path)) or not str(path)):
-            raise ValueError(f"`path` must be a file path for the profile or None, got {path!r}")
-        self.path = None if path is None else str(path)
+        self.path = check_path("path", path, "a file path for the profile", optional=True)
         self.flags: EpochFlags | None = None
         self.counts: Tensor | None = None
         self.epochs_seen: Tensor | None = None

@@ -1,0 +1,106 @@
+"""Argument checks shared by every constructor of the package.
+
+Each check returns the value it accepted and raises a ``ValueError`` whose message names the argument in
+backticks, says what is expected and shows the value received, e.g. ``"`steps` must be an integer >= 1, got 0"``.
+A ``bool`` is refused where a number is expected (``True`` is an ``int`` to Python, never a step count).
+
+The command line validates choices itself (they are typed ``Literal[...]``); these checks give a Python caller
+the same clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Collection
+from typing import Any
+
+
+def _is_real(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    """Return ``value`` if it is an integer of at least ``minimum`` (or ``None``, when ``optional``).
+
+    Raises:
+        ValueError: if ``value`` is not an ``int`` (a ``bool`` included) or is below ``minimum``.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, minimum: float, *, strict: bool = False, unit: str | None = None) -> float:
+    """Return ``value`` as a float if it is a finite number at least ``minimum`` (above it when ``strict``).
+
+    Args:
+        name: the argument, as the caller spells it.
+        value: what was passed.
+        minimum: the smallest value allowed (or the bound to stay above when ``strict``).
+        strict: refuse ``minimum`` itself.
+        unit: shown after the expectation, e.g. ``"pixel units"``.
+
+    Raises:
+        ValueError: if ``value`` is not a finite ``int`` or ``float`` (a ``bool`` included) or is out of range.
+    """
+    if not _is_real(value) or not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        unit_note = f" ({unit})" if unit else ""
+        raise ValueError(f"`{name}` must be a finite number {'>' if strict else '>='} {minimum}{unit_note}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a number in (0, 1].
+
+    Raises:
+        ValueError: if ``value`` is not a finite number in (0, 1].
+    """
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices`` (a tuple, or a dict whose keys are the choices).
+
+    Raises:
+        ValueError: if ``value`` is not among ``choices``; the message lists them.
+    """
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_linf_eps(name: str, eps: float, norm: str) -> None:
+    """Refuse an L-inf radius above 1: it covers the whole pixel range [0, 1], so the attack ignores the input.
+
+    Raises:
+        ValueError: for ``norm == "linf"`` and ``eps > 1``, naming ``name``.
+    """
+    if norm == "linf" and eps > 1:
+        raise ValueError(f"`{name}` must be <= 1 for the linf norm: pixels lie in [0, 1], got {eps}")
+
+
+def check_path(name: str, value: Any, expected: str = "a path", *, optional: bool = False) -> str | None:
+    """Return ``value`` as a string if it is a non-empty path (``str`` or ``os.PathLike``), or ``None`` if allowed.
+
+    Args:
+        name: the argument.
+        value: what was passed.
+        expected: what the path is for, as the message should say it (``"a folder path"``).
+        optional: accept ``None``; the message then says so.
+
+    Raises:
+        ValueError: for anything else, an empty string included.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r}")
+    return str(value)
