@@ -123,6 +123,49 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("selective_ds", "recipes/selective_ds.yaml", seeds3, ()),
         ]),
     )
+    # CIFAR-10 (JPEG copy) at a budget a 2-core CPU carries: the SmallCNN instead of ResNet-18, 10,000 training
+    # images, 10 epochs, PGD-7 training (Madry et al.'s CIFAR-10 attack); every recipe at one seed.
+    cifar_eps = 0.03137  # 8/255
+    cifar10 = Suite(
+        name="cifar10",
+        base="cifar10/base.yaml",
+        eps=cifar_eps,
+        test_batches=5,  # 500 test images (the first of the test split), batch 100
+        aa_standard_batches=2,  # 200 of them
+        aa_standard_rows=("robust", "ds", "selective_margin"),
+        overrides=(
+            "--data.init_args.data_dir", data_dir,
+            "--data.init_args.train_size", "10000",  # images, a fixed seeded subset of the 45,000
+            "--data.init_args.batch_size", "100",  # clean samples per batch (b')
+            "--trainer.max_epochs", "10",
+            "--model.init_args.model", "lightning_advsel.models.SmallCNN",
+            "--model.init_args.model.init_args.in_channels", "3",
+            "--model.init_args.model.init_args.input_size", "32",  # pixels per side
+            "--model.init_args.model.init_args.width", "16",  # channels of the first conv block
+            "--model.init_args.model.init_args.hidden", "256",
+            "--model.init_args.model.init_args.mean", "[0.4914, 0.4822, 0.4465]",  # pixel units
+            "--model.init_args.model.init_args.std", "[0.2470, 0.2435, 0.2616]",
+            "--model.init_args.train_attack.eps", str(cifar_eps),  # L-inf, pixels
+            "--model.init_args.train_attack.alpha", "0.00784",  # 2/255, pixels
+            "--model.init_args.train_attack.steps", "7",
+            "--model.init_args.eval_attack.eps", str(cifar_eps),
+            "--model.init_args.eval_attack.alpha", "0.00784",
+            "--model.init_args.eval_attack.steps", "10",
+            "--model.init_args.optimizer.init_args.lr", "0.01",  # SGD, momentum 0.9 (the base's)
+        ),
+        limits=(("limit_val_batches", 5),),  # 500 validation images per epoch
+        rows=_rows([
+            ("robust", "recipes/robust.yaml", (0,), ()),
+            ("standard", "recipes/standard.yaml", (0,), ()),
+            ("ds", "recipes/ds.yaml", (0,), ()),
+            ("random", "recipes/random.yaml", (0,), ()),
+            ("selective_margin", "recipes/selective_margin.yaml", (0,), ()),
+            ("selective_ds", "recipes/selective_ds.yaml", (0,), ()),
+            ("ds_adaptive", "recipes/ds_adaptive.yaml", (0,), ()),
+            ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
+            ("selective_gradmatch", "recipes/selective_gradmatch.yaml", (0,), ()),
+        ]),
+    )
     tiny = Suite(
         name="tiny",
         base="digits/base.yaml",
@@ -141,7 +184,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
         ]),
     )
-    return {s.name: s for s in (mnist, tiny)}
+    return {s.name: s for s in (mnist, cifar10, tiny)}
 
 
 # ------------------------------------------------------------------------------------------------ one run

@@ -127,7 +127,7 @@ def test_bad_cli_values_fail_before_training_and_write_nothing(tmp_path, overrid
 def test_unknown_choice_is_refused_by_the_parser_naming_the_key_and_the_allowed_values(tmp_path, capsys, override,
                                                                                        key, allowed):
     with pytest.raises(SystemExit) as exit_info:
-        fit("digits_ds.yaml", tmp_path, *override)
+        fit(config_args(*MAIN_JOB), tmp_path, *override)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f'Parser key "{key}"' in err and f"[{allowed}]. Got value: {override[-1]}" in err
