@@ -165,6 +165,22 @@ class Pool:
 
 
 @dataclass
+class StepCost:
+    """The work one step did, in rows (counted from what ran, not measured).
+
+    Attributes:
+        attack_grad_steps: sample-gradient steps of the training attack (attacked rows x steps x restarts).
+        forward_rows: rows through a forward pass of the model outside the attack: no-grad scoring passes and
+            the training forward.
+        backward_rows: rows through the backward pass into the parameters (the selected rows).
+    """
+
+    attack_grad_steps: int = 0
+    forward_rows: int = 0
+    backward_rows: int = 0
+
+
+@dataclass
 class StepResult:
     """The outcome of :func:`adversarial_step`.
 
@@ -173,12 +189,14 @@ class StepResult:
         record: what was attacked and selected.
         pool_logits: logits of the whole pool from the no-grad scoring pass, when one ran, else ``None``.
         k_global: under :class:`GlobalScope`, rows selected over all processes; ``None`` under :data:`LOCAL`.
+        cost: the work the step did on this process.
     """
 
     loss: Tensor
     record: SelectionRecord
     pool_logits: Tensor | None
     k_global: int | None = None
+    cost: StepCost = field(default_factory=StepCost)
 
 
 # ------------------------------------------------------------------------------------------------- scopes
@@ -259,7 +277,22 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
         attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
         source=pool.source,
     )
-    return StepResult(loss=loss, record=record, pool_logits=pool_logits, k_global=k_global)
+    cost = step_cost(settings, x.shape[0], attacked.numel(), attack_scores is not None, pool_logits,
+                     clean_logits is not None and recipe.pool == "append", selected.numel())
+    return StepResult(loss=loss, record=record, pool_logits=pool_logits, k_global=k_global, cost=cost)
+
+
+def step_cost(settings: StepSettings, batch_rows: int, attacked_rows: int, pre_scored: bool,
+              pool_logits: Tensor | None, reused_clean: bool, selected_rows: int) -> StepCost:
+    """What :func:`adversarial_step` ran, in rows: see :class:`StepCost`."""
+    attack = settings.train_attack
+    forward = batch_rows if pre_scored else 0  # the pre-attack scoring pass over the clean batch
+    if settings.attack_score == "gradmatch_exact" and pre_scored:
+        forward += batch_rows  # its per-sample gradients: one more forward (and backward) of the batch
+    if pool_logits is not None:  # the post-attack scoring pass; the clean rows' logits may be reused
+        forward += pool_logits.shape[0] - (batch_rows if reused_clean else 0)
+    return StepCost(attack_grad_steps=attacked_rows * attack.steps * attack.restarts,
+                    forward_rows=forward + selected_rows, backward_rows=selected_rows)
 
 
 def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSettings,

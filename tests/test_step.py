@@ -134,3 +134,23 @@ def test_p_up_writes_are_checked_and_kept_in_the_settings():
     with pytest.raises(ValueError, match=r"`p_up` must be in \(0, 1\], got 1.5"):
         module.p_up = 1.5
     assert module.p_up == 0.25
+
+
+@pytest.mark.parametrize("recipe,p_up,attack_steps,forward,backward", [
+    ("standard", 1.0, 0, 16, 16),
+    ("robust", 1.0, 16 * 2, 16, 16),
+    ("ds", 0.5, 16 * 2, 32 + 16, 16),  # the scoring pass over the 2 x 16 pool, then 16 selected rows
+    ("ds", 1.0, 16 * 2, 32, 32),  # no scoring pass at p_up = 1
+    ("selective", 1.0, 8 * 2, 16 + 16, 16),  # pre-attack pass over the batch; training forward of the batch
+    ("selective_ds", 0.5, 8 * 2, 16 + 8 + 12, 12),  # the pool's clean logits are reused: only 8 new rows scored
+])
+def test_the_step_reports_the_work_it_did(recipe, p_up, attack_steps, forward, backward):
+    x, y = tiny_batch(16)
+    net = TinyNet()
+    rows = []
+    net.net[-1].register_forward_hook(lambda _m, inputs, _o: rows.append(inputs[0].shape[0]))
+    out = adversarial_step(net, x, y, StepSettings(recipe=recipe, p_up=p_up, train_attack=DETERMINISTIC_ATTACK))
+    assert (out.cost.attack_grad_steps, out.cost.forward_rows, out.cost.backward_rows) == (
+        attack_steps, forward, backward)
+    # Every forward the hook saw is the attack's (one per attacked row and step) or counted as forward rows.
+    assert sum(rows) == attack_steps + forward
