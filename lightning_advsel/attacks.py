@@ -12,7 +12,7 @@ it is restored afterwards.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -142,8 +142,10 @@ def pgd(
     restarts: int = 1,
     mode: Mode = "eval",
     generator: torch.Generator | None = None,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    start_std: float | None = None,
 ) -> Tensor:
-    """Projected gradient descent on the cross-entropy (Madry et al., 2018, arXiv:1706.06083).
+    """Projected gradient descent on the cross-entropy (Madry et al., 2018, arXiv:1706.06083), or on ``loss``.
 
     Each step moves by ``alpha`` along the sign of the input gradient (L-inf) or the normalized gradient
     (L2), then projects onto the eps ball around ``x`` and onto [0, 1]. With ``restarts > 1`` the attack is
@@ -162,6 +164,11 @@ def pgd(
         restarts: number of random restarts (>= 1).
         mode: model mode during the attack, see :func:`model_mode`.
         generator: random generator for the start points; the global one if ``None``.
+        loss: what the attack maximises, ``loss(logits, y)`` -> per-sample values ``(B,)``; ``None`` is the
+            cross-entropy. TRADES maximises the KL divergence to the clean prediction
+            (:mod:`lightning_advsel.objectives`).
+        start_std: with ``random_start``, start from Gaussian noise of this standard deviation (pixels; TRADES
+            uses 0.001) instead of a uniform point in the eps ball.
 
     Returns:
         Detached adversarial inputs of the shape of ``x``, within eps of ``x`` and in [0, 1].
@@ -184,7 +191,12 @@ def pgd(
         best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
         checked = False
         for _ in range(restarts):
-            delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+            if not random_start:
+                delta = torch.zeros_like(x)
+            elif start_std is not None:
+                delta = start_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                delta = _random_start(x, eps, norm, generator)
             delta = _project(delta, x, eps, norm)
             for _ in range(steps):
                 delta.requires_grad_(True)
@@ -192,8 +204,8 @@ def pgd(
                 if not checked:
                     _check_logits(logits, y)
                     checked = True
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, delta)
+                value = F.cross_entropy(logits, y, reduction="sum") if loss is None else loss(logits, y).sum()
+                (grad,) = torch.autograd.grad(value, delta)
                 if norm == "linf":
                     step = alpha * grad.sign()
                 else:
@@ -203,7 +215,7 @@ def pgd(
                 return (x + delta).detach()
             with torch.no_grad():
                 logits = model(x + delta)
-                score = F.cross_entropy(logits, y, reduction="none")
+                score = F.cross_entropy(logits, y, reduction="none") if loss is None else loss(logits, y)
                 # A misclassifying example beats any correctly classified one, whatever its loss.
                 score = score + (logits.argmax(1) != y).to(score.dtype) * 1e6
                 better = score > best_score
@@ -276,7 +288,9 @@ class AttackConfig:
     def enabled(self) -> bool:
         return self.eps > 0
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 loss: Callable[[Tensor, Tensor], Tensor] | None = None, start_std: float | None = None) -> Tensor:
+        """:func:`pgd` with these settings; ``loss`` and ``start_std`` as there (set by a training objective)."""
         return pgd(
             model,
             x,
@@ -289,6 +303,8 @@ class AttackConfig:
             restarts=self.restarts,
             mode=self.mode,
             generator=generator,
+            loss=loss,
+            start_std=start_std,
         )
 
     def describe(self) -> str:

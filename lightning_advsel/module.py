@@ -29,6 +29,7 @@ from lightning_advsel import checks, distributed, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
+from lightning_advsel.objectives import Objective, ObjectiveName
 from lightning_advsel.step import (
     LOCAL,
     RECIPES,
@@ -122,6 +123,13 @@ class AdversarialSelectionModule(L.LightningModule):
             training with an error naming the global step and batch index; ``"skip"`` drops that step on
             every rank (no update), counts it in ``skipped_steps`` (saved in checkpoints) and logs
             ``train/skipped_steps``. The decision is agreed across ranks, so ranks never diverge.
+        objective: the training objective (:mod:`lightning_advsel.objectives`): ``"ce"`` (cross-entropy),
+            ``"trades"`` or ``"mart"``. TRADES and MART pair each sample's clean input with its adversarial
+            example; the selection rules then pick pairs (``ds``: the top ``p_up`` of the batch's pairs by their
+            objective; ``random``: random pairs; ``selective``: pairs for the attacked rows, clean
+            cross-entropy for the others); ``standard`` and ``selective_ds`` refuse them.
+        objective_weight: ``beta`` of TRADES (default 6) or ``lambda`` of MART (default 5); ``None`` for ``"ce"``.
+        label_smoothing: label smoothing of the ``"ce"`` objective's training loss, in [0, 1).
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -152,6 +160,9 @@ class AdversarialSelectionModule(L.LightningModule):
         seed: int = 0,
         selection_scope: distributed.Scope = "local",
         nonfinite: Nonfinite = "raise",
+        objective: ObjectiveName = "ce",
+        objective_weight: float | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -161,6 +172,7 @@ class AdversarialSelectionModule(L.LightningModule):
             recipe=recipe, p_up=default_p_up(recipe) if p_up is None else p_up, attack_frac=attack_frac,
             attack_score=attack_score, scoring_mode=scoring_mode,
             train_attack=_as_attack("train_attack", train_attack) or AttackConfig(mode="train"),
+            objective=Objective(objective, objective_weight, label_smoothing),
         )
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from lightning_advsel import checks, distributed, selection
 from lightning_advsel.attacks import MODES, AttackConfig, Mode, model_mode
+from lightning_advsel.objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,12 @@ class StepSettings:
             :data:`~lightning_advsel.selection.PRE_ATTACK_SCORES`.
         train_attack: the attack that makes the training examples.
         scoring_mode: model mode of the no-grad scoring passes (:func:`~lightning_advsel.attacks.model_mode`).
+        objective: the training objective (:class:`~lightning_advsel.objectives.Objective`); with a paired one
+            (TRADES, MART) the pool is the batch's (clean, adversarial) pairs.
 
     Raises:
-        ValueError: for an unknown ``recipe``, ``attack_score`` or ``scoring_mode``, or a fraction outside (0, 1].
+        ValueError: for an unknown ``recipe``, ``attack_score`` or ``scoring_mode``, a fraction outside (0, 1],
+            or a recipe that cannot carry a paired objective (``standard``, ``selective_ds``).
     """
 
     recipe: RecipeName = "ds"
@@ -108,6 +112,7 @@ class StepSettings:
     attack_score: selection.AttackScore = "margin"
     train_attack: AttackConfig = field(default_factory=lambda: AttackConfig(mode="train"))
     scoring_mode: Mode = "train"
+    objective: Objective = field(default_factory=Objective)
 
     def __post_init__(self) -> None:
         checks.check_choice("recipe", self.recipe, RECIPES)
@@ -115,6 +120,17 @@ class StepSettings:
         checks.check_choice("scoring_mode", self.scoring_mode, MODES)
         object.__setattr__(self, "p_up", checks.check_fraction("p_up", self.p_up))
         object.__setattr__(self, "attack_frac", checks.check_fraction("attack_frac", self.attack_frac))
+        if self.objective.paired and self.recipe in PAIRED_REFUSED:
+            raise ValueError(f"`recipe`={self.recipe!r} cannot train objective {self.objective.name!r}: "
+                             f"{PAIRED_REFUSED[self.recipe]}")
+
+
+# Recipes that make no sense with a paired objective (TRADES, MART), and why.
+PAIRED_REFUSED = {
+    "standard": "it attacks no row, and the objective needs an adversarial example per sample; use 'robust'",
+    "selective_ds": "with pairs the pool is the batch itself, so its data selection is recipe 'selective' with "
+                    "`p_up` < 1; use that",
+}
 
 
 @dataclass
@@ -156,12 +172,15 @@ class Pool:
         y: labels, shape ``(P,)``.
         is_adv: whether each row is an adversarial example, shape ``(P,)``.
         source: the clean-batch row each pool row was made from, shape ``(P,)``.
+        partner: for the ``"pairs"`` pool of a paired objective, each row's adversarial example (the clean
+            input itself for a row that was not attacked), else ``None``.
     """
 
     x: Tensor
     y: Tensor
     is_adv: Tensor
     source: Tensor
+    partner: Tensor | None = None
 
 
 @dataclass
@@ -216,9 +235,13 @@ class LocalScope:
             return selection.random_k(n, k, device=device, generator=generator), None
         return selection.top_k(scores(), k), None
 
-    def loss(self, logits: Tensor, y: Tensor, k_global: int | None) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, k_global: int | None, label_smoothing: float = 0.0) -> Tensor:
         """The mean cross-entropy over this process's selected rows."""
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+    def reduce(self, per_sample: Tensor, k_global: int | None) -> Tensor:
+        """The mean of per-sample losses over this process's selected rows."""
+        return per_sample.mean()
 
 
 @dataclass(frozen=True)
@@ -239,10 +262,14 @@ class GlobalScope:
         selected, _, k_global = distributed.global_selection(self.strategy, n, p_up, device, scores)
         return selected, k_global
 
-    def loss(self, logits: Tensor, y: Tensor, k_global: int | None) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, k_global: int | None, label_smoothing: float = 0.0) -> Tensor:
         """The summed cross-entropy, scaled so that DDP's gradient average is the mean over ``k_global`` rows."""
         scale = distributed.global_loss_scale(self.strategy, k_global)
-        return F.cross_entropy(logits, y, reduction="sum") * scale
+        return F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing) * scale
+
+    def reduce(self, per_sample: Tensor, k_global: int | None) -> Tensor:
+        """Summed per-sample losses, scaled so that DDP's gradient average is the mean over ``k_global`` rows."""
+        return per_sample.sum() * distributed.global_loss_scale(self.strategy, k_global)
 
 
 LOCAL = LocalScope()
@@ -258,45 +285,33 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
         model: the classifier, inputs in [0, 1], logits ``(B, C)``; its train/eval mode is left as found.
         x: clean inputs in [0, 1], shape ``(B, ...)``.
         y: integer labels, shape ``(B,)``.
-        settings: the recipe and its fractions, score and attack.
+        settings: the recipe and its fractions, score, attack and objective.
         generator: random generator for PGD starts and random picks (``None``: the global generator).
         scope: :data:`LOCAL`, or :class:`GlobalScope` to select over all DDP processes.
 
     Returns:
-        The loss, the selection record (``index`` unset: the caller knows its batch) and the scoring logits.
+        The loss, the selection record (``index`` unset: the caller knows its batch), the scoring logits and
+        the work done.
     """
-    recipe = RECIPES[settings.recipe]
-    attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator)
-    x_adv = settings.train_attack(model, x[attacked], y[attacked], generator=generator) if attacked.numel() else None
-    pool = build_pool(x, y, attacked, x_adv, recipe.pool)
+    cost = StepCost()
+    pool_kind = "pairs" if settings.objective.paired else RECIPES[settings.recipe].pool
+    attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator, cost)
+    x_adv = attack(model, x, y, attacked, settings, generator, cost)
+    pool = build_pool(x, y, attacked, x_adv, pool_kind)
     selected, pool_scores, pool_logits, k_global = select_pool(
-        model, pool, settings, x_adv, clean_logits, generator, scope)
-    loss, logits = selected_loss(model, pool, selected, k_global, scope)
+        model, pool, settings, x_adv, clean_logits, generator, scope, cost)
+    loss, logits = selected_loss(model, pool, selected, k_global, settings.objective, scope, cost)
     record = SelectionRecord(
         y=pool.y, is_adv=pool.is_adv, selected=selected, pool_scores=pool_scores, attacked=attacked,
         attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
         source=pool.source,
     )
-    cost = step_cost(settings, x.shape[0], attacked.numel(), attack_scores is not None, pool_logits,
-                     clean_logits is not None and recipe.pool == "append", selected.numel())
     return StepResult(loss=loss, record=record, pool_logits=pool_logits, k_global=k_global, cost=cost)
 
 
-def step_cost(settings: StepSettings, batch_rows: int, attacked_rows: int, pre_scored: bool,
-              pool_logits: Tensor | None, reused_clean: bool, selected_rows: int) -> StepCost:
-    """What :func:`adversarial_step` ran, in rows: see :class:`StepCost`."""
-    attack = settings.train_attack
-    forward = batch_rows if pre_scored else 0  # the pre-attack scoring pass over the clean batch
-    if settings.attack_score == "gradmatch_exact" and pre_scored:
-        forward += batch_rows  # its per-sample gradients: one more forward (and backward) of the batch
-    if pool_logits is not None:  # the post-attack scoring pass; the clean rows' logits may be reused
-        forward += pool_logits.shape[0] - (batch_rows if reused_clean else 0)
-    return StepCost(attack_grad_steps=attacked_rows * attack.steps * attack.restarts,
-                    forward_rows=forward + selected_rows, backward_rows=selected_rows)
-
-
 def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSettings,
-                   generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                   generator: torch.Generator | None,
+                   cost: StepCost | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Rows of the clean batch to attack, their pre-attack scores, and the clean logits of the scoring pass.
 
     Scores and logits are ``None`` for the recipes that attack no row or every row (no scoring pass runs).
@@ -311,14 +326,36 @@ def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetting
     scoring = selection.scoring_pass(model, x, y, settings.scoring_mode, generator,
                                      features=score.needs_features, who=f"`attack_score`={settings.attack_score!r}")
     scores = score.fn(scoring).detach()
+    if cost is not None:  # the scoring pass; the exact gradient match forwards (and backpropagates) once more
+        cost.forward_rows += n * (2 if settings.attack_score == "gradmatch_exact" else 1)
     return score.pick(scores, selection.fraction_count(n, settings.attack_frac)), scores, scoring.logits
 
 
+def attack(model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, settings: StepSettings,
+           generator: torch.Generator | None, cost: StepCost | None = None) -> Tensor | None:
+    """Adversarial examples of the ``attacked`` rows, maximising the objective's attack loss (``None``: no row)."""
+    if not attacked.numel():
+        return None
+    train, objective = settings.train_attack, settings.objective
+    loss = objective.attack_loss(model, x[attacked], train.mode)  # TRADES: the KL to the clean prediction
+    if cost is not None:
+        cost.attack_grad_steps += attacked.numel() * train.steps * train.restarts
+        cost.forward_rows += attacked.numel() if loss is not None else 0
+    return train(model, x[attacked], y[attacked], generator=generator, loss=loss, start_std=objective.start_std)
+
+
 def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kind: str) -> Pool:
-    """The clean batch with the adversarial rows put in place (``"replace"``) or appended (``"append"``)."""
+    """The pool: the clean batch with the adversarial rows put in place (``"replace"``), appended
+    (``"append"``), or paired with their clean rows (``"pairs"``, for TRADES and MART)."""
     n = x.shape[0]
     rows = torch.arange(n, device=x.device)
     is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
+    if kind == "pairs":
+        partner = x.clone()
+        if x_adv is not None:
+            partner[attacked] = x_adv
+            is_adv[attacked] = True
+        return Pool(x=x, y=y, is_adv=is_adv, source=rows, partner=partner)
     if x_adv is None:
         return Pool(x=x, y=y, is_adv=is_adv, source=rows)
     if kind == "replace":
@@ -333,24 +370,37 @@ def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kin
 
 def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Tensor | None,
                 clean_logits: Tensor | None, generator: torch.Generator | None,
-                scope: LocalScope | GlobalScope = LOCAL) -> tuple[Tensor, Tensor | None, Tensor | None, int | None]:
+                scope: LocalScope | GlobalScope = LOCAL,
+                cost: StepCost | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, int | None]:
     """The post-attack selection: indices of the pool rows to backpropagate.
+
+    Rows are scored by their training objective in a no-grad pass: the per-sample cross-entropy, or for a
+    paired objective the per-pair objective (:func:`pair_losses`).
 
     Returns:
         ``(selected, pool_scores, pool_logits, k_global)``: ascending indices into the pool; the per-sample
-        cross-entropy and the logits of the scoring pass when one ran (else ``None``); the global count under
-        :class:`GlobalScope` (else ``None``).
+        scores and the logits of the scoring pass when one ran (else ``None``; for pairs, the logits of each
+        row's training input); the global count under :class:`GlobalScope` (else ``None``).
     """
     recipe = RECIPES[settings.recipe]
     scored: dict[str, Tensor] = {}
 
     def loss_scores() -> Tensor:
         with torch.no_grad(), model_mode(model, settings.scoring_mode):
-            if recipe.pool == "append" and clean_logits is not None and x_adv is not None:
+            if pool.partner is not None:
+                scores, scored["logits"] = pair_losses(model, pool, settings.objective)
+                scored["scores"] = scores
+                rows = pool.x.shape[0] + int(pool.is_adv.sum())
+            elif recipe.pool == "append" and clean_logits is not None and x_adv is not None:
                 scored["logits"] = torch.cat([clean_logits, model(x_adv)])
+                rows = x_adv.shape[0]
             else:
                 scored["logits"] = model(pool.x)
-        scored["scores"] = selection.per_sample_loss(scored["logits"], pool.y)
+                rows = pool.x.shape[0]
+        if cost is not None:
+            cost.forward_rows += rows
+        if "scores" not in scored:
+            scored["scores"] = selection.per_sample_loss(scored["logits"], pool.y)
         return scored["scores"]
 
     selected, k_global = scope.select(pool.x.shape[0], settings.p_up, pool.x.device, loss_scores,
@@ -358,16 +408,46 @@ def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Ten
     return selected, scored.get("scores"), scored.get("logits"), k_global
 
 
+def pair_losses(model: nn.Module, pool: Pool, objective: Objective) -> tuple[Tensor, Tensor]:
+    """Per-pair objective of a ``"pairs"`` pool, and the logits of each row's training input.
+
+    An attacked row's loss is the paired objective of its clean input and adversarial example; a row that
+    was not attacked (selective recipes) is trained on its clean cross-entropy. The returned logits are the
+    adversarial example's for attacked rows and the clean input's for the others.
+    """
+    clean = model(pool.x)
+    adv_rows = pool.is_adv.nonzero().flatten()
+    logits = clean.clone() if adv_rows.numel() else clean
+    losses = F.cross_entropy(clean.float(), pool.y, reduction="none")
+    if adv_rows.numel():
+        adv = model(pool.partner[adv_rows])
+        losses = losses.index_put((adv_rows,), objective.pair_loss(clean[adv_rows], adv, pool.y[adv_rows]))
+        logits = logits.index_put((adv_rows,), adv)
+    return losses, logits
+
+
 def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int | None,
-                  scope: LocalScope | GlobalScope = LOCAL) -> tuple[Tensor, Tensor | None]:
+                  objective: Objective | None = None, scope: LocalScope | GlobalScope = LOCAL,
+                  cost: StepCost | None = None) -> tuple[Tensor, Tensor | None]:
     """Training loss over the selected rows and their logits (``None`` when this process selected none)."""
     if selected.numel() == 0:
         # No row of this process passed the global threshold. A backward touching every parameter (with zero
         # gradient) still runs, so this process joins DDP's gradient all-reduce and nobody hangs.
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in params]).sum() * 0.0, None
-    logits = model(pool.x[selected])
-    return scope.loss(logits, pool.y[selected], k_global), logits
+    objective = objective or Objective()
+    if pool.partner is not None:
+        chosen = Pool(x=pool.x[selected], y=pool.y[selected], is_adv=pool.is_adv[selected],
+                      source=pool.source[selected], partner=pool.partner[selected])
+        losses, logits = pair_losses(model, chosen, objective)
+        rows, loss = selected.numel() + int(chosen.is_adv.sum()), scope.reduce(losses, k_global)
+    else:
+        logits = model(pool.x[selected])
+        rows, loss = selected.numel(), scope.loss(logits, pool.y[selected], k_global, objective.label_smoothing)
+    if cost is not None:
+        cost.forward_rows += rows
+        cost.backward_rows += rows
+    return loss, logits
 
 
 # ----------------------------------------------------------------------------------------------- contract
