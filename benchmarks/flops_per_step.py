@@ -27,26 +27,53 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.models import ResNet18, SmallCNN
 
-# (row label, recipe, p_up, attack_score)
+# (row label, recipe, p_up, attack_score, objective)
 ROWS = [
-    ("standard", "standard", 1.0, "margin"),
-    ("robust", "robust", 1.0, "margin"),
-    ("ds (p_up 0.5)", "ds", 0.5, "margin"),
-    ("ds (p_up 1)", "ds", 1.0, "margin"),
-    ("random (p_up 0.5)", "random", 0.5, "margin"),
-    ("selective margin", "selective", 1.0, "margin"),
-    ("selective gradmatch", "selective", 1.0, "gradmatch"),
-    ("selective gradmatch_exact", "selective", 1.0, "gradmatch_exact"),
-    ("selective_ds margin (p_up 0.5)", "selective_ds", 0.5, "margin"),
+    ("standard", "standard", 1.0, "margin", "ce"),
+    ("robust", "robust", 1.0, "margin", "ce"),
+    ("ds (p_up 0.5)", "ds", 0.5, "margin", "ce"),
+    ("ds (p_up 1)", "ds", 1.0, "margin", "ce"),
+    ("random (p_up 0.5)", "random", 0.5, "margin", "ce"),
+    ("selective margin", "selective", 1.0, "margin", "ce"),
+    ("selective gradmatch", "selective", 1.0, "gradmatch", "ce"),
+    ("selective gradmatch_exact", "selective", 1.0, "gradmatch_exact", "ce"),
+    ("selective_ds margin (p_up 0.5)", "selective_ds", 0.5, "margin", "ce"),
+    *[(f"{recipe} {objective.upper()}{label}", recipe, p_up, "margin", objective)
+      for objective in ("trades", "mart")
+      for recipe, p_up, label in (("robust", 1.0, ""), ("ds", 0.5, " (p_up 0.5)"), ("selective", 1.0, " margin"))],
 ]
 
 
+def analytic_units(recipe: str, p_up: float, attack_score: str, objective: str, k: int) -> float | None:
+    """Per-sample cost of a step in units of one forward (backward = 2, the attack's input-only backward = 1).
+
+    The floor a recipe's work implies: the attack (``2k`` per attacked row, plus one no-grad forward for the
+    TRADES target), the no-grad scoring passes, and a forward and backward (3) per trained input (two per
+    selected pair for TRADES and MART). ``None`` where the counting is not this simple (``gradmatch_exact``).
+    """
+    if attack_score == "gradmatch_exact":
+        return None
+    paired = objective != "ce"
+    attacked = {"standard": 0.0, "selective": 0.5, "selective_ds": 0.5}.get(recipe, 1.0)
+    units = attacked * 2 * k + (attacked if objective == "trades" else 0.0)
+    units += 1.0 if recipe.startswith("selective") else 0.0  # the pre-attack scoring pass
+    if paired:  # pairs: the clean input of every row, the adversarial one of each attacked row
+        inputs = 1.0 + attacked
+        scored = inputs if p_up < 1 else 0.0
+        return units + scored + 3 * p_up * inputs
+    pool = 1.0 + attacked if recipe in ("ds", "random", "selective_ds") else 1.0
+    if p_up < 1 and recipe != "random":  # the scoring pass over the pool (selective_ds reuses the clean logits)
+        units += attacked if recipe == "selective_ds" else pool
+    return units + 3 * p_up * pool
+
+
 def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: str, *, p_up: float = 1.0,
-               attack_score: str = "margin", attack_frac: float = 0.5, steps: int = 10) -> int:
+               attack_score: str = "margin", attack_frac: float = 0.5, steps: int = 10, objective: str = "ce") -> int:
     """FLOPs of the first training step of ``recipe`` on the batch ``(x, y)`` with a PGD-``steps`` attack."""
     module = AdversarialSelectionModule(
         model, recipe=recipe, p_up=p_up, attack_score=attack_score, attack_frac=attack_frac,
         train_attack=AttackConfig(eps=0.1, alpha=0.025, steps=steps, mode="train"), eval_attack=None,
+        objective=objective,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01),
     )
     counted: dict[str, int] = {}
@@ -67,13 +94,17 @@ def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: str, 
     return counted["flops"]
 
 
-def table(make_model, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[tuple[str, int, float]]:
-    """``(label, FLOPs per step, relative to robust)`` for every row of :data:`ROWS`, same initial weights."""
-    flops = {}
-    for label, recipe, p_up, score in ROWS:
+def table(make_model, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[tuple[str, int, float, float | None]]:
+    """``(label, FLOPs per step, relative to robust, analytic relative)`` for every row of :data:`ROWS`."""
+    flops, floors = {}, {}
+    for label, recipe, p_up, score, objective in ROWS:
         torch.manual_seed(0)
-        flops[label] = step_flops(make_model(), x, y, recipe, p_up=p_up, attack_score=score, steps=steps)
-    return [(label, f, f / flops["robust"]) for label, f in flops.items()]
+        flops[label] = step_flops(make_model(), x, y, recipe, p_up=p_up, attack_score=score, steps=steps,
+                                  objective=objective)
+        floors[label] = analytic_units(recipe, p_up, score, objective, steps)
+    robust = floors["robust"]
+    return [(label, f, f / flops["robust"], None if floors[label] is None else floors[label] / robust)
+            for label, f in flops.items()]
 
 
 def main() -> None:
@@ -92,10 +123,10 @@ def main() -> None:
     k = args.steps
     print(f"{make_model.__name__}, batch {batch}, inputs {'x'.join(map(str, shape))}, PGD-{k}, attack_frac 0.5; "
           f"analytic selective / robust = (k + 4) / (2k + 3) = {(k + 4) / (2 * k + 3):.3f}\n")
-    print("| recipe | FLOPs per step | relative to robust |")
-    print("| --- | ---: | ---: |")
-    for label, flops, rel in rows:
-        print(f"| {label} | {flops:,} | {rel:.3f} |")
+    print("| recipe | FLOPs per step | relative to robust | analytic |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, flops, rel, floor in rows:
+        print(f"| {label} | {flops:,} | {rel:.3f} | {'-' if floor is None else f'{floor:.3f}'} |")
 
 
 if __name__ == "__main__":
