@@ -130,6 +130,12 @@ class AdversarialSelectionModule(L.LightningModule):
             cross-entropy for the others); ``standard`` and ``selective_ds`` refuse them.
         objective_weight: ``beta`` of TRADES (default 6) or ``lambda`` of MART (default 5); ``None`` for ``"ce"``.
         label_smoothing: label smoothing of the ``"ce"`` objective's training loss, in [0, 1).
+        attack_sampling: ``"top"`` attacks the best-scored ``attack_frac`` of the batch; ``"proportional"`` draws
+            them with probability proportional to ``1 / |margin|`` (margin scores only).
+        clean_weight: weight of the clean rows' loss among the backpropagated rows (see
+            :class:`~lightning_advsel.step.StepSettings`); 1 is the plain mean.
+        attack_warmup_epochs: epochs at the start in which the selective recipes attack every row
+            (``attack_frac`` 1); 0 (default) for none.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -163,6 +169,9 @@ class AdversarialSelectionModule(L.LightningModule):
         objective: ObjectiveName = "ce",
         objective_weight: float | None = None,
         label_smoothing: float = 0.0,
+        attack_sampling: selection.AttackSampling = "top",
+        clean_weight: float = 1.0,
+        attack_warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -173,7 +182,9 @@ class AdversarialSelectionModule(L.LightningModule):
             attack_score=attack_score, scoring_mode=scoring_mode,
             train_attack=_as_attack("train_attack", train_attack) or AttackConfig(mode="train"),
             objective=Objective(objective, objective_weight, label_smoothing),
+            attack_sampling=attack_sampling, clean_weight=clean_weight,
         )
+        self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
         checks.check_choice("scheduler_interval", scheduler_interval, get_args(Interval))
@@ -262,7 +273,10 @@ class AdversarialSelectionModule(L.LightningModule):
             return None
         self._check_batch(x, y, batch_idx)
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
-        out = adversarial_step(self.model, x, y, self.settings, self._generator(x.device, self.global_step), scope)
+        settings = self.settings
+        if self.current_epoch < self.attack_warmup_epochs:  # attack every row in the first epochs
+            settings = replace(settings, attack_frac=1.0)
+        out = adversarial_step(self.model, x, y, settings, self._generator(x.device, self.global_step), scope)
         if self._nonfinite_step(not bool(torch.isfinite(out.loss)), "loss", batch_idx, out.loss):
             return None
         opt = self.optimizers()

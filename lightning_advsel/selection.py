@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,16 @@ def margin_score(p: ScoringPass) -> Tensor:
     """Gap between the two largest logits; the smallest gap (nearest the decision boundary) is attacked first."""
     top2 = p.logits.float().topk(2, dim=1).values
     return top2[:, 0] - top2[:, 1]
+
+
+def margin_true_score(p: ScoringPass) -> Tensor:
+    """True-class logit minus the largest other logit (negative when misclassified); the smallest is attacked first.
+
+    Unlike :func:`margin_score` it reads the label: a confidently misclassified sample scores lowest.
+    """
+    logits = p.logits.float()
+    true = logits.gather(1, p.y.unsqueeze(1)).squeeze(1)
+    return true - logits.scatter(1, p.y.unsqueeze(1), -torch.inf).amax(dim=1)
 
 
 def loss_score(p: ScoringPass) -> Tensor:
@@ -169,12 +179,21 @@ class PreAttackScore:
         """Indices of the ``k`` samples to attack first, in ascending index order."""
         return top_k(scores if self.higher_first else -scores, k)
 
+    def sample(self, scores: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` indices drawn without replacement with probability proportional to ``1 / |score|`` (margins:
+        the nearer the boundary, the likelier), in ascending index order."""
+        weights = 1.0 / scores.float().abs().clamp_min(1e-6)
+        return torch.multinomial(weights, k, replacement=False, generator=generator).sort().values
 
-AttackScore = Literal["margin", "gradmatch", "gradmatch_exact", "loss", "random"]
+
+AttackScore = Literal["margin", "margin_true", "gradmatch", "gradmatch_exact", "loss", "random"]
+AttackSampling = Literal["top", "proportional"]
+ATTACK_SAMPLINGS = get_args(AttackSampling)
 
 # Keyed in the order of `AttackScore`; tests/test_checks.py holds the two together.
 PRE_ATTACK_SCORES: dict[str, PreAttackScore] = {
     "margin": PreAttackScore(margin_score, higher_first=False),
+    "margin_true": PreAttackScore(margin_true_score, higher_first=False),
     "gradmatch": PreAttackScore(gradmatch_score, needs_features=True),
     "gradmatch_exact": PreAttackScore(gradmatch_exact_score),
     "loss": PreAttackScore(loss_score),

@@ -100,10 +100,17 @@ class StepSettings:
         scoring_mode: model mode of the no-grad scoring passes (:func:`~lightning_advsel.attacks.model_mode`).
         objective: the training objective (:class:`~lightning_advsel.objectives.Objective`); with a paired one
             (TRADES, MART) the pool is the batch's (clean, adversarial) pairs.
+        attack_sampling: how the selective recipes pick the ``attack_frac`` rows from their scores: ``"top"``
+            (the best scores) or ``"proportional"`` (drawn with probability proportional to ``1 / |margin|``,
+            for the margin scores only).
+        clean_weight: weight of the clean rows' loss among the backpropagated rows (the unattacked rows of the
+            selective recipes, the clean rows of a DS pool), >= 0; the loss is ``(sum of the adversarial rows'
+            losses + clean_weight * sum of the clean rows' losses) / selected rows``. 1 is the plain mean.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score`` or ``scoring_mode``, a fraction outside (0, 1],
-            or a recipe that cannot carry a paired objective (``standard``, ``selective_ds``).
+            a recipe that cannot carry a paired objective (``standard``, ``selective_ds``), a negative
+            ``clean_weight``, or ``"proportional"`` sampling with a score that is not a margin.
     """
 
     recipe: RecipeName = "ds"
@@ -113,6 +120,8 @@ class StepSettings:
     train_attack: AttackConfig = field(default_factory=lambda: AttackConfig(mode="train"))
     scoring_mode: Mode = "train"
     objective: Objective = field(default_factory=Objective)
+    attack_sampling: selection.AttackSampling = "top"
+    clean_weight: float = 1.0
 
     def __post_init__(self) -> None:
         checks.check_choice("recipe", self.recipe, RECIPES)
@@ -120,6 +129,11 @@ class StepSettings:
         checks.check_choice("scoring_mode", self.scoring_mode, MODES)
         object.__setattr__(self, "p_up", checks.check_fraction("p_up", self.p_up))
         object.__setattr__(self, "attack_frac", checks.check_fraction("attack_frac", self.attack_frac))
+        checks.check_choice("attack_sampling", self.attack_sampling, selection.ATTACK_SAMPLINGS)
+        if self.attack_sampling == "proportional" and not self.attack_score.startswith("margin"):
+            raise ValueError(f"`attack_sampling`='proportional' draws rows with probability 1 / |margin|, so it needs "
+                             f"`attack_score` 'margin' or 'margin_true', got {self.attack_score!r}")
+        object.__setattr__(self, "clean_weight", checks.check_number("clean_weight", self.clean_weight, 0.0))
         if self.objective.paired and self.recipe in PAIRED_REFUSED:
             raise ValueError(f"`recipe`={self.recipe!r} cannot train objective {self.objective.name!r}: "
                              f"{PAIRED_REFUSED[self.recipe]}")
@@ -300,7 +314,8 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
     pool = build_pool(x, y, attacked, x_adv, pool_kind)
     selected, pool_scores, pool_logits, k_global = select_pool(
         model, pool, settings, x_adv, clean_logits, generator, scope, cost)
-    loss, logits = selected_loss(model, pool, selected, k_global, settings.objective, scope, cost)
+    loss, logits = selected_loss(model, pool, selected, k_global, settings.objective, scope, cost,
+                                 settings.clean_weight)
     record = SelectionRecord(
         y=pool.y, is_adv=pool.is_adv, selected=selected, pool_scores=pool_scores, attacked=attacked,
         attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
@@ -326,9 +341,14 @@ def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetting
     scoring = selection.scoring_pass(model, x, y, settings.scoring_mode, generator,
                                      features=score.needs_features, who=f"`attack_score`={settings.attack_score!r}")
     scores = score.fn(scoring).detach()
+    k = selection.fraction_count(n, settings.attack_frac)
+    if settings.attack_sampling == "proportional" and k < n:
+        picked = score.sample(scores, k, generator)
+    else:
+        picked = score.pick(scores, k)
     if cost is not None:  # the scoring pass; the exact gradient match forwards (and backpropagates) once more
         cost.forward_rows += n * (2 if settings.attack_score == "gradmatch_exact" else 1)
-    return score.pick(scores, selection.fraction_count(n, settings.attack_frac)), scores, scoring.logits
+    return picked, scores, scoring.logits
 
 
 def attack(model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, settings: StepSettings,
@@ -341,7 +361,9 @@ def attack(model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, settings: S
     if cost is not None:
         cost.attack_grad_steps += attacked.numel() * train.steps * train.restarts
         cost.forward_rows += attacked.numel() if loss is not None else 0
-    return train(model, x[attacked], y[attacked], generator=generator, loss=loss, start_std=objective.start_std)
+    # Only a paired objective passes its loss and start, so an attack that does not take them keeps working.
+    extra = {} if loss is None and objective.start_std is None else {"loss": loss, "start_std": objective.start_std}
+    return train(model, x[attacked], y[attacked], generator=generator, **extra)
 
 
 def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kind: str) -> Pool:
@@ -428,7 +450,7 @@ def pair_losses(model: nn.Module, pool: Pool, objective: Objective) -> tuple[Ten
 
 def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int | None,
                   objective: Objective | None = None, scope: LocalScope | GlobalScope = LOCAL,
-                  cost: StepCost | None = None) -> tuple[Tensor, Tensor | None]:
+                  cost: StepCost | None = None, clean_weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Training loss over the selected rows and their logits (``None`` when this process selected none)."""
     if selected.numel() == 0:
         # No row of this process passed the global threshold. A backward touching every parameter (with zero
@@ -440,7 +462,13 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
         chosen = Pool(x=pool.x[selected], y=pool.y[selected], is_adv=pool.is_adv[selected],
                       source=pool.source[selected], partner=pool.partner[selected])
         losses, logits = pair_losses(model, chosen, objective)
-        rows, loss = selected.numel() + int(chosen.is_adv.sum()), scope.reduce(losses, k_global)
+        rows, loss = selected.numel() + int(chosen.is_adv.sum()), scope.reduce(
+            losses * clean_weights(chosen.is_adv, clean_weight), k_global)
+    elif clean_weight != 1:
+        logits = model(pool.x[selected])
+        losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)
+        rows, loss = selected.numel(), scope.reduce(losses * clean_weights(pool.is_adv[selected], clean_weight),
+                                                    k_global)
     else:
         logits = model(pool.x[selected])
         rows, loss = selected.numel(), scope.loss(logits, pool.y[selected], k_global, objective.label_smoothing)
@@ -448,6 +476,11 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
         cost.forward_rows += rows
         cost.backward_rows += rows
     return loss, logits
+
+
+def clean_weights(is_adv: Tensor, clean_weight: float) -> Tensor:
+    """Per-row loss weights: 1 for adversarial rows, ``clean_weight`` for clean ones."""
+    return torch.where(is_adv, 1.0, clean_weight)
 
 
 # ----------------------------------------------------------------------------------------------- contract

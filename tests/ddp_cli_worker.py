@@ -1,6 +1,6 @@
 """Run by tests as ``python tests/ddp_cli_worker.py OUT_DIR RECIPE:SCOPE ...``: the CLI under 2-process DDP.
 
-Each ``RECIPE:SCOPE`` is one ``lightning-advsel fit`` of the main job's configs (``conftest.MAIN_JOB``) with
+Each ``RECIPE:SCOPE[:OBJECTIVE]`` is one ``lightning-advsel fit`` of the main job's configs (``conftest.MAIN_JOB``) with
 ``configs/trainer/ddp_cpu.yaml`` on a tiny schedule, in one launch (a launch costs more than the training here).
 Every rank writes the steps it took and the recipe it ran to ``OUT_DIR/rank{R}.json``.
 """
@@ -26,12 +26,14 @@ def main() -> None:
     out = Path(sys.argv[1])
     results, rank = {}, 0
     for run in sys.argv[2:]:
-        recipe, scope = run.split(":")
+        recipe, scope, *objective = run.split(":")
         cli = build_cli(["fit", *config_args(*MAIN_JOB, "trainer/ddp_cpu.yaml"), *TINY,
                          "--model.init_args.recipe", recipe, "--model.init_args.selection_scope", scope,
+                         "--model.init_args.objective", *(objective or ["ce"]),
                          "--trainer.logger.init_args.save_dir", str(out / run.replace(":", "_"))])
         rank = cli.trainer.global_rank
         results[run] = {"global_step": cli.trainer.global_step, "recipe": cli.model.settings.recipe,
+                        "objective": cli.model.settings.objective.name,
                         "world_size": cli.trainer.world_size,
                         "val_acc_clean": float(cli.trainer.callback_metrics["val/acc_clean"])}
     (out / f"rank{rank}.json").write_text(json.dumps(results))

@@ -139,7 +139,7 @@ def test_help_lists_the_allowed_values_of_every_choice(capsys):
         build_cli(["fit", "--model.help", "lightning_advsel.AdversarialSelectionModule"])
     out = capsys.readouterr().out
     for choices in ("--model.recipe {standard,robust,ds,random,selective,selective_ds}",
-                    "--model.attack_score {margin,gradmatch,gradmatch_exact,loss,random}",
+                    "--model.attack_score {margin,margin_true,gradmatch,gradmatch_exact,loss,random}",
                     "--model.scheduler_interval {epoch,step}", "--model.scoring_mode {eval,train,keep}",
                     "--model.selection_scope {local,global}", "--model.nonfinite {raise,skip}"):
         assert choices in out

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 # Both scopes are covered; the selection-heavy recipes run under the global one.
 RUNS = {"standard": "local", "robust": "global", "ds": "global", "random": "global", "selective": "local",
         "selective_ds": "global"}
+# TRADES and MART on pairs, under both scopes.
+OBJECTIVE_RUNS = ["ds:global:trades", "selective:local:mart", "robust:local:trades", "random:global:mart"]
 
 
 def env() -> dict[str, str]:
@@ -29,7 +31,7 @@ def env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def recipe_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_cli")
-    runs = [f"{recipe}:{scope}" for recipe, scope in RUNS.items()]
+    runs = [f"{recipe}:{scope}" for recipe, scope in RUNS.items()] + OBJECTIVE_RUNS
     result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_cli_worker.py"), str(out), *runs],
                             env=env(), capture_output=True, text=True, timeout=240, cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,6 +50,15 @@ def test_recipe_trains_on_two_ranks_and_validates(recipe_runs, recipe):
         assert rank[run]["global_step"] == 2
         assert 0 <= rank[run]["val_acc_clean"] <= 1
     # val/acc_clean is a torchmetrics state synced over ranks: both report the same number.
+    assert recipe_runs[0][run]["val_acc_clean"] == recipe_runs[1][run]["val_acc_clean"]
+
+
+@pytest.mark.parametrize("run", OBJECTIVE_RUNS)
+def test_paired_objectives_train_on_two_ranks(recipe_runs, run):
+    recipe, _, objective = run.split(":")
+    for rank in recipe_runs:
+        assert rank[run]["recipe"] == recipe and rank[run]["objective"] == objective
+        assert rank[run]["global_step"] == 2 and rank[run]["world_size"] == 2
     assert recipe_runs[0][run]["val_acc_clean"] == recipe_runs[1][run]["val_acc_clean"]
 
 

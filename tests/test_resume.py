@@ -56,8 +56,9 @@ model:
     return path
 
 
-def command(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lightning_advsel.cli", "fit", *config_args(*MAIN_JOB),
+def command(cfg: Path, *extra: str, objective: str | None = None) -> list[str]:
+    overlays = (f"objectives/{objective}.yaml",) if objective else ()
+    return [sys.executable, "-m", "lightning_advsel.cli", "fit", *config_args(*MAIN_JOB, *overlays),
             "--config", str(cfg), *extra]
 
 
@@ -70,11 +71,12 @@ def run(args: list[str], cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights(tmp_path):
-    run(command(config(tmp_path, "straight", pause=False)), tmp_path)
+@pytest.mark.parametrize("objective", [None, "trades"])
+def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights(tmp_path, objective):
+    run(command(config(tmp_path, "straight", pause=False), objective=objective), tmp_path)
 
     killed_cfg = config(tmp_path, "killed", pause=True)
-    proc = subprocess.Popen(command(killed_cfg), env=env(), cwd=tmp_path,
+    proc = subprocess.Popen(command(killed_cfg, objective=objective), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "paused"
     deadline = time.monotonic() + 180
@@ -87,7 +89,7 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
     assert before["global_step"] == 4 and before["epoch"] == 0  # mid-epoch: 4 of 6 batches
 
     # Restart without the pause, from `last`, writing into the same checkpoint folder.
-    run(command(config(tmp_path, "killed", pause=False), "--ckpt_path", "last"), tmp_path)
+    run(command(config(tmp_path, "killed", pause=False), "--ckpt_path", "last", objective=objective), tmp_path)
 
     straight = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import copy
 import sys
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, TinyNet, digits, fit_steps, tiny_batch
 from test_module import RowCounter, make
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_advsel import AdversarialSelectionModule, AttackConfig, pgd
+from lightning_advsel import AdversarialSelectionModule, AttackConfig, StepSettings, adversarial_step, pgd
 from lightning_advsel.attacks import model_mode
 from lightning_advsel.cli import build_cli
 from lightning_advsel.models import SmallCNN
@@ -269,3 +271,61 @@ def test_bad_attack_frac_from_the_command_line_fails_before_training(tmp_path):
         build_cli([*digits("selective_margin"),
                    "--model.init_args.attack_frac", "1.5", "--trainer.logger.init_args.save_dir", str(tmp_path)],
                   run=False)
+
+
+# ------------------------------------------------------------------------------ the selective paper's variants
+def test_margin_true_is_the_true_logit_minus_the_largest_other_and_reads_the_label():
+    from lightning_advsel.selection import ScoringPass, margin_true_score
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    y = torch.tensor([0, 2])
+    scores = margin_true_score(ScoringPass(None, None, y, logits))
+    assert scores.tolist() == [2.0, -3.0]  # right with a gap of 2; wrong, 3 below the top logit
+
+
+def test_proportional_sampling_draws_rows_near_the_boundary_more_often_and_is_seeded():
+    from lightning_advsel.selection import PRE_ATTACK_SCORES
+
+    score = PRE_ATTACK_SCORES["margin"]
+    margins = torch.tensor([0.01, 0.02, 5.0, 6.0, 0.03, 7.0, 8.0, 9.0])
+    picks = torch.zeros(8)
+    for seed in range(200):
+        picks[score.sample(margins, 2, torch.Generator().manual_seed(seed))] += 1
+    assert picks[[0, 1, 4]].sum() > 0.95 * picks.sum()
+    first = score.sample(margins, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(first, score.sample(margins, 4, torch.Generator().manual_seed(7)))
+    assert first.tolist() == sorted(set(first.tolist()))
+
+
+def test_proportional_sampling_needs_a_margin_score():
+    with pytest.raises(ValueError, match=r"`attack_sampling`='proportional' .* got 'loss'"):
+        StepSettings(recipe="selective", attack_score="loss", attack_sampling="proportional")
+
+
+def test_clean_weight_scales_the_clean_rows_loss_in_the_mixed_objective():
+    net = TinyNet()
+    x, y = tiny_batch(16)
+    base = dict(recipe="selective", p_up=1.0, attack_frac=0.25, train_attack=DETERMINISTIC_ATTACK)
+    plain = adversarial_step(net, x, y, StepSettings(**base))
+    weighted = adversarial_step(net, x, y, StepSettings(**base, clean_weight=0.5))
+    ce = F.cross_entropy(plain.record.logits, y, reduction="none")  # the training forward of all 16 rows
+    adv = plain.record.is_adv
+    assert adv.sum() == 4
+    assert plain.loss.item() == pytest.approx(ce.mean().item(), rel=1e-6)
+    assert weighted.loss.item() == pytest.approx(((ce[adv].sum() + 0.5 * ce[~adv].sum()) / 16).item(), rel=1e-6)
+
+
+def test_attack_warmup_epochs_attack_every_row_first(tmp_path):
+    x, y = tiny_batch(16)
+    seen = []
+
+    class Attacked(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.current_epoch, pl_module.last_selection.attacked.numel()))
+
+    module = make("selective", 1.0, attack_frac=0.25, attack_warmup_epochs=1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[Attacked()]).fit(module, loader)
+    assert seen == [(0, 16), (1, 4)]
+    assert module.settings.attack_frac == 0.25
