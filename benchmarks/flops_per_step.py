@@ -27,11 +27,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.models import ResNet18, SmallCNN
 
-# (row label, recipe, p_up, attack_score, objective)
+# (row label, recipe, p_up, attack_score, objective[, selection_forward])
 ROWS = [
     ("standard", "standard", 1.0, "margin", "ce"),
     ("robust", "robust", 1.0, "margin", "ce"),
     ("ds (p_up 0.5)", "ds", 0.5, "margin", "ce"),
+    ("ds (p_up 0.5, shared forward)", "ds", 0.5, "margin", "ce", "shared"),
     ("ds (p_up 1)", "ds", 1.0, "margin", "ce"),
     ("random (p_up 0.5)", "random", 0.5, "margin", "ce"),
     ("selective margin", "selective", 1.0, "margin", "ce"),
@@ -44,7 +45,8 @@ ROWS = [
 ]
 
 
-def analytic_units(recipe: str, p_up: float, attack_score: str, objective: str, k: int) -> float | None:
+def analytic_units(recipe: str, p_up: float, attack_score: str, objective: str, k: int,
+                   selection_forward: str = "separate") -> float | None:
     """Per-sample cost of a step in units of one forward (backward = 2, the attack's input-only backward = 1).
 
     The floor a recipe's work implies: the attack (``2k`` per attacked row, plus one no-grad forward for the
@@ -62,18 +64,21 @@ def analytic_units(recipe: str, p_up: float, attack_score: str, objective: str, 
         scored = inputs if p_up < 1 else 0.0
         return units + scored + 3 * p_up * inputs
     pool = 1.0 + attacked if recipe in ("ds", "random", "selective_ds") else 1.0
+    if selection_forward == "shared" and p_up < 1:  # one forward with gradients over the pool, one backward
+        return units + 3 * pool
     if p_up < 1 and recipe != "random":  # the scoring pass over the pool (selective_ds reuses the clean logits)
         units += attacked if recipe == "selective_ds" else pool
     return units + 3 * p_up * pool
 
 
 def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: str, *, p_up: float = 1.0,
-               attack_score: str = "margin", attack_frac: float = 0.5, steps: int = 10, objective: str = "ce") -> int:
+               attack_score: str = "margin", attack_frac: float = 0.5, steps: int = 10, objective: str = "ce",
+               selection_forward: str = "separate") -> int:
     """FLOPs of the first training step of ``recipe`` on the batch ``(x, y)`` with a PGD-``steps`` attack."""
     module = AdversarialSelectionModule(
         model, recipe=recipe, p_up=p_up, attack_score=attack_score, attack_frac=attack_frac,
         train_attack=AttackConfig(eps=0.1, alpha=0.025, steps=steps, mode="train"), eval_attack=None,
-        objective=objective,
+        objective=objective, selection_forward=selection_forward,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01),
     )
     counted: dict[str, int] = {}
@@ -97,11 +102,11 @@ def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: str, 
 def table(make_model, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[tuple[str, int, float, float | None]]:
     """``(label, FLOPs per step, relative to robust, analytic relative)`` for every row of :data:`ROWS`."""
     flops, floors = {}, {}
-    for label, recipe, p_up, score, objective in ROWS:
+    for label, recipe, p_up, score, objective, *forward in ROWS:
         torch.manual_seed(0)
         flops[label] = step_flops(make_model(), x, y, recipe, p_up=p_up, attack_score=score, steps=steps,
-                                  objective=objective)
-        floors[label] = analytic_units(recipe, p_up, score, objective, steps)
+                                  objective=objective, selection_forward=forward[0] if forward else "separate")
+        floors[label] = analytic_units(recipe, p_up, score, objective, steps, *forward)
     robust = floors["robust"]
     return [(label, f, f / flops["robust"], None if floors[label] is None else floors[label] / robust)
             for label, f in flops.items()]

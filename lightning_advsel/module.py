@@ -35,6 +35,7 @@ from lightning_advsel.step import (
     RECIPES,
     GlobalScope,
     RecipeName,
+    SelectionForward,
     SelectionRecord,
     StepResult,
     StepSettings,
@@ -136,6 +137,9 @@ class AdversarialSelectionModule(L.LightningModule):
             :class:`~lightning_advsel.step.StepSettings`); 1 is the plain mean.
         attack_warmup_epochs: epochs at the start in which the selective recipes attack every row
             (``attack_frac`` 1); 0 (default) for none.
+        selection_forward: ``"separate"`` (default; no-grad scoring, then forward and backward of the selected
+            rows only) or ``"shared"`` (one forward with gradients over the pool, loss over the selected rows):
+            see :class:`~lightning_advsel.step.StepSettings`.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -172,6 +176,7 @@ class AdversarialSelectionModule(L.LightningModule):
         attack_sampling: selection.AttackSampling = "top",
         clean_weight: float = 1.0,
         attack_warmup_epochs: int = 0,
+        selection_forward: SelectionForward = "separate",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -182,7 +187,7 @@ class AdversarialSelectionModule(L.LightningModule):
             attack_score=attack_score, scoring_mode=scoring_mode,
             train_attack=_as_attack("train_attack", train_attack) or AttackConfig(mode="train"),
             objective=Objective(objective, objective_weight, label_smoothing),
-            attack_sampling=attack_sampling, clean_weight=clean_weight,
+            attack_sampling=attack_sampling, clean_weight=clean_weight, selection_forward=selection_forward,
         )
         self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:

@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,8 @@ class Recipe:
     post: str  # "loss" | "random"
 
 
+SelectionForward = Literal["separate", "shared"]
+SELECTION_FORWARDS = get_args(SelectionForward)
 RecipeName = Literal["standard", "robust", "ds", "random", "selective", "selective_ds"]
 
 # Keyed in the order of `RecipeName`; tests/test_checks.py holds the two together.
@@ -106,6 +108,11 @@ class StepSettings:
         clean_weight: weight of the clean rows' loss among the backpropagated rows (the unattacked rows of the
             selective recipes, the clean rows of a DS pool), >= 0; the loss is ``(sum of the adversarial rows'
             losses + clean_weight * sum of the clean rows' losses) / selected rows``. 1 is the plain mean.
+        selection_forward: ``"separate"`` (default): score the pool in a no-grad pass, then forward and
+            backward the selected rows only, so the backward work scales with ``p_up``. ``"shared"``: one
+            forward with gradients over the whole pool, scores read from it and the loss taken over the selected
+            rows (the backward then runs through the whole pool's forward, as the DS paper's small measured
+            saving suggests it was run); BatchNorm sees one batch for scoring and training. Cross-entropy only.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score`` or ``scoring_mode``, a fraction outside (0, 1],
@@ -122,6 +129,7 @@ class StepSettings:
     objective: Objective = field(default_factory=Objective)
     attack_sampling: selection.AttackSampling = "top"
     clean_weight: float = 1.0
+    selection_forward: SelectionForward = "separate"
 
     def __post_init__(self) -> None:
         checks.check_choice("recipe", self.recipe, RECIPES)
@@ -134,6 +142,10 @@ class StepSettings:
             raise ValueError(f"`attack_sampling`='proportional' draws rows with probability 1 / |margin|, so it needs "
                              f"`attack_score` 'margin' or 'margin_true', got {self.attack_score!r}")
         object.__setattr__(self, "clean_weight", checks.check_number("clean_weight", self.clean_weight, 0.0))
+        checks.check_choice("selection_forward", self.selection_forward, SELECTION_FORWARDS)
+        if self.selection_forward == "shared" and self.objective.paired:
+            raise ValueError(f"`selection_forward`='shared' scores rows by their training cross-entropy; objective "
+                             f"{self.objective.name!r} scores pairs: use 'separate'")
         if self.objective.paired and self.recipe in PAIRED_REFUSED:
             raise ValueError(f"`recipe`={self.recipe!r} cannot train objective {self.objective.name!r}: "
                              f"{PAIRED_REFUSED[self.recipe]}")
@@ -312,10 +324,11 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
     attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator, cost)
     x_adv = attack(model, x, y, attacked, settings, generator, cost)
     pool = build_pool(x, y, attacked, x_adv, pool_kind)
-    selected, pool_scores, pool_logits, k_global = select_pool(
+    selected, pool_scores, pool_logits, k_global, scoring_logits = select_pool(
         model, pool, settings, x_adv, clean_logits, generator, scope, cost)
+    shared = scoring_logits if settings.selection_forward == "shared" else None
     loss, logits = selected_loss(model, pool, selected, k_global, settings.objective, scope, cost,
-                                 settings.clean_weight)
+                                 settings.clean_weight, shared)
     record = SelectionRecord(
         y=pool.y, is_adv=pool.is_adv, selected=selected, pool_scores=pool_scores, attacked=attacked,
         attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
@@ -393,21 +406,29 @@ def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kin
 def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Tensor | None,
                 clean_logits: Tensor | None, generator: torch.Generator | None,
                 scope: LocalScope | GlobalScope = LOCAL,
-                cost: StepCost | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, int | None]:
+                cost: StepCost | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None, int | None, Tensor | None]:
     """The post-attack selection: indices of the pool rows to backpropagate.
 
     Rows are scored by their training objective in a no-grad pass: the per-sample cross-entropy, or for a
     paired objective the per-pair objective (:func:`pair_losses`).
 
     Returns:
-        ``(selected, pool_scores, pool_logits, k_global)``: ascending indices into the pool; the per-sample
-        scores and the logits of the scoring pass when one ran (else ``None``; for pairs, the logits of each
-        row's training input); the global count under :class:`GlobalScope` (else ``None``).
+        ``(selected, pool_scores, pool_logits, k_global, scoring_logits)``: ascending indices into the pool; the
+        per-sample scores and the (detached) logits of the scoring pass when one ran (else ``None``; for pairs,
+        the logits of each row's training input); the global count under :class:`GlobalScope` (else ``None``);
+        the scoring logits as computed (with gradients under ``selection_forward="shared"``).
     """
     recipe = RECIPES[settings.recipe]
     scored: dict[str, Tensor] = {}
 
     def loss_scores() -> Tensor:
+        if settings.selection_forward == "shared":  # the training forward itself, with gradients
+            scored["logits"] = model(pool.x)
+            if cost is not None:
+                cost.forward_rows += pool.x.shape[0]
+            scored["scores"] = selection.per_sample_loss(scored["logits"].detach(), pool.y)
+            return scored["scores"]
         with torch.no_grad(), model_mode(model, settings.scoring_mode):
             if pool.partner is not None:
                 scores, scored["logits"] = pair_losses(model, pool, settings.objective)
@@ -427,7 +448,8 @@ def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Ten
 
     selected, k_global = scope.select(pool.x.shape[0], settings.p_up, pool.x.device, loss_scores,
                                       random=recipe.post == "random", generator=generator)
-    return selected, scored.get("scores"), scored.get("logits"), k_global
+    logits = scored.get("logits")
+    return selected, scored.get("scores"), None if logits is None else logits.detach(), k_global, logits
 
 
 def pair_losses(model: nn.Module, pool: Pool, objective: Objective) -> tuple[Tensor, Tensor]:
@@ -450,8 +472,13 @@ def pair_losses(model: nn.Module, pool: Pool, objective: Objective) -> tuple[Ten
 
 def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int | None,
                   objective: Objective | None = None, scope: LocalScope | GlobalScope = LOCAL,
-                  cost: StepCost | None = None, clean_weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """Training loss over the selected rows and their logits (``None`` when this process selected none)."""
+                  cost: StepCost | None = None, clean_weight: float = 1.0,
+                  shared_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Training loss over the selected rows and their logits (``None`` when this process selected none).
+
+    ``shared_logits``: the whole pool's logits from a forward with gradients (``selection_forward="shared"``);
+    the loss is then taken from them instead of a forward of the selected rows.
+    """
     if selected.numel() == 0:
         # No row of this process passed the global threshold. A backward touching every parameter (with zero
         # gradient) still runs, so this process joins DDP's gradient all-reduce and nobody hangs.
@@ -464,6 +491,13 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
         losses, logits = pair_losses(model, chosen, objective)
         rows, loss = selected.numel() + int(chosen.is_adv.sum()), scope.reduce(
             losses * clean_weights(chosen.is_adv, clean_weight), k_global)
+    elif shared_logits is not None:
+        logits = shared_logits[selected]
+        losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)
+        loss = scope.reduce(losses * clean_weights(pool.is_adv[selected], clean_weight), k_global)
+        if cost is not None:  # the forward was counted when scoring; the backward runs through all of it
+            cost.backward_rows += pool.x.shape[0]
+        return loss, logits
     elif clean_weight != 1:
         logits = model(pool.x[selected])
         losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)

@@ -154,3 +154,30 @@ def test_the_step_reports_the_work_it_did(recipe, p_up, attack_steps, forward, b
         attack_steps, forward, backward)
     # Every forward the hook saw is the attack's (one per attacked row and step) or counted as forward rows.
     assert sum(rows) == attack_steps + forward
+
+
+def test_a_shared_selection_forward_selects_and_updates_as_the_separate_one_but_backpropagates_the_whole_pool():
+    x, y = tiny_batch(16)
+    results = {}
+    for forward in ("separate", "shared"):
+        net = TinyNet()  # no BatchNorm: scoring and training forwards agree exactly
+        torch.manual_seed(0)
+        net.load_state_dict(TinyNet().state_dict())
+        out = adversarial_step(net, x, y, StepSettings(recipe="ds", p_up=0.25, train_attack=DETERMINISTIC_ATTACK,
+                                                        selection_forward=forward))
+        out.loss.backward()
+        results[forward] = (out, [p.grad.clone() for p in net.parameters()])
+    (sep, sep_grads), (sha, sha_grads) = results["separate"], results["shared"]
+    assert torch.equal(sep.record.selected, sha.record.selected)
+    assert sha.loss.item() == pytest.approx(sep.loss.item(), rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sep_grads, sha_grads, strict=True))
+    # Separate: a no-grad pass over the 32 pool rows, then 8 rows forward and backward. Shared: 32 and 32.
+    assert (sep.cost.forward_rows, sep.cost.backward_rows) == (40, 8)
+    assert (sha.cost.forward_rows, sha.cost.backward_rows) == (32, 32)
+
+
+def test_a_shared_selection_forward_refuses_a_paired_objective():
+    from lightning_advsel.objectives import Objective
+
+    with pytest.raises(ValueError, match=r"`selection_forward`='shared' .* objective 'trades'"):
+        StepSettings(recipe="ds", objective=Objective("trades"), selection_forward="shared")
