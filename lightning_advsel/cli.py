@@ -82,7 +82,8 @@ def _fill(value: Any, data_set_name: str | None) -> Any:
 
 
 class AdvSelCLI(LightningCLI):
-    """LightningCLI for composed configs that prints clean and robust validation accuracy when ``fit`` ends.
+    """LightningCLI for composed configs that prints clean and robust validation accuracy and the training cost
+    (against robust training's) when ``fit`` ends.
 
     From the ``--config`` files given it takes the default TensorBoard logger (``lightning_logs/<run name>``,
     see :func:`run_name`; a name or logger given in a config or on the command line wins) and fills
@@ -100,8 +101,10 @@ class AdvSelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:  # noqa: ANN401 - a LightningArgumentParser
         name = run_name(self._config_files)
         if name is not None:
+            # No placeholder `hp_metric` session: the module writes the run's own (lightning_advsel.dashboard).
+            logger = {"save_dir": LOG_DIR, "name": name, "default_hp_metric": False}
             parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                                    "init_args": {"save_dir": LOG_DIR, "name": name}}})
+                                                    "init_args": logger}})
 
     def before_instantiate_classes(self) -> None:
         _fill(self.config[self.subcommand] if self.subcommand else self.config, data_set(self._config_files))
@@ -127,6 +130,9 @@ class AdvSelCLI(LightningCLI):
         if robust is not None and attack is not None:
             line += f", robust {float(robust):.4f} ({attack.describe()})"
         print(line, flush=True)
+        work = self.model.cost_summary() if stage == "val" and self.subcommand == "fit" else None
+        if work is not None:
+            print(f"training cost: {work}", flush=True)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AdvSelCLI:

@@ -11,6 +11,7 @@ read the module through :class:`~lightning_advsel.step.SelectionModule` (``model
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import asdict, replace
 from typing import Any, Literal, get_args
@@ -25,7 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_advsel import checks, distributed, selection
+from lightning_advsel import checks, cost, dashboard, distributed, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
@@ -231,6 +232,7 @@ class AdversarialSelectionModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
         self.train_adv_frac = MeanMetric()
+        self.train_clean_frac = MeanMetric()
         self.train_attacked_frac = MeanMetric()
         self.train_attack_score_selected = MeanMetric()
         self.train_attack_score_unselected = MeanMetric()
@@ -238,6 +240,10 @@ class AdversarialSelectionModule(L.LightningModule):
         self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_robust = MulticlassAccuracy(num_classes, average="micro")
+        # The run's work since it started (checkpointed), and its totals when training ended (for the summary).
+        self.work = cost.WorkCounter()
+        self.work_totals: dict[str, int] | None = None
+        self._epoch_started = time.perf_counter()
 
     @property
     def p_up(self) -> float:
@@ -339,6 +345,7 @@ class AdversarialSelectionModule(L.LightningModule):
                 "SyncBatchNorm's contract of equal per-rank batches; use `selection_scope`='local' or train "
                 "without `sync_batchnorm`"
             )
+        dashboard.describe_run(self.loggers, self.settings)
 
     def _log_train(self, out: StepResult) -> None:
         r = out.record
@@ -358,6 +365,7 @@ class AdversarialSelectionModule(L.LightningModule):
         if selected.numel():
             self.train_acc_selected(r.logits, y)
             self.train_adv_frac.update(r.is_adv[selected].float())
+            self.train_clean_frac.update((~r.is_adv[selected]).float())
         n = r.batch_size
         self.train_attacked_frac.update(torch.tensor(r.attacked.numel() / n, device=r.y.device), weight=n)
         # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
@@ -367,9 +375,22 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc_selected", self.train_acc_selected, on_step=False, on_epoch=True)
         self.log("train/selected_adv_frac", self.train_adv_frac, on_step=False, on_epoch=True)
+        self.log("train/selected_clean_frac", self.train_clean_frac, on_step=False, on_epoch=True)
         self.log("train/attacked_frac", self.train_attacked_frac, on_step=False, on_epoch=True)
         if r.attack_scores is not None:
             self._log_attack_scores(r.attack_scores, r.attacked)
+        self._log_cost(out, r.batch_size)
+
+    def _log_cost(self, out: StepResult, batch_rows: int) -> None:
+        """The step's work, summed over ranks (one all-reduce), logged per step; added to the run's totals.
+
+        Steps dropped by ``nonfinite: skip`` are not counted.
+        """
+        self.work.update(out.cost, cost.robust_cost(self.settings, batch_rows))
+        step = torch.tensor([getattr(out.cost, name) for name in cost.COUNTERS], device=out.loss.device)
+        step = self.trainer.strategy.reduce(step, reduce_op="sum")
+        for tag, value in zip(dashboard.STEP_TAGS, step.tolist(), strict=True):
+            self.log(tag, float(value), on_step=True, on_epoch=False, batch_size=1)
 
     def _log_attack_scores(self, scores: Tensor, attacked: Tensor) -> None:
         """Epoch means of the pre-attack score (margin, cosine, ...) over the attacked and the other rows."""
@@ -387,9 +408,28 @@ class AdversarialSelectionModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
+
+    @override
     def on_train_epoch_end(self) -> None:
         if self.scheduler_interval == "epoch":
             self._step_scheduler()
+        # Values already summed over ranks (or this rank's clock): logged as plain numbers, no further sync.
+        totals = self.work.compute()
+        self.log_dict({tag: float(totals[name]) for tag, name in zip(dashboard.TOTAL_TAGS, cost.COUNTERS, strict=True)},
+                      on_step=False, on_epoch=True, batch_size=1)
+        self.log(dashboard.EPOCH_SECONDS, time.perf_counter() - self._epoch_started, on_step=False, on_epoch=True,
+                 batch_size=1)
+
+    @override
+    def on_train_end(self) -> None:
+        self.work_totals = self.work.compute()  # a collective: every rank, before the rank-zero summary
+
+    def cost_summary(self) -> str | None:
+        """The training cost of the last ``fit`` against robust training's (:func:`lightning_advsel.cost.summary`)."""
+        return None if self.work_totals is None else cost.summary(self.work_totals)
 
     def accuracy_keys(self) -> list[str]:
         """The accuracies (values in [0, 1]) this module logs once per epoch, for callbacks that monitor one."""
@@ -447,13 +487,16 @@ class AdversarialSelectionModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps,
-                                "train_metrics": self._train_metric_states()}
+                                "train_metrics": self._train_metric_states(),
+                                "work": self._work_so_far()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_architecture(checkpoint.get("state_dict", {}))
         state = checkpoint.get("advsel", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._load_train_metric_states(state.get("train_metrics", {}))
+        # Summed over ranks when saved: rank 0 continues from them, so the sum stays right for any world size.
+        self.work.restore(state.get("work", {}), holds_totals=self.global_rank == 0)
         p_up = state.get("p_up", self.p_up)
         if not (isinstance(p_up, float) and math.isfinite(p_up) and 0 < p_up <= 1):
             rank_zero_warn(f"checkpoint holds an invalid p_up={p_up!r}; keeping p_up={self.p_up}")
@@ -461,7 +504,13 @@ class AdversarialSelectionModule(L.LightningModule):
         self.p_up = p_up
 
     # The epoch accumulators of the selection statistics, so a run resumed mid-epoch logs the same epoch values.
-    _TRAIN_METRICS = ("train_acc", "train_acc_selected", "train_adv_frac", "train_attacked_frac")
+    _TRAIN_METRICS = ("train_acc", "train_acc_selected", "train_adv_frac", "train_clean_frac", "train_attacked_frac")
+
+    def _work_so_far(self) -> dict[str, int]:
+        """The run's work totals, summed over ranks: every rank saves a checkpoint (Lightning's contract)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*compute.*before.*update", category=UserWarning)
+            return self.work.compute()
 
     def _train_metric_states(self) -> dict[str, dict[str, Tensor]]:
         return {name: {key: value.detach().cpu().clone() for key, value in getattr(self, name).metric_state.items()

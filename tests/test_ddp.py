@@ -75,6 +75,12 @@ def test_console_cli_with_the_ddp_trainer_config_trains_checkpoints_and_draws_th
     (ckpt,) = tmp_path.rglob("last.ckpt")
     state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 3 and state["hyper_parameters"]["selection_scope"] == "global"
+    # The cost totals are summed over the ranks: per step 2 ranks x 64 rows x PGD-2, each rank's 128-row pool
+    # scored, and the top half of the 256-row global pool trained on.
+    assert state["advsel"]["work"] == {"attack_grad_steps": 3 * 2 * 64 * 2, "forward_rows": 3 * (2 * 128 + 128),
+                                       "backward_rows": 3 * 128, "robust_attack_grad_steps": 3 * 2 * 64 * 2,
+                                       "robust_forward_rows": 3 * 2 * 64, "robust_backward_rows": 3 * 2 * 64}
+    assert "training cost: attack steps 768 (100% of robust training's)" in result.stdout
     # The main job's callbacks (make-up, probe, figures) run on both ranks; rank 0 writes the figures.
     assert sorted(p.name for p in tmp_path.rglob("figures/*.png")) == [
         "accuracy.png", "min_perturbation.png", "p_up.png", "selection_makeup.png"]

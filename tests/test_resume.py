@@ -102,6 +102,12 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
     assert resumed["lr_schedulers"] == straight["lr_schedulers"]
     assert resumed["advsel"]["p_up"] == straight["advsel"]["p_up"]
     assert resumed["advsel"]["skipped_steps"] == straight["advsel"]["skipped_steps"] == 0
+    # The cost totals continue from the checkpoint: the resumed run counts every step once, as the straight one
+    # (ds at PGD-2 on 64-row batches: every row attacked, 128 pool rows scored, 64 trained on).
+    steps = 2 * STEPS_PER_EPOCH
+    assert resumed["advsel"]["work"] == straight["advsel"]["work"]
+    assert straight["advsel"]["work"]["attack_grad_steps"] == steps * 64 * 2
+    assert straight["advsel"]["work"]["forward_rows"] == steps * (128 + 64)
 
 
 def test_train_order_is_a_function_of_seed_and_epoch_and_a_resume_skips_the_consumed_batches():
@@ -152,7 +158,7 @@ def test_selection_statistics_of_an_unfinished_epoch_survive_a_checkpoint(tmp_pa
             if trainer.global_step == 2:
                 trainer.save_checkpoint(tmp_path / "mid.ckpt")
                 self.states = {name: {k: v.clone() for k, v in getattr(module, name).metric_state.items()}
-                               for name in ("train_acc", "train_adv_frac")}
+                               for name in ("train_acc", "train_adv_frac", "work")}
 
     module = AdversarialSelectionModule(TinyNet(), recipe="ds", p_up=0.5)
     x, y = tiny_batch(32)
