@@ -59,16 +59,15 @@ def run_hparams(settings: StepSettings) -> dict[str, str | float | int]:
     """The hyperparameters of a run's row in the HPARAMS table.
 
     ``attack_frac`` and ``attack_score`` only for the recipes that choose rows before the attack (elsewhere
-    they do nothing and would read as if they did); ``objective`` when the settings have one.
+    they do nothing and would read as if they did); the objective, and its weight for TRADES and MART.
     """
     attack = settings.train_attack
     params: dict[str, str | float | int] = {"recipe": settings.recipe, "p_up": settings.p_up}
     if RECIPES[settings.recipe].attack == "score":
         params.update(attack_frac=settings.attack_frac, attack_score=settings.attack_score)
-    params.update(eps=attack.eps, steps=attack.steps)
-    objective = getattr(settings, "objective", None)
-    if objective is not None:
-        params["objective"] = objective if isinstance(objective, str) else getattr(objective, "name", str(objective))
+    params.update(eps=attack.eps, steps=attack.steps, objective=settings.objective.name)
+    if settings.objective.paired:  # beta of TRADES, lambda of MART
+        params["objective_weight"] = settings.objective.weight
     return params
 
 

@@ -105,7 +105,7 @@ def test_the_run_session_comes_before_lightnings_placeholder_with_a_default_logg
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
     values, metrics = hparams_session(events(Path(logger.log_dir)))
     assert values == {"recipe": "selective", "p_up": 1.0, "attack_frac": 0.25, "attack_score": "margin",
-                      "eps": pytest.approx(0.1), "steps": 10}
+                      "eps": pytest.approx(0.1), "steps": 10, "objective": "ce"}
     assert "hp_metric" not in metrics
 
 
@@ -119,3 +119,13 @@ def test_the_summary_gives_each_total_and_its_share_of_robust_training():
               "robust_forward_rows": 300, "backward_rows": 150, "robust_backward_rows": 300}
     assert cost.summary(totals) == ("attack steps 1.2e6 (62% of robust training's), forward rows 900 (300%), "
                                     "backward rows 150 (50%)")
+
+
+def test_the_table_names_the_objective_and_the_weight_of_a_paired_one():
+    from lightning_advsel.dashboard import run_hparams
+    from lightning_advsel.objectives import Objective
+
+    assert run_hparams(StepSettings(recipe="ds"))["objective"] == "ce"
+    assert "objective_weight" not in run_hparams(StepSettings(recipe="ds"))
+    trades = run_hparams(StepSettings(recipe="ds", objective=Objective("trades")))
+    assert trades["objective"] == "trades" and trades["objective_weight"] == 6.0
