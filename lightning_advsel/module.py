@@ -34,6 +34,7 @@ from lightning_advsel.objectives import Objective, ObjectiveName
 from lightning_advsel.step import (
     LOCAL,
     RECIPES,
+    CleanRows,
     GlobalScope,
     RecipeName,
     SelectionForward,
@@ -50,6 +51,7 @@ __all__ = ["RECIPES", "AdversarialSelectionModule", "SelectionRecord", "default_
 Nonfinite = Literal["raise", "skip"]
 NONFINITE = get_args(Nonfinite)
 Interval = Literal["epoch", "step"]
+WarmupPick = Literal["all", "random"]
 
 
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
@@ -141,6 +143,10 @@ class AdversarialSelectionModule(L.LightningModule):
         selection_forward: ``"separate"`` (default; no-grad scoring, then forward and backward of the selected
             rows only) or ``"shared"`` (one forward with gradients over the pool, loss over the selected rows):
             see :class:`~lightning_advsel.step.StepSettings`.
+        clean_rows: ``"unattacked"`` (default) or ``"all"``: which clean inputs the selective recipe trains on,
+            see :class:`~lightning_advsel.step.StepSettings`.
+        attack_warmup: what the selective recipes attack during ``attack_warmup_epochs``: ``"all"`` (every row)
+            or ``"random"`` (a random ``attack_frac`` of the batch, as the selective authors' script does).
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -178,6 +184,8 @@ class AdversarialSelectionModule(L.LightningModule):
         clean_weight: float = 1.0,
         attack_warmup_epochs: int = 0,
         selection_forward: SelectionForward = "separate",
+        clean_rows: CleanRows = "unattacked",
+        attack_warmup: WarmupPick = "all",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -189,7 +197,12 @@ class AdversarialSelectionModule(L.LightningModule):
             train_attack=_as_attack("train_attack", train_attack) or AttackConfig(mode="train"),
             objective=Objective(objective, objective_weight, label_smoothing),
             attack_sampling=attack_sampling, clean_weight=clean_weight, selection_forward=selection_forward,
+            clean_rows=clean_rows,
         )
+        self.attack_warmup = checks.check_choice("attack_warmup", attack_warmup, get_args(WarmupPick))
+        if clean_rows == "all" and selection_scope == "global":
+            raise ValueError("`clean_rows`='all' takes the mean of each part on each rank; it has no global form, "
+                             "use `selection_scope`='local'")
         self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
@@ -285,8 +298,9 @@ class AdversarialSelectionModule(L.LightningModule):
         self._check_batch(x, y, batch_idx)
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
-        if self.current_epoch < self.attack_warmup_epochs:  # attack every row in the first epochs
-            settings = replace(settings, attack_frac=1.0)
+        if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
+            settings = (replace(settings, attack_frac=1.0) if self.attack_warmup == "all"
+                        else replace(settings, attack_score="random", attack_sampling="top"))
         out = adversarial_step(self.model, x, y, settings, self._generator(x.device, self.global_step), scope)
         if self._nonfinite_step(not bool(torch.isfinite(out.loss)), "loss", batch_idx, out.loss):
             return None

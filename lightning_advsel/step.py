@@ -63,6 +63,8 @@ class Recipe:
     post: str  # "loss" | "random"
 
 
+CleanRows = Literal["unattacked", "all"]
+CLEAN_ROWS = get_args(CleanRows)
 SelectionForward = Literal["separate", "shared"]
 SELECTION_FORWARDS = get_args(SelectionForward)
 RecipeName = Literal["standard", "robust", "ds", "random", "selective", "selective_ds"]
@@ -108,6 +110,10 @@ class StepSettings:
         clean_weight: weight of the clean rows' loss among the backpropagated rows (the unattacked rows of the
             selective recipes, the clean rows of a DS pool), >= 0; the loss is ``(sum of the adversarial rows'
             losses + clean_weight * sum of the clean rows' losses) / selected rows``. 1 is the plain mean.
+        clean_rows: which clean inputs the ``selective`` recipe trains on: ``"unattacked"`` (default: the rows
+            that were not attacked, in one mean with the adversarial rows) or ``"all"`` (every clean input of
+            the batch, in a separate forward, as the selective paper's authors' script does; the loss is then
+            the mean adversarial loss plus ``clean_weight`` times the mean clean loss).
         selection_forward: ``"separate"`` (default): score the pool in a no-grad pass, then forward and
             backward the selected rows only, so the backward work scales with ``p_up``. ``"shared"``: one
             forward with gradients over the whole pool, scores read from it and the loss taken over the selected
@@ -130,6 +136,7 @@ class StepSettings:
     attack_sampling: selection.AttackSampling = "top"
     clean_weight: float = 1.0
     selection_forward: SelectionForward = "separate"
+    clean_rows: CleanRows = "unattacked"
 
     def __post_init__(self) -> None:
         checks.check_choice("recipe", self.recipe, RECIPES)
@@ -146,6 +153,11 @@ class StepSettings:
         if self.selection_forward == "shared" and self.objective.paired:
             raise ValueError(f"`selection_forward`='shared' scores rows by their training cross-entropy; objective "
                              f"{self.objective.name!r} scores pairs: use 'separate'")
+        checks.check_choice("clean_rows", self.clean_rows, CLEAN_ROWS)
+        if self.clean_rows == "all" and (self.recipe != "selective" or self.objective.paired or self.p_up != 1):
+            raise ValueError(f"`clean_rows`='all' trains the selective recipe's whole clean batch next to its attacked "
+                             f"rows, so it needs `recipe`='selective', the 'ce' objective and `p_up`=1, got "
+                             f"recipe {self.recipe!r}, objective {self.objective.name!r}, p_up {self.p_up}")
         if self.objective.paired and self.recipe in PAIRED_REFUSED:
             raise ValueError(f"`recipe`={self.recipe!r} cannot train objective {self.objective.name!r}: "
                              f"{PAIRED_REFUSED[self.recipe]}")
@@ -321,14 +333,15 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
     """
     cost = StepCost()
     pool_kind = "pairs" if settings.objective.paired else RECIPES[settings.recipe].pool
+    if settings.clean_rows == "all":  # the whole clean batch next to the attacked rows
+        pool_kind = "append"
     attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator, cost)
     x_adv = attack(model, x, y, attacked, settings, generator, cost)
     pool = build_pool(x, y, attacked, x_adv, pool_kind)
     selected, pool_scores, pool_logits, k_global, scoring_logits = select_pool(
         model, pool, settings, x_adv, clean_logits, generator, scope, cost)
     shared = scoring_logits if settings.selection_forward == "shared" else None
-    loss, logits = selected_loss(model, pool, selected, k_global, settings.objective, scope, cost,
-                                 settings.clean_weight, shared)
+    loss, logits = selected_loss(model, pool, selected, k_global, settings, scope, cost, shared)
     record = SelectionRecord(
         y=pool.y, is_adv=pool.is_adv, selected=selected, pool_scores=pool_scores, attacked=attacked,
         attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
@@ -471,9 +484,8 @@ def pair_losses(model: nn.Module, pool: Pool, objective: Objective) -> tuple[Ten
 
 
 def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int | None,
-                  objective: Objective | None = None, scope: LocalScope | GlobalScope = LOCAL,
-                  cost: StepCost | None = None, clean_weight: float = 1.0,
-                  shared_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                  settings: StepSettings | None = None, scope: LocalScope | GlobalScope = LOCAL,
+                  cost: StepCost | None = None, shared_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Training loss over the selected rows and their logits (``None`` when this process selected none).
 
     ``shared_logits``: the whole pool's logits from a forward with gradients (``selection_forward="shared"``);
@@ -484,7 +496,8 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
         # gradient) still runs, so this process joins DDP's gradient all-reduce and nobody hangs.
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in params]).sum() * 0.0, None
-    objective = objective or Objective()
+    settings = settings or StepSettings()
+    objective, clean_weight = settings.objective, settings.clean_weight
     if pool.partner is not None:
         chosen = Pool(x=pool.x[selected], y=pool.y[selected], is_adv=pool.is_adv[selected],
                       source=pool.source[selected], partner=pool.partner[selected])
@@ -498,6 +511,13 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
         if cost is not None:  # the forward was counted when scoring; the backward runs through all of it
             cost.backward_rows += pool.x.shape[0]
         return loss, logits
+    elif settings.clean_rows == "all":  # mean adversarial loss + clean_weight x mean clean loss
+        logits = model(pool.x[selected])
+        losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)
+        adv = pool.is_adv[selected]
+        rows, loss = selected.numel(), clean_weight * losses[~adv].mean()
+        if adv.any():
+            loss = losses[adv].mean() + loss
     elif clean_weight != 1:
         logits = model(pool.x[selected])
         losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)

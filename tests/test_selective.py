@@ -329,3 +329,52 @@ def test_attack_warmup_epochs_attack_every_row_first(tmp_path):
               enable_progress_bar=False, enable_model_summary=False, callbacks=[Attacked()]).fit(module, loader)
     assert seen == [(0, 16), (1, 4)]
     assert module.settings.attack_frac == 0.25
+
+
+def test_clean_rows_all_adds_the_weighted_mean_clean_loss_of_the_whole_batch_to_the_mean_adversarial_loss():
+    net = TinyNet()
+    x, y = tiny_batch(16)
+    out = adversarial_step(net, x, y, StepSettings(recipe="selective", p_up=1.0, attack_frac=0.25, clean_rows="all",
+                                                    clean_weight=0.2, train_attack=DETERMINISTIC_ATTACK))
+    record = out.record
+    assert record.y.shape == (20,) and record.is_adv.sum() == 4  # the 16 clean rows and the 4 attacked ones
+    ce = F.cross_entropy(record.logits, record.y, reduction="none")
+    want = ce[record.is_adv].mean() + 0.2 * ce[~record.is_adv].mean()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(record.logits[~record.is_adv], net(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(recipe="ds"), dict(recipe="selective", p_up=0.5)])
+def test_clean_rows_all_needs_the_selective_recipe_at_p_up_1(kwargs):
+    with pytest.raises(ValueError, match=r"`clean_rows`='all' .* needs `recipe`='selective'"):
+        StepSettings(clean_rows="all", **kwargs)
+
+
+def test_a_random_warm_up_attacks_a_random_share_of_each_batch_first(tmp_path):
+    x, y = tiny_batch(16)
+    seen = []
+
+    class Scores(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record = pl_module.last_selection
+            seen.append((record.attacked.numel(), record.attack_scores.min().item()))
+
+    module = make("selective", 1.0, attack_frac=0.25, attack_warmup_epochs=1, attack_warmup="random",
+                  attack_score="margin_true")
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[Scores()]).fit(module, loader)
+    (warm, warm_low), (after, after_low) = seen
+    assert warm == after == 4
+    assert warm_low >= 0 and after_low < 0  # uniform scores in [0, 1) first, then margins (some negative)
+
+
+def test_the_authors_recipe_overlay_parses_with_their_settings(tmp_path):
+    cli = build_cli(["--config", str(REPO / "configs" / "digits" / "base.yaml"), "--config",
+                     str(REPO / "configs" / "recipes" / "selective_authors.yaml"),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)
+    s = cli.model.settings
+    assert (s.recipe, s.attack_frac, s.attack_score, s.attack_sampling, s.clean_rows, s.clean_weight,
+            s.scoring_mode) == ("selective", 0.25, "margin_true", "proportional", "all", 0.2, "eval")
+    assert cli.model.attack_warmup == "random" and cli.model.attack_warmup_epochs == 20
