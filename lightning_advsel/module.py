@@ -50,6 +50,8 @@ __all__ = ["RECIPES", "AdversarialSelectionModule", "SelectionRecord", "default_
 Nonfinite = Literal["raise", "skip"]
 NONFINITE = get_args(Nonfinite)
 Interval = Literal["epoch", "step"]
+Auto = Literal["auto"]
+AUTO: Auto = "auto"  # `eval_attack`'s default: PGD-20 at the training attack's radius (see the constructor)
 
 
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
@@ -103,11 +105,12 @@ class AdversarialSelectionModule(L.LightningModule):
             :data:`lightning_advsel.selection.PRE_ATTACK_SCORES`.
         train_attack: the attack that makes training examples. Defaults to PGD-10, L-inf eps 0.1, alpha
             0.025, in ``"train"`` mode (batch statistics, BatchNorm running statistics frozen).
-        eval_attack: the attack for ``val/acc_robust`` (every validation epoch). Defaults to PGD-20, L-inf eps
-            0.1, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust evaluation.
+        eval_attack: the attack for ``val/acc_robust`` (every validation epoch). ``"auto"`` (default) is PGD-20
+            at the training attack's ``eps`` and ``norm``, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust
+            evaluation: no ``val/acc_robust``, and no ``test/acc_robust`` unless ``test_attack`` is set.
         test_attack: the attack for ``test/acc_robust``: an ``AttackConfig`` or an
             :class:`~lightning_advsel.evaluation.AutoAttackConfig` (torchattacks' AutoAttack, seeded per
-            batch). ``None`` (default) uses ``eval_attack``.
+            batch). ``None`` (default) uses ``eval_attack`` (and so skips robust testing when that is ``None``).
         num_classes: classes of the task.
         optimizer: optimizer factory, called with the model parameters.
         lr_scheduler: optional scheduler factory, called with the optimizer.
@@ -161,7 +164,7 @@ class AdversarialSelectionModule(L.LightningModule):
         attack_frac: float = 0.5,
         attack_score: selection.AttackScore = "margin",
         train_attack: AttackConfig | None = None,
-        eval_attack: AttackConfig | None = None,
+        eval_attack: AttackConfig | Auto | None = AUTO,
         test_attack: AutoAttackConfig | AttackConfig | None = None,  # this order: see evaluation._ByClassPath
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -198,7 +201,10 @@ class AdversarialSelectionModule(L.LightningModule):
         checks.check_int("seed", seed, 0)
         checks.check_choice("selection_scope", selection_scope, distributed.SCOPES)
         checks.check_choice("nonfinite", nonfinite, NONFINITE)
-        if eval_attack is None:
+        if isinstance(eval_attack, str) and eval_attack != AUTO:
+            raise ValueError(f"`eval_attack` must be an AttackConfig, a dict of its fields, {AUTO!r} or None, "
+                             f"got {eval_attack!r}")
+        if eval_attack == AUTO:  # resolved before save_hyperparameters: a checkpoint holds the attack itself
             train = self.settings.train_attack
             eval_attack = AttackConfig(eps=train.eps, alpha=0.01, steps=20, norm=train.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)

@@ -170,6 +170,32 @@ def test_validation_robust_accuracy_is_measured_under_the_eval_attack(tmp_path):
     assert robust < clean - 0.3
 
 
+def test_eval_attack_none_skips_robust_validation_and_the_default_is_pgd20_at_the_training_radius(tmp_path):
+    train_attack = AttackConfig(eps=0.2, alpha=0.05, steps=2, norm="l2", mode="train")
+    default = AdversarialSelectionModule(TinyNet(), train_attack=train_attack)
+    assert default.eval_attack == AttackConfig(eps=0.2, alpha=0.01, steps=20, norm="l2")
+    assert "val/acc_robust" in default.accuracy_keys()
+    module = AdversarialSelectionModule(TinyNet(), train_attack=train_attack, eval_attack=None)
+    assert module.eval_attack is None and module.robust_attack("test") is None
+    assert "val/acc_robust" not in module.accuracy_keys()
+    x, y = tiny_batch(16)
+    trainer = fit_steps(module, x, y, tmp_path)
+    validated = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", devices=1,
+                          default_root_dir=tmp_path)
+    validated.validate(module, DataLoader(TensorDataset(x, y), batch_size=8), verbose=False)
+    assert "val/acc_clean" in validated.callback_metrics and "val/acc_robust" not in validated.callback_metrics
+    # A checkpoint holds the attack itself: None, or the dict of an attack (as every older checkpoint does).
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert AdversarialSelectionModule.load_from_checkpoint(path, model=TinyNet()).eval_attack is None
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["eval_attack"] = dict(vars(default.eval_attack))
+    torch.save(checkpoint, path)
+    assert AdversarialSelectionModule.load_from_checkpoint(path, model=TinyNet()).eval_attack == default.eval_attack
+    with pytest.raises(ValueError, match=r"`eval_attack` must be .*'auto' or None, got 'pgd'"):
+        AdversarialSelectionModule(TinyNet(), eval_attack="pgd")
+
+
 def test_p_up_is_saved_in_checkpoints_and_python_built_modules_reload_with_a_model(tmp_path):
     module = make("ds", 0.5)
     x, y = tiny_batch(16)
