@@ -187,7 +187,7 @@ def pgd(
     # Lightning runs validation and test under inference mode; the attack needs autograd back.
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, mode):
         x = x.detach().clone()
-        y = y.detach().clone()
+        y = y.detach().to(torch.long, copy=True)  # a normal tensor (not an inference one), int64 for the loss
         best = x.clone()
         best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
         checked = False

@@ -271,7 +271,13 @@ class AdversarialSelectionModule(L.LightningModule):
         gen.manual_seed((self.seed * 1_000_003 + offset * 7919 + self.global_rank) % (2**63 - 1))
         return gen
 
-    def _check_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
+    def _check_batch(self, y: Tensor, batch_idx: int) -> Tensor:
+        """The batch's labels as int64 class indices (any integer dtype is accepted), or a clear error."""
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            got = y.dtype if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"batch {batch_idx} has labels of type {got}; labels must be integer class indices "
+                             f"(torch.long, or any integer dtype)")
+        y = y.long()  # cross-entropy takes int64 targets only
         bad = bool(y.numel()) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)
         # Agreed across ranks: a rank raising alone would leave the others waiting in the next collective.
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False) and not bad:
@@ -282,13 +288,14 @@ class AdversarialSelectionModule(L.LightningModule):
                 f"outside [0, {self.num_classes - 1}] "
                 f"for `num_classes`={self.num_classes}"
             )
+        return y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y, _ = unpack(batch)
         self._check_model_output(x)
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
-        self._check_batch(x, y, batch_idx)
+        y = self._check_batch(y, batch_idx)
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
         if self.current_epoch < self.attack_warmup_epochs:  # attack every row in the first epochs
@@ -456,6 +463,7 @@ class AdversarialSelectionModule(L.LightningModule):
         acc_clean = getattr(self, f"{stage}_acc_clean")
         acc_robust = getattr(self, f"{stage}_acc_robust")
         self._check_model_output(x)
+        y = self._check_batch(y, batch_idx)
         logits = self.model(x)
         acc_clean(logits, y)
         self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])

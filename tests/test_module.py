@@ -269,6 +269,38 @@ def test_non_finite_input_and_out_of_range_labels_stop_training_naming_the_step(
         fit_steps(make("ds"), x, y, tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_dtype_train_and_validate_as_int64_labels_do(tmp_path, dtype):
+    x, y = tiny_batch(16)
+
+    def run(labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        torch.manual_seed(0)
+        module = make("ds")
+        trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                            num_sanity_val_steps=0)
+        loader = DataLoader(TensorDataset(x, labels), batch_size=8)
+        trainer.fit(module, loader, loader)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        return torch.cat([p.detach().flatten() for p in module.model.parameters()]), metrics
+
+    weights, metrics = run(y)
+    same_weights, same_metrics = run(y.to(dtype))
+    assert torch.equal(weights, same_weights) and metrics == same_metrics and "val/acc_robust" in metrics
+
+
+def test_float_labels_and_out_of_range_validation_labels_fail_naming_the_batch(tmp_path):
+    x, y = tiny_batch(16)
+    with pytest.raises(ValueError, match=r"batch 0 has labels of type torch.float32; labels must be integer"):
+        fit_steps(make("ds"), x, y.float(), tmp_path)
+    bad = y.clone()
+    bad[9] = 10
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu",
+                        devices=1)
+    with pytest.raises(ValueError, match=r"batch 1 has labels in \[\d+, 10\], outside \[0, 9\]"):
+        trainer.validate(make("ds"), DataLoader(TensorDataset(x, bad), batch_size=8), verbose=False)
+
+
 def test_scheduler_steps_per_epoch_or_per_step(tmp_path):
     x, y = tiny_batch(16)
     for interval, expected in (("step", 0.1 * 0.5**3), ("epoch", 0.1 * 0.5**3)):
