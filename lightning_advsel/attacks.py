@@ -82,9 +82,10 @@ def _check_inputs(x: Tensor, y: Tensor, eps: float, norm: str) -> None:
         got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"`y` must be integer labels of shape ({x.shape[0]},), got {got}")
     if x.numel() and bool((~torch.isfinite(x) | (x < 0) | (x > 1)).any()):
+        # repr, not :g: six significant digits would show 1.0000001 as 1, a value inside the range.
         raise ValueError(
             f"`x` must hold finite pixels in [0, 1] (normalization belongs inside the model), got values in "
-            f"[{x.nan_to_num().min().item():g}, {x.nan_to_num().max().item():g}]"
+            f"[{x.nan_to_num().min().item()!r}, {x.nan_to_num().max().item()!r}]"
             f"{' with NaN or inf' if not bool(torch.isfinite(x).all()) else ''}"
         )
     if y.numel() and int(y.min()) < 0:
@@ -186,7 +187,7 @@ def pgd(
     # Lightning runs validation and test under inference mode; the attack needs autograd back.
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, mode):
         x = x.detach().clone()
-        y = y.detach().clone()
+        y = y.detach().to(torch.long, copy=True)  # a normal tensor (not an inference one), int64 for the loss
         best = x.clone()
         best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
         checked = False

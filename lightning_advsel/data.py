@@ -315,15 +315,21 @@ class _TorchvisionDataModule(_BaseDataModule):
 
         return transforms.ToTensor()
 
+    def _layouts(self) -> str:
+        """The copies of the data set this module reads under ``data_dir``, for error messages."""
+        return f"torchvision's {Path(self.data_dir) / self.dataset_name}/raw/... or the extracted archive"
+
     def _open(self, train: bool, transform) -> Dataset:  # noqa: ANN001
         try:
             return self._dataset_cls()(self.data_dir, train=train, transform=transform, download=self.download)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:  # torchvision's "not found or corrupted", or a failed download
+            fix = ("the download failed: check the network, or place a copy there and set `download: false`"
+                   if self.download else
+                   "set `download: true` (--data.init_args.download true) to fetch it, or point `data_dir` at a "
+                   "folder that holds it")
             raise FileNotFoundError(
-                f"{self.dataset_name} was not found under data_dir={self.data_dir!r} "
-                f"(torchvision expects {Path(self.data_dir) / self.dataset_name}/raw/... or the extracted archive). "
-                f"Set `download: true` (--data.init_args.download true) to fetch it, or point `data_dir` at a "
-                f"folder that holds it. ({err})"
+                f"{self.dataset_name} was not found under data_dir={self.data_dir!r} (looked for "
+                f"{self._layouts()}); {fix}. ({err})"
             ) from err
 
     def prepare_data(self) -> None:
@@ -504,6 +510,12 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         from torchvision.datasets import CIFAR10
 
         return CIFAR10
+
+    @override
+    def _layouts(self) -> str:
+        from lightning_advsel import cifar10_files
+
+        return cifar10_files.describe_sources(self.data_dir)
 
     def _files(self, prepare: bool = False):  # noqa: ANN202 - cifar10_files.Cifar10Tensors, or None
         from lightning_advsel import cifar10_files

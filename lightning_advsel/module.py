@@ -52,6 +52,8 @@ Nonfinite = Literal["raise", "skip"]
 NONFINITE = get_args(Nonfinite)
 Interval = Literal["epoch", "step"]
 WarmupPick = Literal["all", "random"]
+Auto = Literal["auto"]
+AUTO: Auto = "auto"  # `eval_attack`'s default: PGD-20 at the training attack's radius (see the constructor)
 
 
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
@@ -105,11 +107,12 @@ class AdversarialSelectionModule(L.LightningModule):
             :data:`lightning_advsel.selection.PRE_ATTACK_SCORES`.
         train_attack: the attack that makes training examples. Defaults to PGD-10, L-inf eps 0.1, alpha
             0.025, in ``"train"`` mode (batch statistics, BatchNorm running statistics frozen).
-        eval_attack: the attack for ``val/acc_robust`` (every validation epoch). Defaults to PGD-20, L-inf eps
-            0.1, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust evaluation.
+        eval_attack: the attack for ``val/acc_robust`` (every validation epoch). ``"auto"`` (default) is PGD-20
+            at the training attack's ``eps`` and ``norm``, alpha 0.01, in ``"eval"`` mode. ``None`` skips robust
+            evaluation: no ``val/acc_robust``, and no ``test/acc_robust`` unless ``test_attack`` is set.
         test_attack: the attack for ``test/acc_robust``: an ``AttackConfig`` or an
             :class:`~lightning_advsel.evaluation.AutoAttackConfig` (torchattacks' AutoAttack, seeded per
-            batch). ``None`` (default) uses ``eval_attack``.
+            batch). ``None`` (default) uses ``eval_attack`` (and so skips robust testing when that is ``None``).
         num_classes: classes of the task.
         optimizer: optimizer factory, called with the model parameters.
         lr_scheduler: optional scheduler factory, called with the optimizer.
@@ -167,7 +170,7 @@ class AdversarialSelectionModule(L.LightningModule):
         attack_frac: float = 0.5,
         attack_score: selection.AttackScore = "margin",
         train_attack: AttackConfig | None = None,
-        eval_attack: AttackConfig | None = None,
+        eval_attack: AttackConfig | Auto | None = AUTO,
         test_attack: AutoAttackConfig | AttackConfig | None = None,  # this order: see evaluation._ByClassPath
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -211,7 +214,10 @@ class AdversarialSelectionModule(L.LightningModule):
         checks.check_int("seed", seed, 0)
         checks.check_choice("selection_scope", selection_scope, distributed.SCOPES)
         checks.check_choice("nonfinite", nonfinite, NONFINITE)
-        if eval_attack is None:
+        if isinstance(eval_attack, str) and eval_attack != AUTO:
+            raise ValueError(f"`eval_attack` must be an AttackConfig, a dict of its fields, {AUTO!r} or None, "
+                             f"got {eval_attack!r}")
+        if eval_attack == AUTO:  # resolved before save_hyperparameters: a checkpoint holds the attack itself
             train = self.settings.train_attack
             eval_attack = AttackConfig(eps=train.eps, alpha=0.01, steps=20, norm=train.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)
@@ -278,7 +284,13 @@ class AdversarialSelectionModule(L.LightningModule):
         gen.manual_seed((self.seed * 1_000_003 + offset * 7919 + self.global_rank) % (2**63 - 1))
         return gen
 
-    def _check_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
+    def _check_batch(self, y: Tensor, batch_idx: int) -> Tensor:
+        """The batch's labels as int64 class indices (any integer dtype is accepted), or a clear error."""
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            got = y.dtype if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"batch {batch_idx} has labels of type {got}; labels must be integer class indices "
+                             f"(torch.long, or any integer dtype)")
+        y = y.long()  # cross-entropy takes int64 targets only
         bad = bool(y.numel()) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)
         # Agreed across ranks: a rank raising alone would leave the others waiting in the next collective.
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False) and not bad:
@@ -289,13 +301,14 @@ class AdversarialSelectionModule(L.LightningModule):
                 f"outside [0, {self.num_classes - 1}] "
                 f"for `num_classes`={self.num_classes}"
             )
+        return y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y, _ = unpack(batch)
         self._check_model_output(x)
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
-        self._check_batch(x, y, batch_idx)
+        y = self._check_batch(y, batch_idx)
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
@@ -464,6 +477,7 @@ class AdversarialSelectionModule(L.LightningModule):
         acc_clean = getattr(self, f"{stage}_acc_clean")
         acc_robust = getattr(self, f"{stage}_acc_robust")
         self._check_model_output(x)
+        y = self._check_batch(y, batch_idx)
         logits = self.model(x)
         acc_clean(logits, y)
         self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])

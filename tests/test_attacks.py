@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,3 +143,14 @@ def test_bad_attack_settings_are_refused_with_the_argument_named(net, kwargs, ma
     args = {"eps": 0.1, "alpha": 0.01, "steps": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
         pgd(net, x, y, **args)
+
+
+@pytest.mark.parametrize("bad", [1.0000001, -1e-8])
+def test_pixel_range_error_shows_the_offending_value_outside_the_range(net, bad):
+    x, y = tiny_batch(4)
+    x[1, 0, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"pixels in \[0, 1\]") as info:
+        pgd(net, x, y, eps=0.1, alpha=0.01, steps=1)
+    low, high = (float(v) for v in re.search(r"got values in \[(\S+), (\S+)\]", str(info.value)).groups())
+    assert low == float(x.min()) and high == float(x.max())  # exact: not rounded back into [0, 1]
+    assert low < 0 or high > 1

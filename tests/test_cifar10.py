@@ -397,3 +397,29 @@ def test_cache_benchmark_times_a_decoding_setup_then_a_cached_one(tmp_path, caps
     assert [r["from_cache"] for r in rows] == [False, True]
     assert (rows[0]["train"], rows[0]["val"], rows[0]["test"]) == (295, 5, 10)
     assert "| 2 | True |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_missing_cifar10_error_lists_exactly_the_layouts_the_module_reads(tmp_path, monkeypatch, download):
+    from urllib.error import URLError
+
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)  # a machine without network
+    data = tmp_path / "data"
+    data.mkdir()
+    cli_args = [*config_args("cifar10/base.yaml", "recipes/ds.yaml"), "--data.init_args.data_dir", str(data),
+                "--data.init_args.download", str(download).lower(), "--trainer.accelerator", "cpu",
+                "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(FileNotFoundError) as info:
+        build_cli(["fit", *cli_args])
+    message = str(info.value)
+    for place in (data / "cifar-10-batches-py", data / "cifar10-jpeg.tar.gz",
+                  data / "cifar10-jpeg" / "cifar10-jpeg.tar.gz", "train/<class>/*.jpg", "test/<class>/*.jpg",
+                  data / "cifar10-jpeg"):
+        assert str(place) in message
+    assert "CIFAR10/raw" not in message  # torchvision's MNIST layout, never read for CIFAR-10
+    assert ("download failed" if download else "download: true") in message

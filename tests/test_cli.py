@@ -169,3 +169,27 @@ def test_console_script_entry_point_exits_zero_on_help():
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "fit" in result.stdout and "validate" in result.stdout and "test" in result.stdout
+
+
+def test_eval_attack_null_trains_validates_and_reloads_without_robust_evaluation(tmp_path, capsys):
+    cli = build_cli(["fit", *config_args(*MAIN_JOB), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                     "--trainer.enable_progress_bar", "false", "--model.init_args.train_attack.steps", "1",
+                     "--model.init_args.eval_attack", "null", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.model.eval_attack is None and "val/acc_robust" not in cli.model.accuracy_keys()
+    assert "val/acc_robust" not in cli.trainer.callback_metrics
+    out = capsys.readouterr().out
+    assert "val accuracy: clean" in out and "robust" not in out.split("val accuracy:")[1].splitlines()[0]
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["eval_attack"] is None
+    assert AdversarialSelectionModule.load_from_checkpoint(ckpt).eval_attack is None
+
+
+def test_eval_attack_auto_is_the_default_and_fit_help_shows_it(capsys):
+    no_eval = ["--model.init_args.eval_attack", "auto", "--trainer.logger", "false"]
+    cli = build_cli([*config_args("mnist/base.yaml", "recipes/ds.yaml"), *no_eval], run=False)
+    assert (cli.model.eval_attack.eps, cli.model.eval_attack.steps, cli.model.eval_attack.alpha) == (0.3, 20, 0.01)
+    result = subprocess.run(["lightning-advsel", "fit", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--model.help", "lightning_advsel.AdversarialSelectionModule"])
+    assert "--model.eval_attack" in capsys.readouterr().out

@@ -170,6 +170,32 @@ def test_validation_robust_accuracy_is_measured_under_the_eval_attack(tmp_path):
     assert robust < clean - 0.3
 
 
+def test_eval_attack_none_skips_robust_validation_and_the_default_is_pgd20_at_the_training_radius(tmp_path):
+    train_attack = AttackConfig(eps=0.2, alpha=0.05, steps=2, norm="l2", mode="train")
+    default = AdversarialSelectionModule(TinyNet(), train_attack=train_attack)
+    assert default.eval_attack == AttackConfig(eps=0.2, alpha=0.01, steps=20, norm="l2")
+    assert "val/acc_robust" in default.accuracy_keys()
+    module = AdversarialSelectionModule(TinyNet(), train_attack=train_attack, eval_attack=None)
+    assert module.eval_attack is None and module.robust_attack("test") is None
+    assert "val/acc_robust" not in module.accuracy_keys()
+    x, y = tiny_batch(16)
+    trainer = fit_steps(module, x, y, tmp_path)
+    validated = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", devices=1,
+                          default_root_dir=tmp_path)
+    validated.validate(module, DataLoader(TensorDataset(x, y), batch_size=8), verbose=False)
+    assert "val/acc_clean" in validated.callback_metrics and "val/acc_robust" not in validated.callback_metrics
+    # A checkpoint holds the attack itself: None, or the dict of an attack (as every older checkpoint does).
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert AdversarialSelectionModule.load_from_checkpoint(path, model=TinyNet()).eval_attack is None
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["eval_attack"] = dict(vars(default.eval_attack))
+    torch.save(checkpoint, path)
+    assert AdversarialSelectionModule.load_from_checkpoint(path, model=TinyNet()).eval_attack == default.eval_attack
+    with pytest.raises(ValueError, match=r"`eval_attack` must be .*'auto' or None, got 'pgd'"):
+        AdversarialSelectionModule(TinyNet(), eval_attack="pgd")
+
+
 def test_p_up_is_saved_in_checkpoints_and_python_built_modules_reload_with_a_model(tmp_path):
     module = make("ds", 0.5)
     x, y = tiny_batch(16)
@@ -241,6 +267,38 @@ def test_non_finite_input_and_out_of_range_labels_stop_training_naming_the_step(
     y[0] = 12
     with pytest.raises(ValueError, match=r"labels in \[\d+, 12\], outside \[0, 9\]"):
         fit_steps(make("ds"), x, y, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_dtype_train_and_validate_as_int64_labels_do(tmp_path, dtype):
+    x, y = tiny_batch(16)
+
+    def run(labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        torch.manual_seed(0)
+        module = make("ds")
+        trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                            num_sanity_val_steps=0)
+        loader = DataLoader(TensorDataset(x, labels), batch_size=8)
+        trainer.fit(module, loader, loader)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        return torch.cat([p.detach().flatten() for p in module.model.parameters()]), metrics
+
+    weights, metrics = run(y)
+    same_weights, same_metrics = run(y.to(dtype))
+    assert torch.equal(weights, same_weights) and metrics == same_metrics and "val/acc_robust" in metrics
+
+
+def test_float_labels_and_out_of_range_validation_labels_fail_naming_the_batch(tmp_path):
+    x, y = tiny_batch(16)
+    with pytest.raises(ValueError, match=r"batch 0 has labels of type torch.float32; labels must be integer"):
+        fit_steps(make("ds"), x, y.float(), tmp_path)
+    bad = y.clone()
+    bad[9] = 10
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu",
+                        devices=1)
+    with pytest.raises(ValueError, match=r"batch 1 has labels in \[\d+, 10\], outside \[0, 9\]"):
+        trainer.validate(make("ds"), DataLoader(TensorDataset(x, bad), batch_size=8), verbose=False)
 
 
 def test_scheduler_steps_per_epoch_or_per_step(tmp_path):
