@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_advsel.checks import check_choice, check_int, check_linf_eps, check_number
+from lightning_advsel.checks import Pixels, check_choice, check_int, check_linf_eps, check_number, plain_pixels
 
 Norm = Literal["linf", "l2"]
 Mode = Literal["eval", "train", "keep"]
@@ -273,8 +273,8 @@ class AttackConfig:
         ValueError: as :func:`pgd`, at construction time.
     """
 
-    eps: float = 0.1
-    alpha: float = 0.025
+    eps: Pixels = 0.1  # L-inf or L2 radius, pixels; "8/255" is read as a fraction
+    alpha: Pixels = 0.025  # step size, pixels
     steps: int = 10
     norm: Norm = "linf"
     random_start: bool = True
@@ -282,6 +282,7 @@ class AttackConfig:
     mode: Mode = "eval"
 
     def __post_init__(self) -> None:
+        self.eps, self.alpha = plain_pixels(self.eps), plain_pixels(self.alpha)
         _check_attack_args(self.eps, self.alpha, self.steps, self.norm, self.restarts)
         check_choice("mode", self.mode, MODES)
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Collection
 from typing import Any
+
+from jsonargparse.typing import register_type
 
 
 def _is_real(value: Any) -> bool:
@@ -104,3 +107,37 @@ def check_path(name: str, value: Any, expected: str = "a path", *, optional: boo
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ValueError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r}")
     return str(value)
+
+
+_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_FRACTION = re.compile(rf"\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?")
+
+
+class Pixels(float):
+    """A length in pixel units (inputs in [0, 1]), given as a number or as the field writes it: ``8/255``.
+
+    The command line and YAML configs read ``eps: 8/255`` through this type (Python callers write ``8 / 255``).
+    Only a number ``a`` or a fraction ``a/b`` of numbers is accepted; the range is the caller's check.
+
+    Raises:
+        ValueError: for any other string, or a zero denominator.
+    """
+
+    def __new__(cls, value: Any) -> Pixels:
+        if isinstance(value, str):
+            match = _FRACTION.fullmatch(value)
+            if match is None:
+                raise ValueError(f"a pixel length must be a number or a fraction such as 8/255, got {value!r}")
+            denominator = float(match[2]) if match[2] else 1.0
+            if denominator == 0:
+                raise ValueError(f"a pixel length cannot divide by zero, got {value!r}")
+            value = float(match[1]) / denominator
+        return super().__new__(cls, value)
+
+
+def plain_pixels(value: Any) -> Any:
+    """A :class:`Pixels` from the parser as a plain float (checkpoints and configs hold plain numbers)."""
+    return float(value) if isinstance(value, Pixels) else value
+
+
+register_type(Pixels, serializer=float, deserializer=Pixels)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_advsel.attacks import NORMS, Norm, _check_inputs, model_mode
-from lightning_advsel.checks import check_choice, check_int, check_linf_eps, check_number
+from lightning_advsel.checks import Pixels, check_choice, check_int, check_linf_eps, check_number, plain_pixels
 
 Version = Literal["standard", "apgd"]
 VERSIONS: tuple[str, ...] = get_args(Version)
@@ -191,12 +191,13 @@ class AutoAttackConfig(_ByClassPath):
         ImportError: at construction time when torchattacks is not installed, naming the pip command.
     """
 
-    eps: float
+    eps: Pixels  # radius, pixels; "8/255" is read as a fraction
     norm: Norm = "linf"
     version: Version = "standard"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", plain_pixels(self.eps))
         _check_settings(self.eps, self.norm, self.version, self.seed)
         require_torchattacks()
 

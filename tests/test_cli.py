@@ -193,3 +193,25 @@ def test_eval_attack_auto_is_the_default_and_fit_help_shows_it(capsys):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--model.help", "lightning_advsel.AdversarialSelectionModule"])
     assert "--model.eval_attack" in capsys.readouterr().out
+
+
+def test_eps_and_alpha_are_read_as_the_field_writes_them_from_yaml_and_the_command_line(tmp_path):
+    overlay = tmp_path / "eps.yaml"
+    overlay.write_text("model:\n  init_args:\n    train_attack:\n      eps: 8/255\n      alpha: 2/255\n")
+    cli = build_cli([*config_args("cifar10/base.yaml", "recipes/ds.yaml"), "--config", str(overlay),
+                     "--model.init_args.eval_attack.eps", "8/255", "--model.init_args.test_attack", "AutoAttackConfig",
+                     "--model.init_args.test_attack.eps", "8 / 255", "--trainer.logger", "false"], run=False)
+    train = cli.model.settings.train_attack
+    assert train.eps == 8 / 255 and train.alpha == 2 / 255 and type(train.eps) is float
+    assert cli.model.eval_attack.eps == 8 / 255 and cli.model.test_attack.eps == 8 / 255
+    assert cli.model.hparams["train_attack"]["eps"] == 8 / 255  # stored as a plain number
+
+
+@pytest.mark.parametrize("value", ["8/2x55", "eight", "8/0", "8//255"])
+def test_an_eps_that_is_not_a_number_or_a_fraction_is_refused_by_the_parser(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        fit(config_args(*MAIN_JOB), tmp_path, "--model.init_args.train_attack.eps", value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "eps" in err and value in err
+    assert not any(tmp_path.rglob("*.ckpt"))
