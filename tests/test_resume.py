@@ -103,11 +103,14 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
     assert resumed["advsel"]["p_up"] == straight["advsel"]["p_up"]
     assert resumed["advsel"]["skipped_steps"] == straight["advsel"]["skipped_steps"] == 0
     # The cost totals continue from the checkpoint: the resumed run counts every step once, as the straight one
-    # (ds at PGD-2 on 64-row batches: every row attacked, 128 pool rows scored, 64 trained on).
+    # (ds at PGD-2 on 64-row batches: every row attacked, 128 pool rows scored, 64 trained on; with TRADES one
+    # no-grad forward of the 64 rows for the attack's target, the 64 pairs scored (128 rows), and the 32
+    # selected pairs trained on (64 rows)).
     steps = 2 * STEPS_PER_EPOCH
     assert resumed["advsel"]["work"] == straight["advsel"]["work"]
     assert straight["advsel"]["work"]["attack_grad_steps"] == steps * 64 * 2
-    assert straight["advsel"]["work"]["forward_rows"] == steps * (128 + 64)
+    per_step = 128 + 64 if objective is None else 64 + 128 + 64
+    assert straight["advsel"]["work"]["forward_rows"] == steps * per_step
 
 
 def test_train_order_is_a_function_of_seed_and_epoch_and_a_resume_skips_the_consumed_batches():
