@@ -13,6 +13,7 @@ config or the command line names it (``--trainer.logger.init_args.name``).
 from __future__ import annotations
 
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,20 @@ DATA_SET_FIELD = "{data_set}"  # in a config's strings: the folder of the base c
 LOG_DIR = "lightning_logs"  # TensorBoard's folder, relative to the working directory
 
 
+def option_values(args: list[str], *names: str) -> list[str]:
+    """The values given to the options ``names`` in ``args`` (``--name value`` or ``--name=value``), in order."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg in names and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith("--") and "=" in arg and arg.split("=", 1)[0] in names:
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
 def config_files(args: list[str]) -> list[Path]:
     """The files given with ``--config``/``-c`` in ``args``, in order."""
-    files = []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            files.append(Path(args[i + 1]))
-        elif arg.startswith("--config="):
-            files.append(Path(arg.split("=", 1)[1]))
-    return files
+    return [Path(value) for value in option_values(args, "--config", "-c")]
 
 
 def _label(path: Path) -> str | None:
@@ -81,6 +87,27 @@ def _fill(value: Any, data_set_name: str | None) -> Any:
     return value
 
 
+def check_checkpoint_file(path: str | None) -> None:
+    """Refuse a ``ckpt_path`` file that is truncated or not a checkpoint, naming it.
+
+    ``"last"``, ``"best"`` and paths that do not exist are left to Lightning, which resolves or reports them.
+    Checkpoints are zip archives (``torch.save``); every member's checksum is read.
+
+    Raises:
+        ValueError: naming the file, for a file that is not a complete zip-format PyTorch checkpoint.
+    """
+    if path is None or not Path(path).is_file():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"`ckpt_path` {str(path)!r} is not a readable checkpoint (truncated, or not written by "
+                         f"torch.save): {err}") from err
+    if damaged is not None:
+        raise ValueError(f"`ckpt_path` {str(path)!r} is damaged: its member {damaged!r} fails its checksum")
+
+
 class AdvSelCLI(LightningCLI):
     """LightningCLI for composed configs that prints clean and robust validation accuracy and the training cost
     (against robust training's) when ``fit`` ends.
@@ -95,7 +122,11 @@ class AdvSelCLI(LightningCLI):
         given = kwargs.get("args")
         given = sys.argv[1:] if given is None else given
         # Command-line words only; a dict or namespace of arguments names no config files.
-        self._config_files = config_files([str(a) for a in given]) if isinstance(given, list) else []
+        words = [str(a) for a in given] if isinstance(given, list) else []
+        self._config_files = config_files(words)
+        # Before anything is parsed: LightningCLI reads a checkpoint's hyperparameters while parsing.
+        for path in option_values(words, "--ckpt_path"):
+            check_checkpoint_file(path)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:  # noqa: ANN401 - a LightningArgumentParser

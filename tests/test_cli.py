@@ -215,3 +215,16 @@ def test_an_eps_that_is_not_a_number_or_a_fraction_is_refused_by_the_parser(tmp_
     err = capsys.readouterr().err
     assert "eps" in err and value in err
     assert not any(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file_before_any_work(tmp_path, damage):
+    cli = fit(config_args(*MAIN_JOB), tmp_path / "run", "--trainer.max_epochs", "1")
+    good = Path(cli.trainer.checkpoint_callback.last_model_path)
+    bad = tmp_path / "bad.ckpt"
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not a checkpoint")
+    with pytest.raises(ValueError, match=rf"`ckpt_path` '{bad}' is not a readable checkpoint"):
+        build_cli(["validate", *config_args(*MAIN_JOB), "--ckpt_path", str(bad), "--trainer.logger", "false"])
+    # The intact checkpoint still validates.
+    build_cli(["validate", *config_args(*MAIN_JOB), *TINY, "--ckpt_path", str(good), "--trainer.logger", "false"])
