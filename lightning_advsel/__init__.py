@@ -2,9 +2,10 @@
 
 from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, pgd
 from lightning_advsel.evaluation import AutoAttackConfig
+from lightning_advsel.models import Normalize
 from lightning_advsel.module import AdversarialSelectionModule
 from lightning_advsel.step import RECIPES, SelectionModule, SelectionRecord, StepResult, StepSettings, adversarial_step
 
-__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "SelectionModule",
+__all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "Normalize", "SelectionModule",
            "SelectionRecord", "StepResult", "StepSettings", "adversarial_step", "fgsm", "fgsm_rs", "pgd"]
 __version__ = "0.1.0"

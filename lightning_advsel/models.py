@@ -22,8 +22,12 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, with the statistics stored as (non-trainable) buffers.
 
+    The channel is dimension 1 of any input of at least two dimensions: images ``(B, C, H, W)``, sequences
+    ``(B, C, L)`` or feature vectors ``(B, D)`` (one statistic per feature, or one for all).
+
     Raises:
-        ValueError: if ``mean`` and ``std`` differ in length or a ``std`` entry is not positive.
+        ValueError: if ``mean`` and ``std`` differ in length or a ``std`` entry is not positive; in ``forward``,
+            for an input whose dimension 1 is neither 1 nor the number of statistics.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -36,7 +40,12 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+        channels = self.mean.numel()
+        if x.dim() < 2 or (channels != 1 and x.shape[1] != channels):
+            raise ValueError(f"Normalize has {channels} channel statistics; it needs inputs (B, {channels}, ...), "
+                             f"got shape {tuple(x.shape)}")
+        shape = (1, channels) + (1,) * (x.dim() - 2)  # broadcast along dimension 1, whatever the input's rank
+        return (x - self.mean.view(shape)) / self.std.view(shape)
 
 
 class SmallCNN(nn.Module):
