@@ -225,6 +225,8 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_before_any_work(tmp_pat
     data = good.read_bytes()
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not a checkpoint")
     with pytest.raises(ValueError, match=rf"`ckpt_path` '{bad}' is not a readable checkpoint"):
-        build_cli(["validate", *config_args(*MAIN_JOB), "--ckpt_path", str(bad), "--trainer.logger", "false"])
+        build_cli(["validate", *config_args(*MAIN_JOB), "--ckpt_path", str(bad), "--trainer.logger", "false",
+                   "--trainer.default_root_dir", str(tmp_path)])
     # The intact checkpoint still validates.
-    build_cli(["validate", *config_args(*MAIN_JOB), *TINY, "--ckpt_path", str(good), "--trainer.logger", "false"])
+    build_cli(["validate", *config_args(*MAIN_JOB), *TINY, "--ckpt_path", str(good), "--trainer.logger", "false",
+               "--trainer.default_root_dir", str(tmp_path)])
