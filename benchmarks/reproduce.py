@@ -81,6 +81,24 @@ DASHBOARD = ("--trainer.callbacks+=lightning_advsel.callbacks.SelectionMakeup",
              "--trainer.callbacks+=lightning_advsel.callbacks.PaperFigures")
 
 
+def _budget(data_dir: str, train_size: int, batch_size: int, epochs: int) -> tuple[str, ...]:
+    """Overrides for the data a suite reads and how long it trains."""
+    return ("--data.init_args.data_dir", data_dir,
+            "--data.init_args.train_size", str(train_size),  # images, a fixed seeded subset of the training split
+            "--data.init_args.batch_size", str(batch_size),  # clean samples per batch (b')
+            "--trainer.max_epochs", str(epochs))
+
+
+def _attacks(eps: float, alpha: float, steps: int, eval_alpha: float, eval_steps: int) -> tuple[str, ...]:
+    """Overrides for the training and validation attacks: L-inf radius ``eps`` and steps ``alpha``, in pixels."""
+    return ("--model.init_args.train_attack.eps", str(eps),
+            "--model.init_args.train_attack.alpha", str(alpha),
+            "--model.init_args.train_attack.steps", str(steps),
+            "--model.init_args.eval_attack.eps", str(eps),
+            "--model.init_args.eval_attack.alpha", str(eval_alpha),
+            "--model.init_args.eval_attack.steps", str(eval_steps))
+
+
 def suites(data_dir: str) -> dict[str, Suite]:
     """The matrices. ``data_dir`` is where MNIST and CIFAR-10 are read from."""
     seeds3 = (0, 1, 2)
@@ -95,18 +113,10 @@ def suites(data_dir: str) -> dict[str, Suite]:
         aa_standard_batches=5,  # 500 of them
         aa_standard_rows=("robust", "ds", "selective_margin"),
         overrides=(
-            "--data.init_args.data_dir", data_dir,
-            "--data.init_args.train_size", "20000",  # images, a fixed seeded subset of the 55,000
-            "--data.init_args.batch_size", "100",  # clean samples per batch (b')
-            "--trainer.max_epochs", "5",
+            *_budget(data_dir, 20000, 100, 5),  # 20,000 of the 55,000 training images
             "--model.init_args.model.init_args.width", "16",  # channels of the first conv block
             "--model.init_args.model.init_args.hidden", "256",
-            "--model.init_args.train_attack.eps", str(mnist_eps),  # L-inf, pixels
-            "--model.init_args.train_attack.alpha", "0.025",  # pixels
-            "--model.init_args.train_attack.steps", "10",
-            "--model.init_args.eval_attack.eps", str(mnist_eps),
-            "--model.init_args.eval_attack.alpha", "0.01",
-            "--model.init_args.eval_attack.steps", "20",
+            *_attacks(mnist_eps, 0.025, 10, 0.01, 20),
             "--model.init_args.optimizer.init_args.lr", "0.001",
         ),
         limits=(("limit_val_batches", 5),),  # 500 validation images per epoch
@@ -134,10 +144,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
         aa_standard_batches=2,  # 200 of them
         aa_standard_rows=("robust", "ds", "selective_margin"),
         overrides=(
-            "--data.init_args.data_dir", data_dir,
-            "--data.init_args.train_size", "10000",  # images, a fixed seeded subset of the 45,000
-            "--data.init_args.batch_size", "100",  # clean samples per batch (b')
-            "--trainer.max_epochs", "10",
+            *_budget(data_dir, 10000, 100, 10),  # 10,000 of the 45,000 training images
             "--model.init_args.model", "lightning_advsel.models.SmallCNN",
             "--model.init_args.model.init_args.in_channels", "3",
             "--model.init_args.model.init_args.input_size", "32",  # pixels per side
@@ -145,12 +152,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
             "--model.init_args.model.init_args.hidden", "256",
             "--model.init_args.model.init_args.mean", "[0.4914, 0.4822, 0.4465]",  # pixel units
             "--model.init_args.model.init_args.std", "[0.2470, 0.2435, 0.2616]",
-            "--model.init_args.train_attack.eps", str(cifar_eps),  # L-inf, pixels
-            "--model.init_args.train_attack.alpha", "0.00784",  # 2/255, pixels
-            "--model.init_args.train_attack.steps", "7",
-            "--model.init_args.eval_attack.eps", str(cifar_eps),
-            "--model.init_args.eval_attack.alpha", "0.00784",
-            "--model.init_args.eval_attack.steps", "10",
+            *_attacks(cifar_eps, 0.00784, 7, 0.00784, 10),  # step 2/255
             "--model.init_args.optimizer.init_args.lr", "0.01",  # SGD, momentum 0.9 (the base's)
         ),
         limits=(("limit_val_batches", 5),),  # 500 validation images per epoch
