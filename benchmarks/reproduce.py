@@ -168,6 +168,27 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("selective_gradmatch", "recipes/selective_gradmatch.yaml", (0,), ()),
         ]),
     )
+    # The papers' setting on one GPU (benchmarks/gpu_preset.sh): PreActResNet-18 on CIFAR-10 (JPEG copy), PGD-10
+    # training at 8/255, bf16 autocast; a few epochs on part of the training split so that the four rows fit in
+    # about 5 minutes on an H100/H200-class GPU. It shows relative cost and early robustness, not the papers'
+    # 200-epoch accuracies.
+    cifar10_gpu = Suite(
+        name="cifar10_gpu",
+        base="cifar10/base.yaml",
+        eps=cifar_eps,
+        test_batches=4,  # 1,024 test images (the first of the test split), batch 256
+        overrides=(
+            *_budget(data_dir, 20000, 256, 4),  # 20,000 of the 45,000 training images, b' = 256, 4 epochs
+            "--trainer.accelerator", "gpu",
+            "--trainer.precision", "bf16-mixed",
+            "--model.init_args.model", "lightning_advsel.models.PreActResNet18",
+            *_attacks(cifar_eps, 0.00784, 10, 0.00784, 10),  # PGD-10, step 2/255
+            "--model.init_args.lr_scheduler.init_args.milestones", "[3]",  # epochs: lr 0.1, then 0.01
+        ),
+        limits=(("limit_val_batches", 2),),  # 512 validation images per epoch
+        rows=_rows([(name, f"recipes/{name}.yaml", (0,), ())
+                    for name in ("robust", "ds", "selective_margin", "selective_ds")]),
+    )
     tiny = Suite(
         name="tiny",
         base="digits/base.yaml",
@@ -186,7 +207,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
         ]),
     )
-    return {s.name: s for s in (mnist, cifar10, tiny)}
+    return {s.name: s for s in (mnist, cifar10, cifar10_gpu, tiny)}
 
 
 # ------------------------------------------------------------------------------------------------ one run

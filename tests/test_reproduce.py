@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -46,3 +47,27 @@ def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_
     assert "## tiny" in text and "| robust | 1 |" in text and "| ds | 1 |" in text
     assert "| 1.000 |" in text  # robust's FLOPs relative to itself
     assert (tmp_path / "figures" / "tiny_pareto.png").stat().st_size > 0
+
+
+
+def test_every_row_of_every_suite_resolves_through_the_cli(tmp_path):
+    """A suite's overrides are CLI arguments: a typo or a renamed option would only fail hours into a matrix."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reproduce
+    import yaml
+
+    from lightning_advsel.cli import build_cli
+
+    for suite in reproduce.suites(str(tmp_path)).values():
+        for run in suite.rows:
+            args = [*reproduce._config_args(suite, run.config), *suite.overrides, *run.extra,
+                    "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+            args = ["cpu" if a == "gpu" else a for a in args]  # the GPU preset, built on this machine
+            cli = build_cli(args, run=False)
+            overlay = yaml.safe_load((REPO / "configs" / run.config.split("+")[-1]).read_text())
+            recipe = overlay.get("model", {}).get("init_args", {}).get("recipe")
+            if recipe is not None:
+                assert cli.model.settings.recipe == recipe, (suite.name, run.run_id)
+            assert cli.model.settings.train_attack.eps == suite.eps, (suite.name, run.run_id)
+            if suite.name != "tiny":
+                assert Path(cli.datamodule.data_dir) == tmp_path, (suite.name, run.run_id)
