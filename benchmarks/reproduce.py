@@ -126,6 +126,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("ds", "recipes/ds.yaml", (0,), DASHBOARD),
             ("ds", "recipes/ds.yaml", (1, 2), ()),
             ("ds_adaptive", "recipes/ds_adaptive.yaml", (0,), ()),
+            ("ds_p1", "recipes/ds_p1.yaml", (0,), ()),  # the DS paper's "P_up = 1" reference: the whole pool
             ("selective_margin", "recipes/selective_margin.yaml", seeds3, ()),
             ("random", "recipes/random.yaml", seeds3, ()),
             ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
