@@ -13,7 +13,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ROW_ORDER = ("standard", "robust", "ds", "ds_adaptive", "random", "stability", "selective_margin",
+ROW_ORDER = ("standard", "robust", "ds", "ds_adaptive", "ds_p1", "random", "stability", "selective_margin",
              "selective_gradmatch", "selective_ds")
 
 
@@ -44,10 +44,34 @@ def _row_cost(recs: list[dict]) -> float:
     return statistics.fmean(r["train_flops"] + r.get("profile_flops", 0) for r in recs)
 
 
+def _row_time(row: str, recs: list[dict], rows: dict[str, list[dict]], timing: dict | None) -> float | None:
+    """Training wall time relative to robust: median seconds per step (idle timing run) times the row's steps.
+
+    A row with a profiling run (stability) is timed as robust steps: both of its runs train the robust recipe.
+    """
+    per_step = timing["seconds_per_step"] if timing else {}
+    if "robust" not in per_step or "robust" not in rows:
+        return None
+    step = per_step.get(row, per_step["robust"] if any(r.get("profile_steps") for r in recs) else None)
+    if step is None:
+        return None
+    steps = statistics.fmean(r["steps"] + r.get("profile_steps", 0) for r in recs)
+    return step * steps / (per_step["robust"] * statistics.fmean(r["steps"] for r in rows["robust"]))
+
+
+def run_figures(rows: dict[str, list[dict]]) -> list[str]:
+    """The PNG figures the runs drew (the DS paper's Figs. 7 and 8 on the runs with the dashboards)."""
+    lines = []
+    for row, recs in rows.items():
+        for r in recs:
+            for name in r.get("figures", []):
+                lines += [f"![{row}, seed {r['seed']}: {name}](figures/{name})", ""]
+    return lines
+
+
 def suite_table(suite: str, rows: dict[str, list[dict]], timing: dict | None) -> tuple[list[str], list[dict]]:
     """Markdown lines of one suite's table, and the per-row numbers used by the figure."""
     robust_flops = _row_cost(rows["robust"]) if "robust" in rows else None
-    robust_time = timing["seconds_per_step"].get("robust") if timing else None
     lines = ["| recipe | seeds | clean % | PGD-20 % | AutoAttack (apgd) % | FLOPs / robust | time / robust |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     points = []
@@ -57,9 +81,7 @@ def suite_table(suite: str, rows: dict[str, list[dict]], timing: dict | None) ->
         pgd = _stat([r["test"]["pgd20"]["robust"] for r in recs])
         aa = _stat([r["test"]["aa_apgd"]["robust"] for r in recs])
         flops = _row_cost(recs) / robust_flops if robust_flops else None
-        t = None
-        if timing and robust_time and row in timing["seconds_per_step"]:
-            t = timing["seconds_per_step"][row] * timing.get("steps_ratio", {}).get(row, 1.0) / robust_time
+        t = _row_time(row, recs, rows, timing)
         lines.append(f"| {row} | {len(recs)} | {_fmt(*clean)} | {_fmt(*pgd)} | {_fmt(*aa)} | "
                      f"{'' if flops is None else f'{flops:.3f}'} | {'' if t is None else f'{t:.3f}'} |")
         points.append({"row": row, "aa": aa, "flops": flops, "time": t})
@@ -136,5 +158,9 @@ def write_report(records: Path, out: Path) -> None:
             lines += [f"![{suite}: AutoAttack accuracy against cost](figures/{fig.name})", ""]
         if timing:
             lines += [f"Wall time: {timing['command']} on {timing['machine']}.", ""]
+        shown = run_figures(rows)
+        if shown:
+            lines += ["Figures drawn by the runs' `PaperFigures` callback (selection make-up, minimum "
+                      "perturbation, P_up, accuracy):", "", *shown]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

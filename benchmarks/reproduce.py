@@ -10,6 +10,7 @@ can be filled over several sittings.
     python benchmarks/reproduce.py run mnist --data-dir ... --only robust ds   # some rows
     python benchmarks/reproduce.py run mnist --data-dir ... --seeds 0          # every row once
     python benchmarks/reproduce.py list mnist                                  # what the matrix holds
+    python benchmarks/reproduce.py figures mnist ds-s0 --data-dir ...         # refit one run for its figures
     python benchmarks/reproduce.py report                                      # RESULTS.md and figures
 
 A record holds the fully resolved config of the fit (the ``config.yaml`` the CLI writes), the seed, the
@@ -204,7 +205,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
         limits=(("limit_train_batches", 2), ("limit_val_batches", 1)),
         rows=_rows([
             ("robust", "recipes/robust.yaml", (0,), ()),
-            ("ds", "recipes/ds.yaml", (0,), ()),
+            ("ds", "recipes/ds.yaml", (0,), DASHBOARD),
             ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
         ]),
     )
@@ -230,8 +231,13 @@ def _machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
-    """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job)."""
+def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: bool = False) -> dict | None:
+    """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job).
+
+    The PNG figures the run's ``PaperFigures`` callback drew (Figs. 7 and 8 of the DS paper) are copied next to
+    the records, to ``<records>/../figures/<suite>_<run>_<figure>.png``. ``fit_only`` stops after that copy and
+    returns ``None``: the fit is deterministic on CPU, so it redraws the figures of a run whose record exists.
+    """
     import torch
     import yaml
     from flop_count import CountFlops
@@ -244,7 +250,7 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
     work = runs_dir / suite.name / run.run_id  # the stability profile's relative path lands here
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
-    profile_flops = 0
+    profile_flops = profile_steps = 0
     start = time.perf_counter()
     if run.pre:
         pre_counter = CountFlops()
@@ -256,7 +262,7 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
         pre.trainer.callbacks.append(pre_counter)
         _limit(pre.trainer, suite)
         pre.trainer.fit(pre.model, datamodule=pre.datamodule)
-        profile_flops = pre_counter.total_flops
+        profile_flops, profile_steps = pre_counter.total_flops, int(pre.trainer.global_step)
     counter = CountFlops()
     cli = build_cli([*common, "--seed_everything", str(run.seed),
                      "--trainer.logger.init_args.save_dir", str(save_dir),
@@ -267,6 +273,9 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
     log_dir = Path(cli.trainer.log_dir)
+    figures = _copy_figures(log_dir, records.parent / "figures", f"{suite.name}_{run.run_id}")
+    if fit_only:
+        return None
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
     resolved = yaml.safe_load((log_dir / "config.yaml").read_text())
 
@@ -300,12 +309,24 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path) -> dict:
         "overrides": [*suite.overrides, *run.extra], "resolved_config": resolved, "commit": _commit(),
         "machine": _machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fit_seconds": fit_seconds, "train_flops": counter.total_flops, "flops_per_epoch": counter.per_epoch,
-        "profile_flops": profile_flops,
+        "profile_flops": profile_flops, "profile_steps": profile_steps,
         "profile_config": run.pre and _config_files(suite, run.pre),
-        "epochs": int(cli.trainer.current_epoch), "steps": int(cli.trainer.global_step),
+        "epochs": int(cli.trainer.current_epoch), "steps": int(cli.trainer.global_step), "figures": figures,
         "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")},
         "test": results,
     }
+
+
+def _copy_figures(log_dir: Path, out: Path, prefix: str) -> list[str]:
+    """Copy ``<log_dir>/figures/*.png`` to ``out/<prefix>_<name>.png``; the copied file names."""
+    import shutil
+
+    names = []
+    for png in sorted((log_dir / "figures").glob("*.png")):
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, out / f"{prefix}_{png.name}")
+        names.append(f"{prefix}_{png.name}")
+    return names
 
 
 def _config_files(suite: Suite, overlays: str) -> list[str]:
@@ -348,10 +369,10 @@ def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "list", "_one"):
+    for name in ("run", "list", "_one", "figures"):
         p = sub.add_parser(name)
         p.add_argument("suite")
-        if name == "_one":
+        if name in ("_one", "figures"):
             p.add_argument("run_id")
         p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw and the CIFAR-10 copy")
         p.add_argument("--records", type=Path, default=RECORDS)
@@ -382,7 +403,12 @@ def main() -> None:
     elif args.cmd == "run":
         run_suite(suite, args.only, args.records, args.runs, args.data_dir, args.seeds)
     else:
-        run = next(r for r in suite.rows if r.run_id == args.run_id)
+        run = next((r for r in suite.rows if r.run_id == args.run_id), None)
+        if run is None:
+            parser.error(f"run_id must be one of {[r.run_id for r in suite.rows]}, got {args.run_id!r}")
+        if args.cmd == "figures":
+            _do_run(suite, run, args.records, args.runs, fit_only=True)
+            return
         record = _do_run(suite, run, args.records, args.runs)
         path = _record_path(args.records, suite.name, run)
         path.parent.mkdir(parents=True, exist_ok=True)

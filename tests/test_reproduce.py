@@ -37,6 +37,10 @@ def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_
     robust = json.loads((records / "tiny" / "robust-s0.json").read_text())
     assert ds["train_flops"] > robust["train_flops"]  # the DS pool adds a scoring pass over 2b' rows
 
+    # The dashboards' PNGs (the DS paper's Figs. 7 and 8) are copied beside the records and listed in the record.
+    assert "tiny_ds-s0_selection_makeup.png" in ds["figures"] and robust["figures"] == []
+    assert all((tmp_path / "figures" / name).stat().st_size > 0 for name in ds["figures"])
+
     again = _run("run", "tiny", "--only", "robust", *common, cwd=tmp_path)
     assert again.returncode == 0 and "[skip] tiny/robust-s0: record exists" in again.stdout
 
@@ -47,6 +51,19 @@ def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_
     assert "## tiny" in text and "| robust | 1 |" in text and "| ds | 1 |" in text
     assert "| 1.000 |" in text  # robust's FLOPs relative to itself
     assert (tmp_path / "figures" / "tiny_pareto.png").stat().st_size > 0
+    assert "](figures/tiny_ds-s0_selection_makeup.png)" in text
+
+
+def test_report_times_a_row_by_its_steps_and_the_stability_row_as_both_of_its_robust_runs():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import _row_time
+
+    rows = {"robust": [{"steps": 100}], "ds": [{"steps": 100}], "stability": [{"steps": 50, "profile_steps": 100}]}
+    timing = {"seconds_per_step": {"robust": 2.0, "ds": 2.5}}
+    assert _row_time("ds", rows["ds"], rows, timing) == 1.25
+    assert _row_time("stability", rows["stability"], rows, timing) == 1.5  # 100 + 50 robust steps
+    assert _row_time("standard", [{"steps": 100}], rows, timing) is None  # not timed
+    assert _row_time("ds", rows["ds"], rows, None) is None
 
 
 
