@@ -231,12 +231,12 @@ def _machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: bool = False) -> dict | None:
+def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: bool = False) -> dict:
     """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job).
 
     The PNG figures the run's ``PaperFigures`` callback drew (Figs. 7 and 8 of the DS paper) are copied next to
     the records, to ``<records>/../figures/<suite>_<run>_<figure>.png``. ``fit_only`` stops after that copy and
-    returns ``None``: the fit is deterministic on CPU, so it redraws the figures of a run whose record exists.
+    returns ``{"figures": [...]}``: the fit is deterministic on CPU, so it redraws the figures of a recorded run.
     """
     import torch
     import yaml
@@ -275,7 +275,7 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: boo
     log_dir = Path(cli.trainer.log_dir)
     figures = _copy_figures(log_dir, records.parent / "figures", f"{suite.name}_{run.run_id}")
     if fit_only:
-        return None
+        return {"figures": figures}
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
     resolved = yaml.safe_load((log_dir / "config.yaml").read_text())
 
@@ -406,11 +406,15 @@ def main() -> None:
         run = next((r for r in suite.rows if r.run_id == args.run_id), None)
         if run is None:
             parser.error(f"run_id must be one of {[r.run_id for r in suite.rows]}, got {args.run_id!r}")
-        if args.cmd == "figures":
-            _do_run(suite, run, args.records, args.runs, fit_only=True)
+        path = _record_path(args.records, suite.name, run)
+        if args.cmd == "figures":  # a recorded run learns the names of its redrawn figures
+            figures = _do_run(suite, run, args.records, args.runs, fit_only=True)["figures"]
+            if path.exists():
+                path.write_text(json.dumps({**json.loads(path.read_text()), "figures": figures}, indent=1,
+                                           sort_keys=True))
+            print(f"[figures] {suite.name}/{run.run_id}: {figures}", flush=True)
             return
         record = _do_run(suite, run, args.records, args.runs)
-        path = _record_path(args.records, suite.name, run)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
