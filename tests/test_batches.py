@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, Normalize
-from lightning_advsel.callbacks import MinimumPerturbation, SelectionMakeup
+from lightning_advsel.callbacks import AdaptivePUp, MinimumPerturbation, SelectionMakeup
 from lightning_advsel.cli import build_cli
 from lightning_advsel.dashboard import EPOCH_SECONDS
 from lightning_advsel.data import DigitsDataModule
@@ -220,3 +220,14 @@ def test_each_validation_and_test_loader_has_its_own_accuracies_and_one_loader_k
     tested = validate([clean, shifted], "test")
     assert tested[1]["test/acc_robust/dataloader_idx_1"] == alone[1]["val/acc_robust"]
     assert set(validate(clean, "test")[0]) == {"test/acc_clean", "test/acc_robust", "test/loss_clean"}
+
+
+def test_adaptive_p_up_follows_the_robust_accuracy_of_one_of_several_validation_loaders(tmp_path):
+    x, y = digit_tensors(64)
+    clean = DataLoader(PlainDigits(x, y), batch_size=32)
+    shifted = DataLoader(PlainDigits(x, (y + 1) % 10), batch_size=32)
+    adaptive = AdaptivePUp(monitor="val/acc_robust/dataloader_idx_1")
+    t = trainer(tmp_path, [adaptive], limit_train_batches=1, max_epochs=2)
+    t.fit(module(TinyNet()), DataLoader(PlainDigits(*digit_tensors(64)), batch_size=32), [clean, shifted])
+    assert len(adaptive.accs) == 2
+    assert adaptive.accs[-1] == float(t.callback_metrics["val/acc_robust/dataloader_idx_1"])
