@@ -40,12 +40,21 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        mean, std = self._stats_for(x)
+        return (x - mean) / std
+
+    def inverse(self, x: Tensor) -> Tensor:
+        """``x * std + mean``: normalized inputs back to pixels (the inverse of ``forward``)."""
+        mean, std = self._stats_for(x)
+        return x * std + mean
+
+    def _stats_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
         channels = self.mean.numel()
         if x.dim() < 2 or (channels != 1 and x.shape[1] != channels):
             raise ValueError(f"Normalize has {channels} channel statistics; it needs inputs (B, {channels}, ...), "
                              f"got shape {tuple(x.shape)}")
         shape = (1, channels) + (1,) * (x.dim() - 2)  # broadcast along dimension 1, whatever the input's rank
-        return (x - self.mean.view(shape)) / self.std.view(shape)
+        return self.mean.view(shape), self.std.view(shape)
 
 
 class SmallCNN(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any, Literal, get_args
 
@@ -22,14 +23,15 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_advsel import checks, cost, dashboard, distributed, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
-from lightning_advsel.batch import index_of, unpack
+from lightning_advsel.batch import check_keys, index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
+from lightning_advsel.models import Normalize
 from lightning_advsel.objectives import Objective, ObjectiveName
 from lightning_advsel.step import (
     LOCAL,
@@ -84,12 +86,42 @@ def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None) -> Att
     return _as_attack("test_attack", value)
 
 
+def _as_normalization(value: Any) -> Normalize | None:
+    """``input_normalization`` as a :class:`Normalize`; its checks, naming the argument.
+
+    Raises:
+        ValueError: unless ``value`` is ``None`` or a pair ``(mean, std)`` of equally long, non-empty lists of
+            finite numbers with every ``std`` entry positive.
+    """
+    if value is None:
+        return None
+    expected = "a pair (mean, std) of per-channel lists in pixel units, e.g. [[0.49, 0.48, 0.45], [0.25, 0.24, 0.26]]"
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2
+            or not all(isinstance(v, Sequence) and not isinstance(v, (str, bytes)) for v in value)):
+        raise ValueError(f"`input_normalization` must be {expected}, got {value!r}")
+    mean, std = value
+    if not mean or len(mean) != len(std):
+        raise ValueError(f"`input_normalization` must have one mean and one std per channel, got {len(mean)} means "
+                         f"{list(mean)} and {len(std)} stds {list(std)}")
+    for name, stats in (("mean", mean), ("std", std)):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
+            raise ValueError(f"`input_normalization` {name} must be finite numbers, got {list(stats)}")
+    if any(v <= 0 for v in std):
+        raise ValueError(f"`input_normalization` std entries must be > 0, got {list(std)}")
+    return Normalize([float(v) for v in mean], [float(v) for v in std])
+
+
 class AdversarialSelectionModule(L.LightningModule):
     """Adversarial training with data selection around any ``nn.Module`` classifier.
 
     The classifier takes inputs in [0, 1] (normalization is inside it) and returns logits of shape
-    ``(B, num_classes)``. Optimization is manual: the module runs the attack, the selection, the backward
-    pass over the selected rows and the optimizer and scheduler steps.
+    ``(B, num_classes)``; for a data module that already normalizes, set ``input_normalization``. Optimization
+    is manual: the module runs the attack, the selection, the backward pass over the selected rows and the
+    optimizer and scheduler steps.
+
+    With several validation (or test) dataloaders every loader has its own accuracies, logged under Lightning's
+    ``dataloader_idx`` keys (``val/acc_clean/dataloader_idx_0``, ``val/acc_robust/dataloader_idx_1``, ...); with
+    one loader the keys are ``val/acc_clean`` and ``val/acc_robust``.
 
     Args:
         model: the classifier to train.
@@ -150,14 +182,26 @@ class AdversarialSelectionModule(L.LightningModule):
             see :class:`~lightning_advsel.step.StepSettings`.
         attack_warmup: what the selective recipes attack during ``attack_warmup_epochs``: ``"all"`` (every row)
             or ``"random"`` (a random ``attack_frac`` of the batch, as the selective authors' script does).
+        batch_keys: ``(input key, label key)`` of mapping batches such as ``{"image": x, "label": y, "index": i}``
+            (:mod:`lightning_advsel.batch`); required for them. Sequence batches ``(x, y, *extra)`` are read by
+            position. Other entries pass through to the callbacks; an ``"index"`` entry becomes
+            ``last_selection.index``.
+        input_normalization: ``(mean, std)`` per channel, pixel units, when the data module yields normalized
+            inputs ``(pixels - mean) / std`` and ``model`` expects them. Every step maps inputs back to pixels,
+            attacks them there (so every ``eps`` stays in pixel units) and gives ``model`` the attacked pixels
+            normalized again, through :class:`~lightning_advsel.Normalize`. ``model`` stays the user's network
+            on normalized inputs (``module.model``, ``module(x)`` and the checkpoint's ``model.*`` weights);
+            :attr:`pixel_model` is the classifier on pixels. ``None`` (default): inputs are pixels in [0, 1].
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
             ``p_up`` or ``attack_frac`` outside (0, 1], ``num_classes`` below 2, a ``model`` that is not an
             ``nn.Module``, ``attack_score="gradmatch"`` (closed form) on a model without an ``nn.Linear`` head
             (``"gradmatch_exact"`` works on any model), a bad attack setting, an unknown ``selection_scope`` or
-            ``nonfinite``; at the first batch, a ``model`` whose output is not ``(B, num_classes)``; when loading
-            a checkpoint, one written for a different model architecture.
+            ``nonfinite``, ``batch_keys`` that are not two different keys, an ``input_normalization`` that is
+            not ``(mean, std)`` of equal lengths with positive ``std``; at the first batch, a ``model`` whose
+            output is not ``(B, num_classes)``, a mapping batch without the ``batch_keys`` entries; when
+            loading a checkpoint, one written for a different model architecture.
         ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
             message names the pip command).
     """
@@ -189,6 +233,8 @@ class AdversarialSelectionModule(L.LightningModule):
         selection_forward: SelectionForward = "separate",
         clean_rows: CleanRows = "unattacked",
         attack_warmup: WarmupPick = "all",
+        batch_keys: tuple[str, str] | None = None,
+        input_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -207,6 +253,8 @@ class AdversarialSelectionModule(L.LightningModule):
             raise ValueError("`clean_rows`='all' takes the mean of each part on each rank; it has no global form, "
                              "use `selection_scope`='local'")
         self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
+        self.batch_keys = check_keys(batch_keys)
+        normalize = _as_normalization(input_normalization)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
         checks.check_choice("scheduler_interval", scheduler_interval, get_args(Interval))
@@ -236,6 +284,7 @@ class AdversarialSelectionModule(L.LightningModule):
                 self.hparams[key] = asdict(self.hparams[key])
 
         self.model = model
+        self.input_normalization = normalize
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -259,6 +308,8 @@ class AdversarialSelectionModule(L.LightningModule):
         self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_robust = MulticlassAccuracy(num_classes, average="micro")
+        # The accuracies of the second and further validation / test dataloaders, made when first met.
+        self.eval_accuracies = nn.ModuleDict()
         # The run's work since it started (checkpointed), and its totals when training ended (for the summary).
         self.work = cost.WorkCounter()
         self.work_totals: dict[str, int] | None = None
@@ -277,6 +328,23 @@ class AdversarialSelectionModule(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    @property
+    def pixel_model(self) -> nn.Module:
+        """The classifier on pixels in [0, 1], which every attack sees: ``model``, after ``Normalize`` when
+        ``input_normalization`` is set (built on each call, so it holds no weights of its own)."""
+        if self.input_normalization is None:
+            return self.model
+        return nn.Sequential(self.input_normalization, self.model)
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """A batch's inputs as pixels: unchanged, or mapped back from ``input_normalization``."""
+        return x if self.input_normalization is None else self.input_normalization.inverse(x)
+
+    def read_batch(self, batch: Any) -> tuple[Tensor, Tensor, tuple[Any, ...] | dict[str, Any]]:
+        """``(x, y, extra)`` of a batch (:func:`~lightning_advsel.batch.unpack` with ``batch_keys``), in pixels."""
+        x, y, extra = unpack(batch, self.batch_keys)
+        return self.to_pixels(x), y, extra
 
     # ----------------------------------------------------------------------------------------------- training
     def _generator(self, device: torch.device, offset: int) -> torch.Generator:
@@ -304,7 +372,7 @@ class AdversarialSelectionModule(L.LightningModule):
         return y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        x, y, _ = unpack(batch)
+        x, y, _ = self.read_batch(batch)
         self._check_model_output(x)
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
@@ -314,7 +382,7 @@ class AdversarialSelectionModule(L.LightningModule):
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
             settings = (replace(settings, attack_frac=1.0) if self.attack_warmup == "all"
                         else replace(settings, attack_score="random", attack_sampling="top"))
-        out = adversarial_step(self.model, x, y, settings, self._generator(x.device, self.global_step), scope)
+        out = adversarial_step(self.pixel_model, x, y, settings, self._generator(x.device, self.global_step), scope)
         if self._nonfinite_step(not bool(torch.isfinite(out.loss)), "loss", batch_idx, out.loss):
             return None
         opt = self.optimizers()
@@ -323,7 +391,7 @@ class AdversarialSelectionModule(L.LightningModule):
         opt.step()
         if self.scheduler_interval == "step":
             self._step_scheduler()
-        self.last_selection = replace(out.record, index=index_of(batch))
+        self.last_selection = replace(out.record, index=index_of(batch, self.batch_keys))
         self._log_train(out)
         return out.loss.detach()
 
@@ -353,8 +421,9 @@ class AdversarialSelectionModule(L.LightningModule):
         """Once per process: the model maps a batch to ``(B, num_classes)`` logits, else a clear error."""
         if self._model_checked or x.shape[0] == 0:
             return
-        with torch.no_grad(), model_mode(self.model, "eval"):
-            out = self.model(x[:1])
+        model = self.pixel_model
+        with torch.no_grad(), model_mode(model, "eval"):
+            out = model(x[:1])
         expected = (1, self.num_classes)
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         if got != expected:
@@ -459,7 +528,10 @@ class AdversarialSelectionModule(L.LightningModule):
         return None if self.work_totals is None else cost.summary(self.work_totals)
 
     def accuracy_keys(self) -> list[str]:
-        """The accuracies (values in [0, 1]) this module logs once per epoch, for callbacks that monitor one."""
+        """The accuracies (values in [0, 1]) this module logs once per epoch, for callbacks that monitor one.
+
+        With several validation loaders each ``val/`` key is logged per loader, ``/dataloader_idx_{i}`` appended.
+        """
         keys = ["train/acc", "train/acc_selected", "val/acc_clean"]
         if self.eval_attack is not None and self.eval_attack.enabled:
             keys.append("val/acc_robust")
@@ -472,32 +544,49 @@ class AdversarialSelectionModule(L.LightningModule):
             return self.test_attack
         return self.eval_attack
 
-    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
-        x, y, _ = unpack(batch)
-        acc_clean = getattr(self, f"{stage}_acc_clean")
-        acc_robust = getattr(self, f"{stage}_acc_robust")
+    def _accuracies(self, stage: str, dataloader_idx: int) -> tuple[tuple[str, Metric], tuple[str, Metric]]:
+        """The (attribute name, metric) of the clean and robust accuracy of one ``stage`` dataloader.
+
+        Each loader counts in its own metrics, so no loader's rows reach another's accuracy and each is synced
+        over DDP ranks on its own; the first loader's are ``{stage}_acc_clean`` and ``{stage}_acc_robust``.
+        """
+        if dataloader_idx == 0:
+            names = (f"{stage}_acc_clean", f"{stage}_acc_robust")
+            return (names[0], getattr(self, names[0])), (names[1], getattr(self, names[1]))
+        key = f"{stage}_dataloader_idx_{dataloader_idx}"
+        if key not in self.eval_accuracies:
+            self.eval_accuracies[key] = nn.ModuleList(
+                [MulticlassAccuracy(self.num_classes, average="micro") for _ in range(2)]).to(self.device)
+        clean, robust = self.eval_accuracies[key]
+        return (f"eval_accuracies.{key}.0", clean), (f"eval_accuracies.{key}.1", robust)
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
+        x, y, _ = self.read_batch(batch)
+        (clean_name, acc_clean), (robust_name, acc_robust) = self._accuracies(stage, dataloader_idx)
+        model = self.pixel_model
         self._check_model_output(x)
         y = self._check_batch(y, batch_idx)
-        logits = self.model(x)
+        logits = model(x)
         acc_clean(logits, y)
+        # With several loaders Lightning appends "/dataloader_idx_{i}" to each key (`add_dataloader_idx`).
         self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])
-        self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True)
+        self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True, metric_attribute=clean_name)
         attack = self.robust_attack(stage)
         if attack is not None and attack.enabled:
             # Seeded by the batch index alone: the same weights give the same robust accuracy every time.
             if isinstance(attack, AutoAttackConfig):
-                x_adv = attack(self.model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
+                x_adv = attack(model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
             else:
-                x_adv = attack(self.model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
+                x_adv = attack(model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
             with torch.no_grad():
-                acc_robust(self.model(x_adv), y)
-            self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True)
+                acc_robust(model(x_adv), y)
+            self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True, metric_attribute=robust_name)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "test", dataloader_idx)
 
     # ------------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> Any:

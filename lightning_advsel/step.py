@@ -543,7 +543,9 @@ class SelectionModule(Protocol):
     """What the callbacks read from a LightningModule: ours, or a user's own that calls :func:`adversarial_step`.
 
     Attributes:
-        model: the classifier being trained (inputs in [0, 1]).
+        model: the classifier being trained (inputs in [0, 1], unless the module also has a ``pixel_model``
+            taking pixels and a ``read_batch`` giving them, as
+            :class:`~lightning_advsel.AdversarialSelectionModule` with ``input_normalization`` does).
         num_classes: classes of the task.
         settings: the step's settings (recipe, fractions, score, training attack, scoring mode).
         p_up: the fraction backpropagated now; :class:`~lightning_advsel.callbacks.AdaptivePUp` writes it.

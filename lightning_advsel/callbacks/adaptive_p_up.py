@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import lightning as L
@@ -73,7 +74,8 @@ class AdaptivePUp(Callback):
         # Fail before the first step when the module says which accuracies it logs; other modules are checked
         # at the end of the first epoch, when the logged keys are known.
         known = getattr(pl_module, "accuracy_keys", None)
-        if callable(known) and self.monitor not in known():
+        # With several validation loaders each key carries Lightning's "/dataloader_idx_{i}" suffix.
+        if callable(known) and re.sub(r"/dataloader_idx_\d+$", "", self.monitor) not in known():
             raise self._missing_monitor(known())
 
     @override

@@ -11,9 +11,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_advsel import selection
@@ -22,6 +23,31 @@ from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
 from lightning_advsel.checks import check_choice, check_fraction, check_int, check_linf_eps, check_number
 from lightning_advsel.step import check_selection_module
+
+
+def _read_batch(pl_module: L.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+    """A batch's inputs (in pixels) and labels by the module's own rule; plain :func:`unpack` for a user's module
+    without ``read_batch``."""
+    read = getattr(pl_module, "read_batch", None)
+    x, y, _ = read(batch) if read is not None else unpack(batch)
+    return x, y
+
+
+def _pixel_model(pl_module: L.LightningModule) -> nn.Module:
+    """The classifier on pixels: the module's ``pixel_model`` when it has one, else its ``model``."""
+    return getattr(pl_module, "pixel_model", pl_module.model)
+
+
+def _validation_loader(trainer: L.Trainer) -> DataLoader | None:
+    """The (first) validation loader: the one the trainer loaded, else the data module's ``val_dataloader()``."""
+    loaders = trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
+        loaders = trainer.datamodule.val_dataloader()
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return loaders
 
 
 def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: Norm = "linf", steps: int = 5,
@@ -143,7 +169,8 @@ def minimum_adversarial_pool(model: nn.Module, x: Tensor, y: Tensor, radii: Tens
 class MinimumPerturbation(EpochHistory, Callback):
     """Every ``every_n_epochs`` training epochs (and after the last), the minimum-perturbation distribution.
 
-    The probe is the first ``probe_size`` samples of the validation data set, fixed for the whole run. For each
+    The probe is the first ``probe_size`` samples of the validation data set (of the first validation loader, read
+    by the loader's ``collate_fn`` and the module's batch rule), fixed for the whole run. For each
     probe sample :func:`minimum_eps` finds the smallest radius of the grid ``max_eps * i / num_eps``,
     ``i = 1..num_eps``, at which PGD-``steps`` makes the model misclassify it (0 if it is misclassified
     clean). Under DDP the probe is split across ranks (rank ``r`` takes samples ``r, r + W, ...``) and the
@@ -191,8 +218,8 @@ class MinimumPerturbation(EpochHistory, Callback):
     Raises:
         ValueError: for a non-positive ``probe_size``, ``every_n_epochs``, ``num_eps``, ``steps``,
             ``max_train_rows``, ``max_eps`` or ``step_factor``, an unknown ``norm`` or ``mode``; at fit start,
-            a ``probe_size`` larger than the validation set, no validation data, or no ``max_eps`` with a zero
-            training eps.
+            no ``max_eps`` with a zero training eps; when training starts (before the first batch), a
+            ``probe_size`` larger than the validation set or no validation data.
     """
 
     def __init__(self, probe_size: int = 64, every_n_epochs: int = 1, max_eps: float | None = None,
@@ -238,22 +265,26 @@ class MinimumPerturbation(EpochHistory, Callback):
             self.max_eps = 2 * attack.eps
         self.norm = self.norm or attack.norm
         check_linf_eps("max_eps", self.max_eps, self.norm)
-        # Lightning loads validation loaders lazily; ask the same source the validation loop will use.
-        source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        loader = source.dataloader() if source.is_defined() else None
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning has loaded the validation loaders by now when the first epoch validates (or the sanity check
+        # ran); otherwise the data module's `val_dataloader()` is asked.
+        loader = _validation_loader(trainer)
         if loader is None:
-            raise ValueError("MinimumPerturbation needs validation data: pass val_dataloaders or a datamodule")
+            raise ValueError(
+                "MinimumPerturbation needs validation data when training starts: pass a datamodule with "
+                "val_dataloader(), or val_dataloaders to `fit` with a first epoch that validates (or a sanity check)"
+            )
         size = len(loader.dataset)
         if self.probe_size > size:
             raise ValueError(f"`probe_size`={self.probe_size} is larger than the validation set ({size} samples); "
                              f"lower `probe_size` to at most {size}")
         # Straight from the data set: the probe is the same whatever sampler the validation loader has.
         rank, world = trainer.global_rank, trainer.world_size
-        x, y = default_collate([loader.dataset[i] for i in range(rank, self.probe_size, world)])
-        self._probe = (x.to(pl_module.device), y.to(pl_module.device))
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        probe = loader.collate_fn([loader.dataset[i] for i in range(rank, self.probe_size, world)])
+        x, y = _read_batch(pl_module, move_data_to_device(probe, pl_module.device))
+        self._probe = (x, y)
         # Printed here rather than at fit start: the training loader, whose batch size sets the cost of the
         # training-batch search, is loaded by now.
         batch_size = getattr(trainer.train_dataloader, "batch_size", None)
@@ -271,7 +302,7 @@ class MinimumPerturbation(EpochHistory, Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        x, y, _ = unpack(batch)
+        x, y = _read_batch(pl_module, batch)
         self._last_batch = (x[: self.max_train_rows].detach(), y[: self.max_train_rows].detach())
 
     @override
@@ -280,7 +311,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1  # -1: no last epoch
         if (epoch + 1) % self.every_n_epochs and not last:
             return
-        model = pl_module.model
+        model = _pixel_model(pl_module)
         x, y = self._probe
         local, _ = minimum_eps(model, x, y, self.radii.to(x.device), norm=self.norm, steps=self.steps,
                                step_factor=self.step_factor, mode=self.mode)
@@ -313,7 +344,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         local = torch.zeros(len(keys), dtype=torch.float64, device=pl_module.device)
         if self._last_batch is not None:
             x, y = self._last_batch
-            pool = minimum_adversarial_pool(pl_module.model, x, y, self.radii.to(x.device), pl_module.p_up,
+            pool = minimum_adversarial_pool(_pixel_model(pl_module), x, y, self.radii.to(x.device), pl_module.p_up,
                                             norm=self.norm, steps=self.steps, step_factor=self.step_factor,
                                             mode=self.mode, scoring_mode=pl_module.settings.scoring_mode)
             local = torch.tensor([y.numel(), int((pool.min_eps == 0).sum()), int(torch.isinf(pool.min_eps).sum()),

@@ -166,11 +166,11 @@ class StabilityProfile(_FitClock, Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        index = index_of(batch)
+        index = index_of(batch, getattr(pl_module, "batch_keys", None))
         if index is None:
             raise ValueError(
                 "StabilityProfile: a training batch carries no dataset index; set `return_index: true` on the data "
-                "module so that batches are (x, y, index)"
+                "module so that batches are (x, y, index), or give mapping batches an 'index' entry"
             )
         record = pl_module.last_selection
         # A skipped step (`nonfinite: skip`) leaves the previous batch's record in place: nothing to count.
