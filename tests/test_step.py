@@ -13,6 +13,7 @@ from test_module import DETERMINISTIC_ATTACK, RowCounter, make
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, StepSettings, adversarial_step
+from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks import AdaptivePUp, SelectionMakeup
 from lightning_advsel.step import build_pool
 
@@ -79,7 +80,8 @@ class UsersModule(L.LightningModule):
         self.settings = replace(self.settings, p_up=value)
 
     def training_step(self, batch, batch_idx):
-        out = adversarial_step(self.model, *batch, self.settings)
+        x, y, _ = unpack(batch)
+        out = adversarial_step(self.model, x, y, self.settings)
         self.last_selection = out.record
         self.log("train/acc", (out.record.logits.argmax(1) == out.record.y[out.record.selected]).float().mean())
         return out.loss
