@@ -1,5 +1,7 @@
 """Adversarial training with data selection, as a PyTorch Lightning module and callbacks."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, pgd
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.models import Normalize
@@ -8,4 +10,7 @@ from lightning_advsel.step import RECIPES, SelectionModule, SelectionRecord, Ste
 
 __all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "Normalize", "SelectionModule",
            "SelectionRecord", "StepResult", "StepSettings", "adversarial_step", "fgsm", "fgsm_rs", "pgd"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("lightning-advsel")  # pyproject.toml's version, as installed
+except PackageNotFoundError:  # a bare checkout on sys.path, never installed
+    __version__ = "0+unknown"

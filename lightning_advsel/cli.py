@@ -7,12 +7,15 @@ later files override earlier ones::
     lightning-advsel validate --config configs/digits/base.yaml --config configs/recipes/ds.yaml --ckpt_path last
 
 The TensorBoard run is named after what was combined (:func:`run_name`: ``digits/ds`` above), unless a
-config or the command line names it (``--trainer.logger.init_args.name``).
+config or the command line names it (``--trainer.logger.init_args.name``). The configs ship inside the package:
+``--config digits/base`` names the same file, from any folder (see :mod:`lightning_advsel.shipped_configs`), and
+``lightning-advsel configs`` lists them.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_advsel import shipped_configs
 from lightning_advsel.module import AdversarialSelectionModule
 
 BASE_CONFIG = "base.yaml"  # configs/<data set>/base.yaml: the data set's data, model, attacks and trainer
@@ -123,11 +127,27 @@ class AdvSelCLI(LightningCLI):
         given = sys.argv[1:] if given is None else given
         # Command-line words only; a dict or namespace of arguments names no config files.
         words = [str(a) for a in given] if isinstance(given, list) else []
+        resolved = shipped_configs.resolve_args(words)
+        # The command line, with its config names resolved, is passed on as `args`: not a second set of arguments.
+        self._resolved_command_line = kwargs.get("args") is None and resolved != words
+        if resolved != words:  # a config named, not given by path: parse the files it names
+            kwargs["args"] = words = resolved
         self._config_files = config_files(words)
         # Before anything is parsed: LightningCLI reads a checkpoint's hyperparameters while parsing.
         for path in option_values(words, "--ckpt_path"):
             check_checkpoint_file(path)
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> Any:  # noqa: ANN401 - a LightningArgumentParser
+        parser = super().init_parser(**kwargs)
+        parser.epilog = shipped_configs.help_text()
+        return parser
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:  # noqa: ANN401 - LightningCLI's types
+        with warnings.catch_warnings():
+            if self._resolved_command_line:
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: Any) -> None:  # noqa: ANN401 - a LightningArgumentParser
         name = run_name(self._config_files)
@@ -185,7 +205,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdvSelCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning-advsel``; ``args`` replaces ``sys.argv[1:]`` when given (for calls from Python)."""
+    """Entry point of ``lightning-advsel``; ``args`` replaces ``sys.argv[1:]`` when given (for calls from Python).
+
+    ``lightning-advsel configs [NAME]`` lists the shipped configs, or prints one (to copy and edit).
+    """
+    words = sys.argv[1:] if args is None else args
+    if words[:1] == ["configs"]:
+        print(shipped_configs.show(words[1:]), end="")
+        return
     build_cli(args)
 
 
