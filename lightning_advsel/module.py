@@ -548,12 +548,11 @@ class AdversarialSelectionModule(L.LightningModule):
     def _load_train_metric_states(self, states: dict[str, dict[str, Tensor]]) -> None:
         for name, metric_states in states.items():
             metric = getattr(self, name, None)
-            if metric is None:
+            if metric is None or set(metric_states) != set(metric.metric_state):
                 continue
-            for key, value in metric_states.items():
-                if hasattr(metric, key):
-                    setattr(metric, key, value.to(getattr(metric, key).device))
-                    metric._update_count = max(metric._update_count, 1)
+            # Every state of these metrics is a sum, so merging into reset states gives the saved values exactly.
+            metric.reset()
+            metric.merge_state({key: value.to(metric.device) for key, value in metric_states.items()})
 
     def _check_architecture(self, saved: dict[str, Tensor]) -> None:
         """Refuse a checkpoint whose ``model`` weights do not fit this module's ``model``.
