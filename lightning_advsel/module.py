@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_advsel import checks, cost, dashboard, distributed, selection
+from lightning_advsel import checks, cost, dashboard, distributed, schedules, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
@@ -639,7 +639,25 @@ class AdversarialSelectionModule(L.LightningModule):
                 "`lr_scheduler` ReduceLROnPlateau is not supported (it needs a monitored value); use a schedule "
                 "of the epoch or step, e.g. MultiStepLR or OneCycleLR"
             )
+        if isinstance(scheduler, schedules.RunLengthSchedule):
+            scheduler.set_length(self._schedule_length())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def _schedule_length(self) -> int:
+        """The ``step()`` calls of this fit's scheduler: optimizer steps, or epochs (``scheduler_interval``).
+
+        Raises:
+            ValueError: for a run without an end (no ``max_epochs`` or ``max_steps``, or an endless data set).
+        """
+        steps = self.estimated_optimizer_steps
+        batches = self.trainer.num_training_batches
+        if steps == float("inf") or (self.scheduler_interval == "epoch" and batches == float("inf")):
+            raise ValueError("a schedule of lightning_advsel.schedules spans the whole run, but this run has no end: "
+                             "set the Trainer's `max_steps` or `max_epochs`")
+        if self.scheduler_interval == "step":
+            return int(steps)
+        per_epoch = math.ceil(batches / self.accumulate_grad_batches)
+        return math.ceil(steps / per_epoch)
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -128,12 +128,13 @@ class SaveAt(L.Callback):
 
 
 def test_a_checkpoint_inside_a_window_resumes_to_the_uninterrupted_weights(tmp_path):
+    from lightning_advsel.schedules import Cosine
+
     def fit(callbacks: list, ckpt_path=None) -> AdversarialSelectionModule:  # noqa: ANN001
         torch.manual_seed(0)
         module = AdversarialSelectionModule(
             TinyNet(), recipe="ds", train_attack=ATTACK, accumulate_grad_batches=3, gradient_clip_val=1.0,
-            optimizer=lambda p: torch.optim.Adam(p, lr=0.01), scheduler_interval="step",
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.1, total_iters=4))
+            optimizer=lambda p: torch.optim.Adam(p, lr=0.01), lr_scheduler=Cosine, scheduler_interval="step")
         run = trainer(tmp_path, max_epochs=2, limit_train_batches=5, callbacks=callbacks)
         run.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
         return module
