@@ -40,6 +40,18 @@ def _gather(strategy: Any, tensor: Tensor) -> Tensor:
     return strategy.all_gather(tensor).reshape(world_size(strategy), *tensor.shape)
 
 
+def sum_over_ranks(strategy: Any, tensor: Tensor) -> Tensor:
+    """``tensor`` summed over all ranks, in place: one all-reduce (the tensor itself with a single process).
+
+    Lightning's ``strategy.reduce`` puts a barrier before each all-reduce; the all-reduce alone already waits
+    for every rank, so the per-step checks of the training step call this instead.
+    """
+    if world_size(strategy) == 1:
+        return tensor
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
 def global_pool_size(strategy: Any, local_size: int, device: torch.device) -> tuple[Tensor, int]:
     """Pool sizes of every rank (shape ``(world_size,)``) and their sum."""
     sizes = _gather(strategy, torch.tensor([local_size], device=device)).reshape(-1)

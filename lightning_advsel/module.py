@@ -21,13 +21,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_advsel import checks, cost, dashboard, distributed, selection
+from lightning_advsel import checks, cost, dashboard, distributed, schedules, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import check_keys, index_of, unpack
 from lightning_advsel.evaluation import AutoAttackConfig
@@ -53,6 +54,7 @@ __all__ = ["RECIPES", "AdversarialSelectionModule", "SelectionRecord", "default_
 Nonfinite = Literal["raise", "skip"]
 NONFINITE = get_args(Nonfinite)
 Interval = Literal["epoch", "step"]
+ClipAlgorithm = Literal["norm", "value"]
 WarmupPick = Literal["all", "random"]
 Auto = Literal["auto"]
 AUTO: Auto = "auto"  # `eval_attack`'s default: PGD-20 at the training attack's radius (see the constructor)
@@ -192,6 +194,14 @@ class AdversarialSelectionModule(L.LightningModule):
             normalized again, through :class:`~lightning_advsel.Normalize`. ``model`` stays the user's network
             on normalized inputs (``module.model``, ``module(x)`` and the checkpoint's ``model.*`` weights);
             :attr:`pixel_model` is the classifier on pixels. ``None`` (default): inputs are pixels in [0, 1].
+        gradient_clip_val: clip the gradients before each optimizer step at this value (``None`` or 0: no
+            clipping); the Trainer's argument of the same name, which Lightning refuses under manual optimization.
+        gradient_clip_algorithm: ``"norm"`` (the total norm of all gradients) or ``"value"`` (each element).
+        accumulate_grad_batches: step the optimizer (and a ``"step"`` scheduler) every this many batches; the
+            Trainer's argument of the same name, which Lightning refuses under manual optimization. Each batch's
+            loss is divided by it, as Lightning does, so the window's update is one step over the union of its
+            batches; the last window of an epoch steps with the batches it has. The attack, the selection
+            (``p_up``) and its statistics stay per batch.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -199,9 +209,11 @@ class AdversarialSelectionModule(L.LightningModule):
             ``nn.Module``, ``attack_score="gradmatch"`` (closed form) on a model without an ``nn.Linear`` head
             (``"gradmatch_exact"`` works on any model), a bad attack setting, an unknown ``selection_scope`` or
             ``nonfinite``, ``batch_keys`` that are not two different keys, an ``input_normalization`` that is
-            not ``(mean, std)`` of equal lengths with positive ``std``; at the first batch, a ``model`` whose
-            output is not ``(B, num_classes)``, a mapping batch without the ``batch_keys`` entries; when
-            loading a checkpoint, one written for a different model architecture.
+            not ``(mean, std)`` of equal lengths with positive ``std``, a negative ``gradient_clip_val``, an
+            unknown ``gradient_clip_algorithm``, ``accumulate_grad_batches`` below 1; at fit start, a Trainer with
+            ``gradient_clip_val`` or ``accumulate_grad_batches`` set (the message names these arguments); at the
+            first batch, a ``model`` whose output is not ``(B, num_classes)``, a mapping batch without the
+            ``batch_keys`` entries; when loading a checkpoint, one written for a different model architecture.
         ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
             message names the pip command).
     """
@@ -235,6 +247,9 @@ class AdversarialSelectionModule(L.LightningModule):
         attack_warmup: WarmupPick = "all",
         batch_keys: tuple[str, str] | None = None,
         input_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: ClipAlgorithm = "norm",
+        accumulate_grad_batches: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -262,6 +277,10 @@ class AdversarialSelectionModule(L.LightningModule):
         checks.check_int("seed", seed, 0)
         checks.check_choice("selection_scope", selection_scope, distributed.SCOPES)
         checks.check_choice("nonfinite", nonfinite, NONFINITE)
+        if gradient_clip_val is not None:
+            checks.check_number("gradient_clip_val", gradient_clip_val, 0.0)
+        checks.check_choice("gradient_clip_algorithm", gradient_clip_algorithm, get_args(ClipAlgorithm))
+        checks.check_int("accumulate_grad_batches", accumulate_grad_batches, 1)
         if isinstance(eval_attack, str) and eval_attack != AUTO:
             raise ValueError(f"`eval_attack` must be an AttackConfig, a dict of its fields, {AUTO!r} or None, "
                              f"got {eval_attack!r}")
@@ -296,6 +315,15 @@ class AdversarialSelectionModule(L.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._model_checked = False
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        # The accumulation window (checkpointed): batches seen since the last optimizer step, whether any of them
+        # was backpropagated, and gradients restored from a checkpoint taken inside a window.
+        self.batches_trained = 0  # every training batch, skipped ones included: seeds the step under accumulation
+        self._window_batches = 0
+        self._window_has_grads = False
+        self._restored_grads: list[Tensor | None] | None = None
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
@@ -352,52 +380,115 @@ class AdversarialSelectionModule(L.LightningModule):
         gen.manual_seed((self.seed * 1_000_003 + offset * 7919 + self.global_rank) % (2**63 - 1))
         return gen
 
-    def _check_batch(self, y: Tensor, batch_idx: int) -> Tensor:
+    def _labels(self, y: Tensor, batch_idx: int) -> Tensor:
         """The batch's labels as int64 class indices (any integer dtype is accepted), or a clear error."""
         if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             got = y.dtype if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"batch {batch_idx} has labels of type {got}; labels must be integer class indices "
                              f"(torch.long, or any integer dtype)")
-        y = y.long()  # cross-entropy takes int64 targets only
-        bad = bool(y.numel()) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)
-        # Agreed across ranks: a rank raising alone would leave the others waiting in the next collective.
-        if self.trainer.strategy.reduce_boolean_decision(bad, all=False) and not bad:
+        return y.long()  # cross-entropy takes int64 targets only
+
+    def _labels_out_of_range(self, y: Tensor) -> Tensor:
+        """On the labels' device, without a host synchronisation: whether a label lies outside [0, num_classes)."""
+        return ((y < 0) | (y >= self.num_classes)).any()
+
+    def _agree(self, flags: Tensor) -> tuple[list[bool], list[bool]]:
+        """This rank's flags and whether any rank raised each: one all-reduce and one copy to the host."""
+        mine = flags.long()
+        anyone = distributed.sum_over_ranks(self.trainer.strategy, mine.clone())
+        local, total = torch.stack([mine, anyone]).tolist()
+        return [bool(v) for v in local], [bool(v) for v in total]
+
+    def _refuse_labels(self, y: Tensor, batch_idx: int, mine: bool, anyone: bool) -> None:
+        """Raise on every rank when any rank's labels are out of range (agreed by :meth:`_agree`)."""
+        if not anyone:
+            return
+        # Every rank raises: a rank raising alone would leave the others waiting in the next collective.
+        if not mine:
             raise ValueError(f"batch {batch_idx} has labels outside [0, {self.num_classes - 1}] on another rank")
-        if bad:
-            raise ValueError(
-                f"batch {batch_idx} has labels in [{int(y.min())}, {int(y.max())}], "
-                f"outside [0, {self.num_classes - 1}] "
-                f"for `num_classes`={self.num_classes}"
-            )
+        raise ValueError(
+            f"batch {batch_idx} has labels in [{int(y.min())}, {int(y.max())}], "
+            f"outside [0, {self.num_classes - 1}] "
+            f"for `num_classes`={self.num_classes}"
+        )
+
+    def _check_batch(self, y: Tensor, batch_idx: int) -> Tensor:
+        """The batch's labels as int64 class indices, checked in range on every rank, or a clear error."""
+        y = self._labels(y, batch_idx)
+        mine, anyone = self._agree(self._labels_out_of_range(y).reshape(1))
+        self._refuse_labels(y, batch_idx, mine[0], anyone[0])
         return y
+
+    def _step_offset(self) -> int:
+        """What seeds a training batch's generator: the optimizer step, or under accumulation (where the step
+        stays put for a window of batches) the count of training batches."""
+        return self.global_step if self.accumulate_grad_batches == 1 else self.batches_trained
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y, _ = self.read_batch(batch)
         self._check_model_output(x)
-        if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
+        y = self._labels(y, batch_idx)
+        # Both input checks in one agreement, before any work; the non-finite policy decides first, as before.
+        mine, anyone = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
+        out = None
+        if not self._nonfinite_step(mine[0], anyone[0], "input", batch_idx):
+            self._refuse_labels(y, batch_idx, mine[1], anyone[1])
+            out = self._train_batch(x, y, batch_idx)
+        self._end_batch()
+        if out is None:
             return None
-        y = self._check_batch(y, batch_idx)
+        self.last_selection = replace(out.record, index=index_of(batch, self.batch_keys))
+        self._log_train(out)
+        return out.loss.detach()
+
+    def _train_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> StepResult | None:
+        """Attack, select and backpropagate one batch; ``None`` when its loss was not finite and it was skipped."""
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
             settings = (replace(settings, attack_frac=1.0) if self.attack_warmup == "all"
                         else replace(settings, attack_score="random", attack_sampling="top"))
-        out = adversarial_step(self.pixel_model, x, y, settings, self._generator(x.device, self.global_step), scope)
-        if self._nonfinite_step(not bool(torch.isfinite(out.loss)), "loss", batch_idx, out.loss):
+        out = adversarial_step(self.pixel_model, x, y, settings, self._generator(x.device, self._step_offset()), scope)
+        mine, anyone = self._agree(~torch.isfinite(out.loss).reshape(1))
+        if self._nonfinite_step(mine[0], anyone[0], "loss", batch_idx, out.loss):
             return None
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(out.loss)
-        opt.step()
-        if self.scheduler_interval == "step":
-            self._step_scheduler()
-        self.last_selection = replace(out.record, index=index_of(batch, self.batch_keys))
-        self._log_train(out)
-        return out.loss.detach()
+        if not self._window_has_grads:
+            self.optimizers().zero_grad()
+        n = self.accumulate_grad_batches
+        self.manual_backward(out.loss if n == 1 else out.loss / n)
+        self._window_has_grads = True
+        return out
 
-    def _nonfinite_step(self, bad: bool, what: str, batch_idx: int, loss: Tensor | None = None) -> bool:
-        """Agree across ranks whether this step met a NaN or inf; raise, or count a skip (returns True)."""
-        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+    def _end_batch(self) -> None:
+        """Count the batch in its accumulation window; at the window's end (or the epoch's last batch), clip and
+        step the optimizer (and a ``"step"`` scheduler) if any batch of the window was backpropagated."""
+        self.batches_trained += 1
+        self._window_batches += 1
+        if self._window_batches < self.accumulate_grad_batches and not self.trainer.is_last_batch:
+            return
+        if self._window_has_grads:
+            opt = self.optimizers()
+            if self.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
+                                    gradient_clip_algorithm=self.gradient_clip_algorithm)
+            opt.step()
+            if self.scheduler_interval == "step":
+                self._step_scheduler()
+        self._window_batches, self._window_has_grads = 0, False
+
+    @override
+    def on_train_start(self) -> None:
+        # The gradients of a window that a checkpoint interrupted, now that the model is on its device.
+        if self._restored_grads is None:
+            return
+        for param, grad in zip(self.model.parameters(), self._restored_grads, strict=True):
+            param.grad = None if grad is None else grad.to(param.device)
+        self._restored_grads = None
+
+    def _nonfinite_step(self, bad: bool, anyone: bool, what: str, batch_idx: int, loss: Tensor | None = None) -> bool:
+        """Given whether this rank (``bad``) and any rank met a NaN or inf (agreed by :meth:`_agree`), raise on every
+        rank or count a skip (returns True)."""
+        if not anyone:
             return False
         where = f"global step {self.global_step}, batch {batch_idx}"
         if self.nonfinite == "raise":
@@ -432,6 +523,43 @@ class AdversarialSelectionModule(L.LightningModule):
                 f"{tuple(x[:1].shape)}, got {got}; check the model's last layer and `num_classes`"
             )
         self._model_checked = True
+
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Lightning checks the Trainer against manual optimization right after this hook, with a message that
+        # names the Trainer's arguments only; a user of this module needs to hear where the setting went.
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._refuse_trainer_settings()
+        return []
+
+    def _refuse_trainer_settings(self) -> None:
+        """Refuse the Trainer's clipping and accumulation, naming this module's arguments of the same names.
+
+        Raises:
+            ValueError: for a Trainer with ``gradient_clip_val`` > 0 or ``accumulate_grad_batches`` != 1.
+        """
+        trainer = self.trainer
+        for name, value, unset in (("gradient_clip_val", trainer.gradient_clip_val, (None, 0)),
+                                   ("accumulate_grad_batches", trainer.accumulate_grad_batches, (1,))):
+            if value not in unset:
+                also = " and `gradient_clip_algorithm`" if name == "gradient_clip_val" else ""
+                raise ValueError(
+                    f"`Trainer({name}={value})` does not apply to {type(self).__name__}, which optimizes manually; "
+                    f"give `{name}`{also} to the module instead: {type(self).__name__}({name}={value}), or "
+                    f"`model.init_args.{name}: {value}` in a LightningCLI config, and leave the Trainer's unset"
+                )
+
+    @property
+    def estimated_optimizer_steps(self) -> int | float:
+        """The optimizer steps of this fit: ``trainer.estimated_stepping_batches`` counted with this module's
+        ``accumulate_grad_batches`` (the Trainer does not know it), a last partial window of an epoch included."""
+        trainer = self.trainer
+        estimate = trainer.estimated_stepping_batches  # loads the training data when needed
+        batches = trainer.num_training_batches
+        if self.accumulate_grad_batches == 1 or trainer.max_epochs == -1 or batches == float("inf"):
+            return estimate  # counted in optimizer steps already: max_steps, or one step per batch
+        steps = math.ceil(batches / self.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
 
     @override
     def on_fit_start(self) -> None:
@@ -599,19 +727,39 @@ class AdversarialSelectionModule(L.LightningModule):
                 "`lr_scheduler` ReduceLROnPlateau is not supported (it needs a monitored value); use a schedule "
                 "of the epoch or step, e.g. MultiStepLR or OneCycleLR"
             )
+        if isinstance(scheduler, schedules.RunLengthSchedule):
+            scheduler.set_length(self._schedule_length())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def _schedule_length(self) -> int:
+        """The ``step()`` calls of this fit's scheduler: optimizer steps, or epochs (``scheduler_interval``).
+
+        Raises:
+            ValueError: for a run without an end (no ``max_epochs`` or ``max_steps``, or an endless data set).
+        """
+        steps = self.estimated_optimizer_steps
+        batches = self.trainer.num_training_batches
+        if steps == float("inf") or (self.scheduler_interval == "epoch" and batches == float("inf")):
+            raise ValueError("a schedule of lightning_advsel.schedules spans the whole run, but this run has no end: "
+                             "set the Trainer's `max_steps` or `max_epochs`")
+        if self.scheduler_interval == "step":
+            return int(steps)
+        per_epoch = math.ceil(batches / self.accumulate_grad_batches)
+        return math.ceil(steps / per_epoch)
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps,
                                 "train_metrics": self._train_metric_states(),
-                                "work": self._work_so_far()}
+                                "work": self._work_so_far(),
+                                "accumulation": self._window_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_architecture(checkpoint.get("state_dict", {}))
         state = checkpoint.get("advsel", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._load_train_metric_states(state.get("train_metrics", {}))
+        self._load_window_state(state.get("accumulation", {}), int(checkpoint.get("global_step", 0)))
         # Summed over ranks when saved: rank 0 continues from them, so the sum stays right for any world size.
         self.work.restore(state.get("work", {}), holds_totals=self.global_rank == 0)
         p_up = state.get("p_up", self.p_up)
@@ -622,6 +770,21 @@ class AdversarialSelectionModule(L.LightningModule):
 
     # The epoch accumulators of the selection statistics, so a run resumed mid-epoch logs the same epoch values.
     _TRAIN_METRICS = ("train_acc", "train_acc_selected", "train_adv_frac", "train_clean_frac", "train_attacked_frac")
+
+    def _window_state(self) -> dict[str, Any]:
+        """The accumulation window in progress: a checkpoint taken inside one holds its gradients, so a resumed run
+        steps exactly as an uninterrupted one (under DDP the gradients are already averaged over ranks)."""
+        grads = None
+        if self._window_batches > 0 and self._window_has_grads:
+            grads = [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.model.parameters()]
+        return {"batches_trained": self.batches_trained, "window_batches": self._window_batches, "grads": grads}
+
+    def _load_window_state(self, state: dict[str, Any], global_step: int) -> None:
+        # A checkpoint from before accumulation existed was taken at a step's end: one batch per step.
+        self.batches_trained = int(state.get("batches_trained", global_step))
+        self._window_batches = int(state.get("window_batches", 0))
+        self._restored_grads = state.get("grads")
+        self._window_has_grads = self._restored_grads is not None
 
     def _work_so_far(self) -> dict[str, int]:
         """The run's work totals, summed over ranks: every rank saves a checkpoint (Lightning's contract)."""
@@ -637,12 +800,11 @@ class AdversarialSelectionModule(L.LightningModule):
     def _load_train_metric_states(self, states: dict[str, dict[str, Tensor]]) -> None:
         for name, metric_states in states.items():
             metric = getattr(self, name, None)
-            if metric is None:
+            if metric is None or set(metric_states) != set(metric.metric_state):
                 continue
-            for key, value in metric_states.items():
-                if hasattr(metric, key):
-                    setattr(metric, key, value.to(getattr(metric, key).device))
-                    metric._update_count = max(metric._update_count, 1)
+            # Every state of these metrics is a sum, so merging into reset states gives the saved values exactly.
+            metric.reset()
+            metric.merge_state({key: value.to(metric.device) for key, value in metric_states.items()})
 
     def _check_architecture(self, saved: dict[str, Tensor]) -> None:
         """Refuse a checkpoint whose ``model`` weights do not fit this module's ``model``.

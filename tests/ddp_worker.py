@@ -19,6 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel import step as step_module
 
 ATTACK = AttackConfig(eps=0.1, alpha=0.05, steps=2, random_start=False, mode="train")
 ROWS = 16  # the global batch: 8 rows per rank
@@ -32,11 +33,14 @@ def build(scope: str, p_up: float, nonfinite: str = "raise") -> AdversarialSelec
 
 
 class SelectionLog(L.Callback):
-    """Records the selected rows of every step and counts DDP's gradient all-reduces (one bucket here)."""
+    """Records the selected rows of every step, counts DDP's gradient all-reduces (one bucket here) and the
+    collectives (all-reduces and barriers) each step makes before its attack starts."""
 
     def __init__(self) -> None:
         self.rows: list[list[int]] = []
         self.allreduce_calls = 0
+        self.collectives_before_attack: list[int] = []
+        self._collectives = 0
 
     def on_train_start(self, trainer, module) -> None:  # noqa: ANN001
         def counting_hook(state, bucket):  # noqa: ANN001
@@ -44,6 +48,28 @@ class SelectionLog(L.Callback):
             return allreduce_hook(state, bucket)
 
         trainer.strategy.model.register_comm_hook(state=None, hook=counting_hook)
+
+        def counted(fn):  # noqa: ANN001, ANN202
+            def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                self._collectives += 1
+                return fn(*args, **kwargs)
+            return call
+
+        def attack(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.collectives_before_attack.append(self._collectives)
+            return run_attack(*args, **kwargs)
+
+        run_attack = step_module.attack
+        self._originals = (run_attack, torch.distributed.all_reduce, torch.distributed.barrier)
+        step_module.attack = attack
+        torch.distributed.all_reduce = counted(torch.distributed.all_reduce)
+        torch.distributed.barrier = counted(torch.distributed.barrier)
+
+    def on_train_end(self, trainer, module) -> None:  # noqa: ANN001
+        step_module.attack, torch.distributed.all_reduce, torch.distributed.barrier = self._originals
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+        self._collectives = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if outputs is None:  # a skipped step
@@ -85,6 +111,7 @@ def main() -> None:
             "params": [p.detach().tolist() for p in module.model.parameters()],
             "selected": log.rows,
             "allreduce_calls": log.allreduce_calls,
+            "collectives_before_attack": log.collectives_before_attack,
             "optimizer_steps": trainer.global_step,
             "skipped_steps": module.skipped_steps,
         }

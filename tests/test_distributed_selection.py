@@ -96,6 +96,13 @@ def test_the_attack_fires_no_gradient_all_reduce(ddp_results, run):
     assert ATTACK.steps == 2
 
 
+@pytest.mark.parametrize("run", RUNS)
+def test_the_input_checks_cost_one_collective_before_the_attack(ddp_results, run):
+    for rank in ddp_results:
+        # Finite inputs and labels in range, agreed over both ranks in one all-reduce.
+        assert rank[run]["collectives_before_attack"] == [1] * rank[run]["optimizer_steps"]
+
+
 def test_global_scope_refuses_syncbatchnorm_at_fit_start(tmp_path):
     net = TinyNet()
     net.net.insert(1, torch.nn.SyncBatchNorm(64))

@@ -1,0 +1,66 @@
+"""Schedules whose length is the run's: pure functions of the progress, fitted to the run by the module."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import TinyNet, config_args, tiny_batch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel.cli import build_cli
+from lightning_advsel.schedules import Cosine, OneCycle, cosine_factor, one_cycle_factor
+
+LR = 0.1
+
+
+def test_cosine_runs_from_one_down_to_its_final_factor():
+    values = [cosine_factor(i / 10, final_factor=0.2) for i in range(11)]
+    assert values[0] == 1 and values[-1] == pytest.approx(0.2) and values[5] == pytest.approx(0.6)
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert cosine_factor(1.5, final_factor=0.2) == values[-1]  # past the end it stays there
+
+
+def test_one_cycle_rises_to_one_at_its_peak_then_falls_to_its_final_factor():
+    def f(p: float) -> float:
+        return one_cycle_factor(p, peak=0.25, start_factor=0.1, final_factor=0.01)
+
+    rise, fall = [f(i / 20) for i in range(6)], [f(i / 20) for i in range(5, 21)]
+    assert rise[0] == pytest.approx(0.1) and fall[0] == 1 and fall[-1] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(rise, rise[1:], strict=False))
+    assert all(a > b for a, b in zip(fall, fall[1:], strict=False))
+
+
+def test_a_schedule_without_a_length_refuses_to_step():
+    scheduler = Cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR))
+    with pytest.raises(RuntimeError, match=r"Cosine has no length.*set_length"):
+        scheduler.step()
+
+
+@pytest.mark.parametrize("schedule", [Cosine, OneCycle])
+@pytest.mark.parametrize("interval,accumulate", [("epoch", 1), ("step", 1), ("step", 3), ("epoch", 3)])
+def test_the_lr_reaches_the_final_factor_exactly_when_training_ends(tmp_path, schedule, interval, accumulate):
+    torch.manual_seed(0)
+    module = AdversarialSelectionModule(
+        TinyNet(), recipe="ds", train_attack=AttackConfig(eps=0.1, alpha=0.05, steps=1, mode="train"),
+        optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_scheduler=lambda o: schedule(o, final_factor=0.05),
+        scheduler_interval=interval, accumulate_grad_batches=accumulate)
+    x, y = tiny_batch(56)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))  # 7 batches an epoch
+    scheduler = module.lr_schedulers()
+    steps = 3 * (7 if accumulate == 1 else 3)
+    assert scheduler.length == scheduler.last_epoch == (3 if interval == "epoch" else steps)
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(LR * 0.05)
+
+
+def test_the_schedule_overlays_parse_over_a_base_with_its_own_scheduler(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, cls in (("cosine", Cosine), ("one_cycle", OneCycle)):
+        cli = build_cli([*config_args("digits/base.yaml", "recipes/ds.yaml", f"schedules/{name}.yaml"),
+                         "--trainer.logger", "false"], run=False)
+        assert cli.model.scheduler_interval == "step"
+        assert isinstance(cli.model.lr_scheduler_factory(torch.optim.SGD(cli.model.parameters(), lr=LR)), cls)
