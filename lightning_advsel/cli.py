@@ -13,7 +13,6 @@ config or the command line names it (``--trainer.logger.init_args.name``).
 from __future__ import annotations
 
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_advsel.checks import check_checkpoint_file
 from lightning_advsel.module import AdversarialSelectionModule
 
 BASE_CONFIG = "base.yaml"  # configs/<data set>/base.yaml: the data set's data, model, attacks and trainer
@@ -85,27 +85,6 @@ def _fill(value: Any, data_set_name: str | None) -> Any:
     elif isinstance(value, dict):
         value.update({key: _fill(item, data_set_name) for key, item in value.items()})
     return value
-
-
-def check_checkpoint_file(path: str | None) -> None:
-    """Refuse a ``ckpt_path`` file that is truncated or not a checkpoint, naming it.
-
-    ``"last"``, ``"best"`` and paths that do not exist are left to Lightning, which resolves or reports them.
-    Checkpoints are zip archives (``torch.save``); every member's checksum is read.
-
-    Raises:
-        ValueError: naming the file, for a file that is not a complete zip-format PyTorch checkpoint.
-    """
-    if path is None or not Path(path).is_file():
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"`ckpt_path` {str(path)!r} is not a readable checkpoint (truncated, or not written by "
-                         f"torch.save): {err}") from err
-    if damaged is not None:
-        raise ValueError(f"`ckpt_path` {str(path)!r} is damaged: its member {damaged!r} fails its checksum")
 
 
 class AdvSelCLI(LightningCLI):

@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_advsel import checks, cost, dashboard, distributed, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import index_of, unpack
+from lightning_advsel.checks import check_checkpoint_file
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.objectives import Objective, ObjectiveName
 from lightning_advsel.step import (
@@ -372,7 +373,30 @@ class AdversarialSelectionModule(L.LightningModule):
                 "SyncBatchNorm's contract of equal per-rank batches; use `selection_scope`='local' or train "
                 "without `sync_batchnorm`"
             )
+        self._check_training_batches()
         dashboard.describe_run(self.loggers, self.settings)
+
+    def _check_training_batches(self) -> None:
+        """Refuse, before the sanity check and the first step, a training loader that yields no batch.
+
+        Lightning only warns and runs zero steps (a shuffled empty loader fails in ``RandomSampler``, an unshuffled
+        one does not). ``estimated_stepping_batches`` loads the training loader, as Lightning documents for
+        ``configure_optimizers``; on a resume it is left to Lightning's own order, because loading early would skip
+        restoring a stateful loader's checkpointed position.
+
+        Raises:
+            ValueError: for a training loader of zero batches (an empty training set, or ``drop_last`` with fewer
+                samples than ``batch_size``).
+        """
+        trainer = self.trainer
+        if trainer.ckpt_path is not None or trainer.limit_train_batches == 0:
+            return
+        trainer.estimated_stepping_batches  # noqa: B018 - loads the training loader and counts its batches
+        if trainer.num_training_batches == 0:
+            raise ValueError(
+                "the training data loader yields no batches (an empty training set, or `drop_last` with fewer "
+                "samples than the batch size); check the data set and its split sizes"
+            )
 
     def _log_train(self, out: StepResult) -> None:
         r = out.record
@@ -513,6 +537,20 @@ class AdversarialSelectionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
     # ---------------------------------------------------------------------------------------------- checkpoint
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> AdversarialSelectionModule:
+        """Lightning's ``load_from_checkpoint``, refusing a damaged file by name before torch reads it.
+
+        Arguments are Lightning's; a module built from Python reloads with ``load_from_checkpoint(path, model=Net())``.
+
+        Raises:
+            ValueError: naming the file, for a ``checkpoint_path`` that is truncated or not written by ``torch.save``
+                (:func:`~lightning_advsel.checks.check_checkpoint_file`); for a checkpoint of another model
+                architecture.
+        """
+        check_checkpoint_file(checkpoint_path, "checkpoint_path")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps,
                                 "train_metrics": self._train_metric_states(),
