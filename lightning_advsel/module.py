@@ -68,21 +68,32 @@ def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | N
     raise ValueError(f"`{name}` must be an AttackConfig or a dict of its fields, got {type(value).__name__}")
 
 
-def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None) -> AttackConfig | AutoAttackConfig | None:
-    """``test_attack`` from a config or from a checkpoint's dict (AutoAttack's dict has a ``version``)."""
+def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None,
+                    name: str = "test_attack") -> AttackConfig | AutoAttackConfig | None:
+    """``test_attack`` (or ``name``) from a config or from a checkpoint's dict (AutoAttack's dict has a ``version``)."""
     if isinstance(value, AutoAttackConfig):
         return value
     if isinstance(value, dict) and "version" in value:
         try:
             return AutoAttackConfig(**value)
         except TypeError as err:
-            raise ValueError(f"`test_attack` has an unknown key for AutoAttackConfig: {err}") from err
+            raise ValueError(f"`{name}` has an unknown key for AutoAttackConfig: {err}") from err
     if value is not None and not isinstance(value, (AttackConfig, dict)):
         raise ValueError(
-            f"`test_attack` must be an AttackConfig, an AutoAttackConfig or a dict of either's fields, "
+            f"`{name}` must be an AttackConfig, an AutoAttackConfig or a dict of either's fields, "
             f"got {type(value).__name__}"
         )
-    return _as_attack("test_attack", value)
+    return _as_attack(name, value)
+
+
+def _inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """A prediction batch's inputs and labels: ``(x, y, *extra)`` as in training, or inputs alone (no labels)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and len(batch) == 1 and isinstance(batch[0], Tensor):
+        return batch[0], None
+    x, y, _ = unpack(batch)
+    return x, y
 
 
 class AdversarialSelectionModule(L.LightningModule):
@@ -151,6 +162,9 @@ class AdversarialSelectionModule(L.LightningModule):
             see :class:`~lightning_advsel.step.StepSettings`.
         attack_warmup: what the selective recipes attack during ``attack_warmup_epochs``: ``"all"`` (every row)
             or ``"random"`` (a random ``attack_frac`` of the batch, as the selective authors' script does).
+        predict_attack: the attack behind ``predict``'s adversarial predictions (see :meth:`predict_step`), of the
+            same kinds as ``test_attack``. ``None`` (default): clean predictions only, since an attack costs
+            ``steps + 1`` forward and backward passes per batch where a prediction costs one forward pass.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -190,6 +204,7 @@ class AdversarialSelectionModule(L.LightningModule):
         selection_forward: SelectionForward = "separate",
         clean_rows: CleanRows = "unattacked",
         attack_warmup: WarmupPick = "all",
+        predict_attack: AutoAttackConfig | AttackConfig | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -223,6 +238,7 @@ class AdversarialSelectionModule(L.LightningModule):
             eval_attack = AttackConfig(eps=train.eps, alpha=0.01, steps=20, norm=train.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)
         self.test_attack = _as_test_attack(test_attack)
+        self.predict_attack = _as_test_attack(predict_attack, "predict_attack")
 
         with warnings.catch_warnings():
             # Lightning warns that `model` is an nn.Module; it is dropped just below when built from Python.
@@ -232,6 +248,9 @@ class AdversarialSelectionModule(L.LightningModule):
             # Built from Python, not from the CLI: keep only plain values in the checkpoint (the weights are in
             # the state dict); load with `load_from_checkpoint(path, model=Net())`.
             self.remove_ignored_hparams(["model", "optimizer", "lr_scheduler"])
+        # A setting of `predict`, not of the trained model: kept out of the checkpoint, whose hyperparameters the
+        # command line applies over its own when it loads one (`predict --ckpt_path ...` takes `predict_attack`).
+        self.remove_ignored_hparams(["predict_attack"])
         for key in ("train_attack", "eval_attack", "test_attack"):
             if isinstance(self.hparams.get(key), (AttackConfig, AutoAttackConfig)):
                 self.hparams[key] = asdict(self.hparams[key])
@@ -508,20 +527,50 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True)
         attack = self.robust_attack(stage)
         if attack is not None and attack.enabled:
-            # Seeded by the batch index alone: the same weights give the same robust accuracy every time.
-            if isinstance(attack, AutoAttackConfig):
-                x_adv = attack(self.model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
-            else:
-                x_adv = attack(self.model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
-            with torch.no_grad():
-                acc_robust(self.model(x_adv), y)
+            acc_robust(self._attacked_logits(attack, x, y, batch_idx), y)
             self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True)
+
+    def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+        """The model's logits on ``attack``'s examples of ``(x, y)``, seeded by the batch index alone: the same
+        weights give the same adversarial examples every time."""
+        if isinstance(attack, AutoAttackConfig):
+            x_adv = attack(self.model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
+        else:
+            x_adv = attack(self.model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
+        with torch.no_grad():
+            return self.model(x_adv)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The model's logits and predicted classes for one batch; with ``predict_attack``, also under attack.
+
+        A batch is ``(x, y, *extra)`` as in training, or inputs alone (``x`` or ``(x,)``). The attack needs
+        labels: it attacks ``y`` when the batch has labels, else the model's own clean predictions. The examples
+        are seeded by the batch index as in ``test``, so with ``predict_attack`` equal to ``test_attack`` the
+        adversarial predictions are exactly those behind ``test/acc_robust``.
+
+        Returns:
+            ``{"logits": (B, num_classes), "pred": (B,)}`` (``pred`` the argmax class), and with ``predict_attack``
+            also ``"logits_adv"`` and ``"pred_adv"``.
+
+        Raises:
+            ValueError: for a batch that holds no input tensor, or labels outside ``[0, num_classes)``.
+        """
+        x, y = _inputs_and_labels(batch)
+        logits = self.model(x)
+        out = {"logits": logits, "pred": logits.argmax(dim=1)}
+        attack = self.predict_attack
+        if attack is not None and attack.enabled:
+            y = out["pred"] if y is None else self._check_batch(y, batch_idx)
+            out["logits_adv"] = self._attacked_logits(attack, x, y, batch_idx)
+            out["pred_adv"] = out["logits_adv"].argmax(dim=1)
+        return out
 
     # ------------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> Any:
