@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +210,10 @@ def export_checkpoint(args: list[str]) -> Path:
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--format", choices=FORMATS, default="state_dict", help="default: state_dict")
     known, rest = parser.parse_known_args(args)
-    cli = build_cli([*rest, "--trainer.logger", "false"], run=False)
+    with warnings.catch_warnings():
+        # The words are the command line's, less the three options above: not a second set of arguments.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        cli = build_cli([*rest, "--trainer.logger", "false"], run=False)
     module = type(cli.model).load_from_checkpoint(known.ckpt_path, model=cli.model.model, map_location="cpu")
     example = None
     if known.format == "torch_export":
@@ -222,9 +226,9 @@ def export_checkpoint(args: list[str]) -> Path:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-advsel``; ``args`` replaces ``sys.argv[1:]`` when given (for calls from Python)."""
-    args = sys.argv[1:] if args is None else args
-    if args[:1] == ["export"]:
-        export_checkpoint(args[1:])
+    words = sys.argv[1:] if args is None else args
+    if words[:1] == ["export"]:
+        export_checkpoint(words[1:])
         return
     build_cli(args)
 
