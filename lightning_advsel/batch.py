@@ -81,6 +81,25 @@ def unpack(batch: Any, keys: tuple[str, str] | None = None) -> tuple[Tensor, Ten
     return x, y, extra
 
 
+def inputs_and_labels(batch: Any, keys: tuple[str, str] | None = None) -> tuple[Tensor, Tensor | None]:
+    """A prediction batch's inputs and labels: read as :func:`unpack` does, or inputs alone (labels ``None``).
+
+    Inputs alone are a tensor ``x``, a sequence ``(x,)``, or a mapping without the label key of ``keys``.
+
+    Raises:
+        ValueError: as :func:`unpack`, for a batch that holds no input tensor.
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) == 1 \
+            and isinstance(batch[0], Tensor):
+        return batch[0], None
+    if isinstance(batch, Mapping) and keys is not None and keys[1] not in batch and keys[0] in batch:
+        return batch[keys[0]], None
+    x, y, _ = unpack(batch, keys)
+    return x, y
+
+
 def index_of(batch: Any, keys: tuple[str, str] | None = None) -> Tensor | None:
     """The dataset indices of a batch's rows, else ``None``.
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from jsonargparse.typing import register_type
@@ -133,6 +135,27 @@ class Pixels(float):
                 raise ValueError(f"a pixel length cannot divide by zero, got {value!r}")
             value = float(match[1]) / denominator
         return super().__new__(cls, value)
+
+
+def check_checkpoint_file(path: Any, name: str = "ckpt_path") -> None:
+    """Refuse a checkpoint file that is truncated or not a checkpoint, naming the argument ``name`` and the file.
+
+    ``"last"``, ``"best"``, paths that do not exist, remote paths and open files are left to Lightning and torch,
+    which resolve or report them. Checkpoints are zip archives (``torch.save``); every member's checksum is read.
+
+    Raises:
+        ValueError: naming the file, for a file that is not a complete zip-format PyTorch checkpoint.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"`{name}` {str(path)!r} is not a readable checkpoint (truncated, or not written by "
+                         f"torch.save): {err}") from err
+    if damaged is not None:
+        raise ValueError(f"`{name}` {str(path)!r} is damaged: its member {damaged!r} fails its checksum")
 
 
 def plain_pixels(value: Any) -> Any:

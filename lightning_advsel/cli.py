@@ -1,10 +1,16 @@
-"""``lightning-advsel``: LightningCLI with ``fit``, ``validate`` and ``test`` over composed YAML configs.
+"""``lightning-advsel``: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict`` over composed YAML configs.
 
 A run combines a data set's base config with a recipe overlay and, optionally, callback or trainer overlays;
 later files override earlier ones::
 
     lightning-advsel fit --config configs/digits/base.yaml --config configs/recipes/ds.yaml
     lightning-advsel validate --config configs/digits/base.yaml --config configs/recipes/ds.yaml --ckpt_path last
+
+``predict`` writes the test set's predictions to ``predictions.csv`` in the run's folder
+(:class:`~lightning_advsel.callbacks.PredictionWriter`).
+
+``lightning-advsel export --ckpt_path ... --out ...`` (with the run's configs) writes the trained classifier to a
+file that loads without this package (:func:`export_checkpoint`).
 
 The TensorBoard run is named after what was combined (:func:`run_name`: ``digits/ds`` above), unless a
 config or the command line names it (``--trainer.logger.init_args.name``). The configs ship inside the package:
@@ -14,24 +20,31 @@ config or the command line names it (``--trainer.logger.init_args.name``). The c
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_advsel import shipped_configs
+from lightning_advsel.batch import unpack
+from lightning_advsel.callbacks.predictions import PredictionWriter
+from lightning_advsel.checks import check_checkpoint_file
+from lightning_advsel.export import FORMATS, export_model
 from lightning_advsel.module import AdversarialSelectionModule
 
 BASE_CONFIG = "base.yaml"  # configs/<data set>/base.yaml: the data set's data, model, attacks and trainer
 ADD_ON_FOLDERS = ("callbacks", "trainer")  # overlays that watch or place a run, not change what it trains
 DATA_SET_FIELD = "{data_set}"  # in a config's strings: the folder of the base config, e.g. "mnist"
 LOG_DIR = "lightning_logs"  # TensorBoard's folder, relative to the working directory
+EXPORT_HELP = "Write a checkpoint's classifier to a file that loads without lightning_advsel."
+ASKED_ATTACKS = ("test_attack", "predict_attack")  # set for one evaluation: the configs' win over a checkpoint's
 
 
 def option_values(args: list[str], *names: str) -> list[str]:
@@ -91,27 +104,6 @@ def _fill(value: Any, data_set_name: str | None) -> Any:
     return value
 
 
-def check_checkpoint_file(path: str | None) -> None:
-    """Refuse a ``ckpt_path`` file that is truncated or not a checkpoint, naming it.
-
-    ``"last"``, ``"best"`` and paths that do not exist are left to Lightning, which resolves or reports them.
-    Checkpoints are zip archives (``torch.save``); every member's checksum is read.
-
-    Raises:
-        ValueError: naming the file, for a file that is not a complete zip-format PyTorch checkpoint.
-    """
-    if path is None or not Path(path).is_file():
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"`ckpt_path` {str(path)!r} is not a readable checkpoint (truncated, or not written by "
-                         f"torch.save): {err}") from err
-    if damaged is not None:
-        raise ValueError(f"`ckpt_path` {str(path)!r} is damaged: its member {damaged!r} fails its checksum")
-
-
 class AdvSelCLI(LightningCLI):
     """LightningCLI for composed configs that prints clean and robust validation accuracy and the training cost
     (against robust training's) when ``fit`` ends.
@@ -143,12 +135,6 @@ class AdvSelCLI(LightningCLI):
         parser.epilog = shipped_configs.help_text()
         return parser
 
-    def parse_arguments(self, parser: Any, args: Any) -> None:  # noqa: ANN401 - LightningCLI's types
-        with warnings.catch_warnings():
-            if self._resolved_command_line:
-                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            super().parse_arguments(parser, args)
-
     def add_arguments_to_parser(self, parser: Any) -> None:  # noqa: ANN401 - a LightningArgumentParser
         name = run_name(self._config_files)
         if name is not None:
@@ -157,8 +143,26 @@ class AdvSelCLI(LightningCLI):
             parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                     "init_args": logger}})
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:  # noqa: ANN401 - LightningCLI's types
+        with warnings.catch_warnings():
+            if self._resolved_command_line:
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+        # LightningCLI next replaces the model's arguments by a checkpoint's hyperparameters (`--ckpt_path`); the
+        # attacks that a `test` or `predict` is asked to run stay as the configs and the command line give them.
+        sub = self.config.get("subcommand")
+        given = {key: self.config.get(f"{sub}.model.init_args.{key}") for key in ASKED_ATTACKS} if sub else {}
+        self._asked_attacks = {key: value for key, value in given.items() if value is not None}
+
     def before_instantiate_classes(self) -> None:
+        for key, value in self._asked_attacks.items():
+            self.config[f"{self.subcommand}.model.init_args.{key}"] = value
         _fill(self.config[self.subcommand] if self.subcommand else self.config, data_set(self._config_files))
+
+    def before_predict(self) -> None:
+        # A prediction the command line returns is lost: write it to the run's folder, unless a config brings a writer.
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
     def after_fit(self) -> None:
         self._print_summary("val")
@@ -204,14 +208,50 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdvSelCLI:
     )
 
 
+def export_checkpoint(args: list[str]) -> Path:
+    """``lightning-advsel export``: write a checkpoint's classifier to a file that loads without this package.
+
+    ``--ckpt_path`` (the checkpoint), ``--out`` (the file) and ``--format`` (``state_dict``, the default, or
+    ``torch_export``, see :mod:`lightning_advsel.export`); the other arguments are the run's configs and overrides,
+    as for ``predict``. They build the model the weights go into and, for ``torch_export``, the data module whose
+    first prediction batch is the example input.
+
+    Raises:
+        ValueError: for a damaged checkpoint (naming it), one of another architecture, or a model that the format
+            cannot capture.
+    """
+    parser = argparse.ArgumentParser(prog="lightning-advsel export", description=EXPORT_HELP,
+                                     epilog="Other arguments: the run's --config files and overrides, as for predict.")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument("--out", required=True, help="file to write")
+    parser.add_argument("--format", choices=FORMATS, default="state_dict", help="default: state_dict")
+    known, rest = parser.parse_known_args(args)
+    with warnings.catch_warnings():
+        # The words are the command line's, less the three options above: not a second set of arguments.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        cli = build_cli([*rest, "--trainer.logger", "false"], run=False)
+    module = type(cli.model).load_from_checkpoint(known.ckpt_path, model=cli.model.model, map_location="cpu")
+    example = None
+    if known.format == "torch_export":
+        cli.datamodule.setup("predict")
+        example, _, _ = unpack(next(iter(cli.datamodule.predict_dataloader())))
+    path = export_model(module, known.out, known.format, example)
+    print(f"exported {type(module.model).__name__} ({known.format}) to {path}", flush=True)
+    return path
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-advsel``; ``args`` replaces ``sys.argv[1:]`` when given (for calls from Python).
 
-    ``lightning-advsel configs [NAME]`` lists the shipped configs, or prints one (to copy and edit).
+    ``lightning-advsel configs [NAME]`` lists the shipped configs, or prints one (to copy and edit);
+    ``lightning-advsel export ...`` writes a trained classifier to a file (:func:`export_checkpoint`).
     """
     words = sys.argv[1:] if args is None else args
     if words[:1] == ["configs"]:
         print(shipped_configs.show(words[1:]), end="")
+        return
+    if words[:1] == ["export"]:
+        export_checkpoint(words[1:])
         return
     build_cli(args)
 

@@ -18,6 +18,8 @@ For the stability baseline (:mod:`lightning_advsel.stability`), every module tak
 batches become ``(x, y, index)``, ``index`` each row's position in the training split) and ``subset_file``,
 ``subset_fraction``, ``subset_keep`` (train on the most stable or unstable fraction of a profiling run's
 samples). Validation and test sets are never restricted.
+
+``predict`` reads the test set (``predict_dataloader``), in order, as ``(x, y)`` batches.
 """
 
 from __future__ import annotations
@@ -199,6 +201,10 @@ class _BaseDataModule(L.LightningDataModule):
         return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, in order, for ``trainer.predict`` and ``lightning-advsel predict``."""
         return self._loader(self.test_set)
 
 

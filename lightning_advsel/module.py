@@ -30,7 +30,8 @@ from typing_extensions import override
 
 from lightning_advsel import checks, cost, dashboard, distributed, schedules, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
-from lightning_advsel.batch import check_keys, index_of, unpack
+from lightning_advsel.batch import check_keys, index_of, inputs_and_labels, unpack
+from lightning_advsel.checks import check_checkpoint_file
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.models import Normalize
 from lightning_advsel.objectives import Objective, ObjectiveName
@@ -71,21 +72,22 @@ def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | N
     raise ValueError(f"`{name}` must be an AttackConfig or a dict of its fields, got {type(value).__name__}")
 
 
-def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None) -> AttackConfig | AutoAttackConfig | None:
-    """``test_attack`` from a config or from a checkpoint's dict (AutoAttack's dict has a ``version``)."""
+def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None,
+                    name: str = "test_attack") -> AttackConfig | AutoAttackConfig | None:
+    """``test_attack`` (or ``name``) from a config or from a checkpoint's dict (AutoAttack's dict has a ``version``)."""
     if isinstance(value, AutoAttackConfig):
         return value
     if isinstance(value, dict) and "version" in value:
         try:
             return AutoAttackConfig(**value)
         except TypeError as err:
-            raise ValueError(f"`test_attack` has an unknown key for AutoAttackConfig: {err}") from err
+            raise ValueError(f"`{name}` has an unknown key for AutoAttackConfig: {err}") from err
     if value is not None and not isinstance(value, (AttackConfig, dict)):
         raise ValueError(
-            f"`test_attack` must be an AttackConfig, an AutoAttackConfig or a dict of either's fields, "
+            f"`{name}` must be an AttackConfig, an AutoAttackConfig or a dict of either's fields, "
             f"got {type(value).__name__}"
         )
-    return _as_attack("test_attack", value)
+    return _as_attack(name, value)
 
 
 def _as_normalization(value: Any) -> Normalize | None:
@@ -202,6 +204,9 @@ class AdversarialSelectionModule(L.LightningModule):
             loss is divided by it, as Lightning does, so the window's update is one step over the union of its
             batches; the last window of an epoch steps with the batches it has. The attack, the selection
             (``p_up``) and its statistics stay per batch.
+        predict_attack: the attack behind ``predict``'s adversarial predictions (see :meth:`predict_step`), of the
+            same kinds as ``test_attack``. ``None`` (default): clean predictions only, since an attack costs
+            ``steps + 1`` forward and backward passes per batch where a prediction costs one forward pass.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -250,6 +255,7 @@ class AdversarialSelectionModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: ClipAlgorithm = "norm",
         accumulate_grad_batches: int = 1,
+        predict_attack: AutoAttackConfig | AttackConfig | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -289,6 +295,7 @@ class AdversarialSelectionModule(L.LightningModule):
             eval_attack = AttackConfig(eps=train.eps, alpha=0.01, steps=20, norm=train.norm)
         self.eval_attack = _as_attack("eval_attack", eval_attack)
         self.test_attack = _as_test_attack(test_attack)
+        self.predict_attack = _as_test_attack(predict_attack, "predict_attack")
 
         with warnings.catch_warnings():
             # Lightning warns that `model` is an nn.Module; it is dropped just below when built from Python.
@@ -298,6 +305,9 @@ class AdversarialSelectionModule(L.LightningModule):
             # Built from Python, not from the CLI: keep only plain values in the checkpoint (the weights are in
             # the state dict); load with `load_from_checkpoint(path, model=Net())`.
             self.remove_ignored_hparams(["model", "optimizer", "lr_scheduler"])
+        # A setting of `predict`, not of the trained model: kept out of the checkpoint, whose hyperparameters the
+        # command line applies over its own when it loads one (`predict --ckpt_path ...` takes `predict_attack`).
+        self.remove_ignored_hparams(["predict_attack"])
         for key in ("train_attack", "eval_attack", "test_attack"):
             if isinstance(self.hparams.get(key), (AttackConfig, AutoAttackConfig)):
                 self.hparams[key] = asdict(self.hparams[key])
@@ -569,7 +579,30 @@ class AdversarialSelectionModule(L.LightningModule):
                 "SyncBatchNorm's contract of equal per-rank batches; use `selection_scope`='local' or train "
                 "without `sync_batchnorm`"
             )
+        self._check_training_batches()
         dashboard.describe_run(self.loggers, self.settings)
+
+    def _check_training_batches(self) -> None:
+        """Refuse, before the sanity check and the first step, a training loader that yields no batch.
+
+        Lightning only warns and runs zero steps (a shuffled empty loader fails in ``RandomSampler``, an unshuffled
+        one does not). ``estimated_stepping_batches`` loads the training loader, as Lightning documents for
+        ``configure_optimizers``; on a resume it is left to Lightning's own order, because loading early would skip
+        restoring a stateful loader's checkpointed position.
+
+        Raises:
+            ValueError: for a training loader of zero batches (an empty training set, or ``drop_last`` with fewer
+                samples than ``batch_size``).
+        """
+        trainer = self.trainer
+        if trainer.ckpt_path is not None or trainer.limit_train_batches == 0:
+            return
+        trainer.estimated_stepping_batches  # noqa: B018 - loads the training loader and counts its batches
+        if trainer.num_training_batches == 0:
+            raise ValueError(
+                "the training data loader yields no batches (an empty training set, or `drop_last` with fewer "
+                "samples than the batch size); check the data set and its split sizes"
+            )
 
     def _log_train(self, out: StepResult) -> None:
         r = out.record
@@ -701,20 +734,52 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True, metric_attribute=clean_name)
         attack = self.robust_attack(stage)
         if attack is not None and attack.enabled:
-            # Seeded by the batch index alone: the same weights give the same robust accuracy every time.
-            if isinstance(attack, AutoAttackConfig):
-                x_adv = attack(model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
-            else:
-                x_adv = attack(model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
-            with torch.no_grad():
-                acc_robust(model(x_adv), y)
+            acc_robust(self._attacked_logits(attack, x, y, batch_idx), y)
             self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True, metric_attribute=robust_name)
+
+    def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+        """The model's logits on ``attack``'s examples of ``(x, y)``, seeded by the batch index alone: the same
+        weights give the same adversarial examples every time."""
+        if isinstance(attack, AutoAttackConfig):
+            x_adv = attack(self.pixel_model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
+        else:
+            x_adv = attack(self.pixel_model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
+        with torch.no_grad():
+            return self.pixel_model(x_adv)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, batch_idx, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, batch_idx, "test", dataloader_idx)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The model's logits and predicted classes for one batch; with ``predict_attack``, also under attack.
+
+        A batch is read as in training (:mod:`lightning_advsel.batch`), or holds inputs alone (``x``, ``(x,)``,
+        or a mapping without the label key of ``batch_keys``). The attack needs
+        labels: it attacks ``y`` when the batch has labels, else the model's own clean predictions. The examples
+        are seeded by the batch index as in ``test``, so with ``predict_attack`` equal to ``test_attack`` the
+        adversarial predictions are exactly those behind ``test/acc_robust``.
+
+        Returns:
+            ``{"logits": (B, num_classes), "pred": (B,)}`` (``pred`` the argmax class), and with ``predict_attack``
+            also ``"logits_adv"`` and ``"pred_adv"``.
+
+        Raises:
+            ValueError: for a batch that holds no input tensor, or labels outside ``[0, num_classes)``.
+        """
+        x, y = inputs_and_labels(batch, self.batch_keys)
+        x = self.to_pixels(x)
+        logits = self.pixel_model(x)
+        out = {"logits": logits, "pred": logits.argmax(dim=1)}
+        attack = self.predict_attack
+        if attack is not None and attack.enabled:
+            y = out["pred"] if y is None else self._check_batch(y, batch_idx)
+            out["logits_adv"] = self._attacked_logits(attack, x, y, batch_idx)
+            out["pred_adv"] = out["logits_adv"].argmax(dim=1)
+        return out
 
     # ------------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> Any:
@@ -748,6 +813,20 @@ class AdversarialSelectionModule(L.LightningModule):
         return math.ceil(steps / per_epoch)
 
     # ---------------------------------------------------------------------------------------------- checkpoint
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> AdversarialSelectionModule:
+        """Lightning's ``load_from_checkpoint``, refusing a damaged file by name before torch reads it.
+
+        Arguments are Lightning's; a module built from Python reloads with ``load_from_checkpoint(path, model=Net())``.
+
+        Raises:
+            ValueError: naming the file, for a ``checkpoint_path`` that is truncated or not written by ``torch.save``
+                (:func:`~lightning_advsel.checks.check_checkpoint_file`); for a checkpoint of another model
+                architecture.
+        """
+        check_checkpoint_file(checkpoint_path, "checkpoint_path")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps,
                                 "train_metrics": self._train_metric_states(),

@@ -148,3 +148,35 @@ def test_checkpoints_load_with_weights_only(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(make(), DataLoader(TensorDataset(x, y), batch_size=16), ckpt_path=path, weights_only=True)
     assert trainer.global_step == 2
+
+
+def test_a_truncated_checkpoint_is_refused_by_load_from_checkpoint_naming_the_file(tmp_path):
+    x, y = tiny_batch(16)
+    path = tmp_path / "tiny.ckpt"
+    fit_steps(make(), x, y, tmp_path).save_checkpoint(path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"`checkpoint_path` '{truncated}' is not a readable checkpoint \(truncated"):
+        AdversarialSelectionModule.load_from_checkpoint(truncated, model=TinyNet())
+    intact = AdversarialSelectionModule.load_from_checkpoint(path, model=TinyNet())
+    assert intact.p_up == 0.5
+
+
+class CountValidation(L.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_validation_batch_end(self, *args) -> None:  # noqa: ANN002
+        self.batches += 1
+
+
+def test_an_unshuffled_empty_training_set_fails_before_any_work(tmp_path):
+    # A shuffled empty loader already fails when it is built (RandomSampler); Lightning only warns about this one.
+    x, y = tiny_batch(16)
+    seen = CountValidation()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[seen])
+    with pytest.raises(ValueError, match=r"the training data loader yields no batches \(an empty training set"):
+        trainer.fit(make(), DataLoader(TensorDataset(x[:0], y[:0]), batch_size=8, shuffle=False),
+                    DataLoader(TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 0 and seen.batches == 0  # not even the validation sanity check ran

@@ -8,10 +8,11 @@ from lightning_advsel.callbacks.min_perturbation import (
     minimum_adversarial_pool,
     minimum_eps,
 )
+from lightning_advsel.callbacks.predictions import PredictionWriter
 from lightning_advsel.callbacks.schedules import next_p_up, p_up_sequence
 from lightning_advsel.callbacks.selection_makeup import SelectionCounts, SelectionMakeup
 from lightning_advsel.callbacks.stability_profile import StabilityCost, StabilityProfile
 
-__all__ = ["AdaptivePUp", "MinimumAdversarialPool", "MinimumPerturbation", "PaperFigures", "SelectionCounts",
-           "SelectionMakeup", "StabilityCost", "StabilityProfile", "minimum_adversarial_pool", "minimum_eps",
-           "next_p_up", "p_up_sequence"]
+__all__ = ["AdaptivePUp", "MinimumAdversarialPool", "MinimumPerturbation", "PaperFigures", "PredictionWriter",
+           "SelectionCounts", "SelectionMakeup", "StabilityCost", "StabilityProfile", "minimum_adversarial_pool",
+           "minimum_eps", "next_p_up", "p_up_sequence"]
