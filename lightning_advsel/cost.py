@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import fields
 
 import torch
-from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_advsel.step import StepCost, StepSettings
@@ -66,12 +65,9 @@ class WorkCounter(Metric):
         The process with ``holds_totals`` (rank 0) takes them and the others start from zero, so that the
         sum over ranks is the saved total whatever the number of processes of the resumed run.
         """
-        for name in self.names():
-            value = int(totals.get(name, 0)) if holds_totals else 0
-            state: Tensor = getattr(self, name)
-            setattr(self, name, torch.tensor(value, dtype=state.dtype, device=state.device))
-        self._update_count = max(self._update_count, 1)
-        self._computed = None
+        self.reset()
+        self.merge_state({name: torch.tensor(int(totals.get(name, 0)) if holds_totals else 0, dtype=torch.long,
+                                             device=self.device) for name in self.names()})
 
 
 def _short(n: int) -> str:
