@@ -36,6 +36,17 @@ def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) ->
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``.
+
+    Raises:
+        ValueError: for anything else (``1``, ``"yes"``, ``None``).
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}")
+    return value
+
+
 def check_number(name: str, value: Any, minimum: float, *, strict: bool = False, unit: str | None = None) -> float:
     """Return ``value`` as a float if it is a finite number at least ``minimum`` (above it when ``strict``).
 

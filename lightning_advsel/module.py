@@ -150,14 +150,23 @@ class AdversarialSelectionModule(L.LightningModule):
             see :class:`~lightning_advsel.step.StepSettings`.
         attack_warmup: what the selective recipes attack during ``attack_warmup_epochs``: ``"all"`` (every row)
             or ``"random"`` (a random ``attack_frac`` of the batch, as the selective authors' script does).
+        channels_last: store the model's 4-D weights in the channels-last memory format (convolutions then
+            run in NHWC, which GPU tensor cores prefer under mixed precision; inputs follow from the first
+            convolution). Off by default: on CPU it is seldom faster, and it changes the summation order.
+        compile_model: compile the model's forward with ``torch.compile`` (``nn.Module.compile``, so the state
+            dict keys do not change) when the Trainer sets the module up. Only the network is compiled, not
+            the step: the selection's sizes depend on the data, the network's shapes settle after the first
+            step (every PGD step then reuses the compiled graph). Off by default.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
             ``p_up`` or ``attack_frac`` outside (0, 1], ``num_classes`` below 2, a ``model`` that is not an
             ``nn.Module``, ``attack_score="gradmatch"`` (closed form) on a model without an ``nn.Linear`` head
             (``"gradmatch_exact"`` works on any model), a bad attack setting, an unknown ``selection_scope`` or
-            ``nonfinite``; at the first batch, a ``model`` whose output is not ``(B, num_classes)``; when loading
-            a checkpoint, one written for a different model architecture.
+            ``nonfinite``, a ``channels_last`` or ``compile_model`` that is not a bool; at the first batch, a
+            ``model`` whose output is not ``(B, num_classes)``, or (for a recipe that attacks) inputs outside
+            [0, 1] (see :meth:`~lightning_advsel.attacks.AttackConfig.check_batch`); when loading a checkpoint,
+            one written for a different model architecture.
         ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
             message names the pip command).
     """
@@ -189,6 +198,8 @@ class AdversarialSelectionModule(L.LightningModule):
         selection_forward: SelectionForward = "separate",
         clean_rows: CleanRows = "unattacked",
         attack_warmup: WarmupPick = "all",
+        channels_last: bool = False,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -207,6 +218,8 @@ class AdversarialSelectionModule(L.LightningModule):
             raise ValueError("`clean_rows`='all' takes the mean of each part on each rank; it has no global form, "
                              "use `selection_scope`='local'")
         self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
+        self.channels_last = checks.check_bool("channels_last", channels_last)
+        self.compile_model = checks.check_bool("compile_model", compile_model)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
         checks.check_choice("scheduler_interval", scheduler_interval, get_args(Interval))
@@ -235,7 +248,8 @@ class AdversarialSelectionModule(L.LightningModule):
             if isinstance(self.hparams.get(key), (AttackConfig, AutoAttackConfig)):
                 self.hparams[key] = asdict(self.hparams[key])
 
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self._compiled = False
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -247,6 +261,7 @@ class AdversarialSelectionModule(L.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._model_checked = False
+        self._attack_inputs_checked = False
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
@@ -309,6 +324,10 @@ class AdversarialSelectionModule(L.LightningModule):
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
         y = self._check_batch(y, batch_idx)
+        if not self._attack_inputs_checked:  # pgd's checks, on the first batch: the step's attack runs unchecked
+            if RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled:
+                self.settings.train_attack.check_batch(x, y)
+            self._attack_inputs_checked = True
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
@@ -363,6 +382,12 @@ class AdversarialSelectionModule(L.LightningModule):
                 f"{tuple(x[:1].shape)}, got {got}; check the model's last layer and `num_classes`"
             )
         self._model_checked = True
+
+    @override
+    def configure_model(self) -> None:
+        if self.compile_model and not self._compiled:  # once: fit, validate and test share the compiled forward
+            self.model.compile()
+            self._compiled = True
 
     @override
     def on_fit_start(self) -> None:
