@@ -16,7 +16,10 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from jsonargparse.typing import register_type
+try:
+    from jsonargparse.typing import register_type
+except ImportError:  # the command line's parser is not installed: Python use needs no parser registration
+    register_type = None
 
 
 def _is_real(value: Any) -> bool:
@@ -151,4 +154,5 @@ def plain_pixels(value: Any) -> Any:
     return float(value) if isinstance(value, Pixels) else value
 
 
-register_type(Pixels, serializer=float, deserializer=Pixels)
+if register_type is not None:
+    register_type(Pixels, serializer=float, deserializer=Pixels)
