@@ -8,8 +8,9 @@ timed) under the Trainer's ``--precision`` (``bf16-mixed`` by default) with ``ch
 (cuDNN autotuning, lazy initialization, compilation) are left out. FLOPs per step come from
 ``torch.utils.flop_counter.FlopCounterMode`` around the first training step (``flop_count.CountFlops``); the
 peak is measured on the machine itself with a large bf16 matmul (``--matmul-size``), so the share is
-``FLOPs per step x steps per second / measured peak``. The whole script takes about a minute on an H100-class
-GPU (well within 5 minutes); it needs torch, lightning and this package only::
+``FLOPs per step x steps per second / measured peak``. The whole script is meant to finish within 5 minutes on
+an H100-class GPU (it prints its wall time; ``--compile`` adds a compilation per recipe); it needs torch,
+lightning and this package only::
 
     python benchmarks/gpu_speed.py                          # CUDA, bf16-mixed, channels_last
     python benchmarks/gpu_speed.py --compile --json gpu.json

@@ -7,6 +7,10 @@ DistributedDataParallel gradient hook fires inside the attack.
 
 The model's train/eval mode during the attack is the explicit ``mode`` argument (see :func:`model_mode`);
 it is restored afterwards.
+
+Mixed precision: inside a bfloat16 autocast region (Lightning's ``precision="bf16-mixed"``) the attack runs in
+bfloat16 too; inside a float16 one it switches autocast off and runs in float32, so its input gradients cannot
+underflow (:func:`attack_precision`).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import TinyNet, fit_steps, tiny_batch
+from conftest import TinyNet, config_args, fit_steps, tiny_batch
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, pgd
+from lightning_advsel.cli import build_cli
 from lightning_advsel.data import DigitsDataModule
 from lightning_advsel.models import SmallCNN
 
@@ -145,3 +146,12 @@ def test_compiled_model_stops_compiling_after_the_first_steps(tmp_path, monkeypa
     fit(4)  # two more steps of 3 PGD steps each, same shapes
     assert len(graphs) == warm
     assert set(module.state_dict()) == keys  # compiled in place: checkpoints keep their keys
+
+
+def test_gpu_overlay_sets_bf16_mixed_precision_and_channels_last(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*config_args("digits/base.yaml", "recipes/ds.yaml", "trainer/gpu_bf16.yaml"),
+                     "--trainer.accelerator", "cpu"], run=False)
+    assert cli.model.channels_last and not cli.model.compile_model
+    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.trainer.logger.name == "digits/ds"  # a trainer overlay does not rename the run
