@@ -35,6 +35,14 @@ def test_speed_quick_reports_every_variant_the_targets_and_appends_to_the_json_f
     assert "| robust, plain loop | 1 |" in printed and "| comparison | measured | target |" in printed
 
 
+def test_speed_on_mnist_uses_the_mnist_configs_setting_and_needs_a_data_dir():
+    setup = speed.setup_for("mnist", "/data", None, None)
+    assert setup.attack.describe() == "PGD-40 linf eps=0.3 alpha=0.01 restarts=1" and setup.lr == 1e-4
+    assert setup.make_data().batch_size == 100 and setup.make_model().head[0].out_features == 1024
+    with pytest.raises(SystemExit, match="--data mnist needs --data-dir"):
+        speed.main(["--quick"])
+
+
 def test_speed_profile_splits_each_recipes_step_into_its_phases(capsys):
     rows = speed.main(["--data", "digits", "--quick", "--profile", "--top", "3"])["profile"]
     assert [r["variant"] for r in rows] == [v.label for v in speed.VARIANTS if not v.plain]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TinyNet, config_args, fit_steps, tiny_batch
 
-from lightning_advsel import AdversarialSelectionModule, AttackConfig, pgd
+from lightning_advsel import AdversarialSelectionModule, AttackConfig, StepSettings, adversarial_step, pgd
 from lightning_advsel.cli import build_cli
 from lightning_advsel.data import DigitsDataModule
 from lightning_advsel.models import SmallCNN
@@ -56,6 +56,43 @@ def test_float16_autocast_leaves_the_attack_in_float32():
         assert net(x).dtype == torch.float16  # the region is float16 for the model outside the attack
         mixed = pgd(net, x, y, **ATTACK, generator=torch.Generator().manual_seed(0))
     assert torch.equal(full, mixed)
+
+
+class DtypeRecorder(SmallCNN):
+    """SmallCNN that records the dtype of its logits, apart for the attack's forwards (input needs a gradient)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(width=8, hidden=32, mean=(0.3,), std=(0.4,))
+        self.seen: dict[str, set[torch.dtype]] = {"attack": set(), "other": set()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        self.seen["attack" if x.requires_grad else "other"].add(logits.dtype)
+        return logits
+
+
+def test_bf16_mixed_training_runs_the_whole_step_in_bfloat16(tmp_path):
+    x, y = tiny_batch(32)
+    net = DtypeRecorder()
+    before = [p.detach().clone() for p in net.parameters()]
+    module = AdversarialSelectionModule(net, recipe="ds", train_attack=AttackConfig(**ATTACK, mode="train"),
+                                        eval_attack=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_steps(module, x, y, tmp_path, steps=2, precision="bf16-mixed")
+    assert net.seen == {"attack": {torch.bfloat16}, "other": {torch.bfloat16}}
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+def test_a_float16_step_attacks_in_float32_and_scores_and_trains_in_float16():
+    """What Lightning's 16-mixed does on a GPU (on CPU it falls back to bf16): the step inside float16 autocast."""
+    x, y = tiny_batch(32)
+    net = DtypeRecorder()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = adversarial_step(net, x, y, StepSettings(recipe="selective_ds", train_attack=AttackConfig(**ATTACK)))
+    assert net.seen == {"attack": {torch.float32}, "other": {torch.float16}}
+    assert torch.isfinite(out.loss)
 
 
 def test_bf16_training_and_evaluation_keep_robust_accuracy_within_one_point_of_fp32(tmp_path):
