@@ -152,7 +152,8 @@ class AdversarialSelectionModule(L.LightningModule):
             or ``"random"`` (a random ``attack_frac`` of the batch, as the selective authors' script does).
         channels_last: store the model's 4-D weights in the channels-last memory format (convolutions then
             run in NHWC, which GPU tensor cores prefer under mixed precision; inputs follow from the first
-            convolution). Off by default: on CPU it is seldom faster, and it changes the summation order.
+            convolution). Off by default: it changes the order of floating-point sums, so numbers differ
+            slightly from the default layout's; ``configs/trainer/gpu_bf16.yaml`` turns it on.
         compile_model: compile the model's forward with ``torch.compile`` (``nn.Module.compile``, so the state
             dict keys do not change) when the Trainer sets the module up. Only the network is compiled, not
             the step: the selection's sizes depend on the data, the network's shapes settle after the first
@@ -324,10 +325,7 @@ class AdversarialSelectionModule(L.LightningModule):
         if self._nonfinite_step(not bool(torch.isfinite(x).all()), "input", batch_idx):
             return None
         y = self._check_batch(y, batch_idx)
-        if not self._attack_inputs_checked:  # pgd's checks, on the first batch: the step's attack runs unchecked
-            if RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled:
-                self.settings.train_attack.check_batch(x, y)
-            self._attack_inputs_checked = True
+        self._check_attack_inputs(x, y)
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
@@ -367,6 +365,14 @@ class AdversarialSelectionModule(L.LightningModule):
         rank_zero_warn(f"skipped a training step ({where}): non-finite {what}; {self.skipped_steps} skipped so far")
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
         return True
+
+    def _check_attack_inputs(self, x: Tensor, y: Tensor) -> None:
+        """Once per process: pgd's checks of a batch (pixels in [0, 1]); the step's attack then runs unchecked."""
+        if self._attack_inputs_checked:
+            return
+        if RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled:
+            self.settings.train_attack.check_batch(x, y)
+        self._attack_inputs_checked = True
 
     def _check_model_output(self, x: Tensor) -> None:
         """Once per process: the model maps a batch to ``(B, num_classes)`` logits, else a clear error."""

@@ -192,3 +192,22 @@ def test_gpu_overlay_sets_bf16_mixed_precision_and_channels_last(tmp_path, monke
     assert cli.model.channels_last and not cli.model.compile_model
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.trainer.logger.name == "digits/ds"  # a trainer overlay does not rename the run
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_to_the_weights_of_the_eager_one(tmp_path):
+    """The default backend (inductor, C++ on CPU) end to end: two robust steps of a small MLP."""
+    x, y = tiny_batch(32)
+    weights = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = AdversarialSelectionModule(TinyNet(), recipe="robust", compile_model=compiled, eval_attack=None,
+                                            train_attack=AttackConfig(**ATTACK, mode="train"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit_steps(module, x, y, tmp_path, steps=2)
+        weights[compiled] = module.model.state_dict()
+    for key, value in weights[False].items():
+        assert torch.allclose(weights[True][key], value, atol=1e-6), key
+    torch.manual_seed(0)
+    assert not torch.equal(weights[False]["net.1.weight"], TinyNet().net[1].weight)  # it did train
