@@ -31,7 +31,7 @@ import torch
 from flop_count import CountFlops
 from lightning.pytorch.callbacks import Callback
 from speed import append_json, machine, make_trainer, now
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.models import ResNet18
@@ -70,8 +70,10 @@ def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) ->
     device = torch.device(args.device)
     torch.manual_seed(0)
     n = args.batch_size * (args.warmup + args.steps)
-    data = DataLoader(TensorDataset(torch.rand(n, 3, 32, 32, device=device),
-                                    torch.randint(0, 10, (n,), device=device)), batch_size=args.batch_size)
+    images = TensorDataset(torch.rand(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device))
+    # One gather per batch on the device (the dataset is indexed with the batch's indices), not one per image.
+    data = DataLoader(images, sampler=BatchSampler(SequentialSampler(images), args.batch_size, drop_last=True),
+                      batch_size=None)
     module = AdversarialSelectionModule(
         ResNet18(), recipe=recipe, p_up=p_up, attack_frac=0.5, attack_score="margin",
         train_attack=AttackConfig(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps, mode="train"), eval_attack=None,

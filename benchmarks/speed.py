@@ -373,7 +373,7 @@ def profile_recipe(setup: Setup, data: L.LightningDataModule, variant: Variant, 
 
 def run_profile(setup: Setup, data: L.LightningDataModule, batches: int, device: str, top: int) -> list[dict]:
     rows = []
-    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     for variant in (v for v in VARIANTS if not v.plain):
         split, prof = profile_recipe(setup, data, variant, batches, device)
         print(f"\n## {variant.label}: top {top} operators by self time\n")
