@@ -328,7 +328,9 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
 
     Args:
         model: the classifier, inputs in [0, 1], logits ``(B, C)``; its train/eval mode is left as found.
-        x: clean inputs in [0, 1], shape ``(B, ...)``.
+        x: clean inputs in [0, 1], shape ``(B, ...)``. Not checked here (the attack runs
+            :meth:`~lightning_advsel.attacks.AttackConfig.unchecked`, no host sync per step): check a batch once
+            with ``settings.train_attack.check_batch(x, y)``, as the module does with its first batch.
         y: integer labels, shape ``(B,)``.
         settings: the recipe and its fractions, score, attack and objective.
         generator: random generator for PGD starts and random picks (``None``: the global generator).
