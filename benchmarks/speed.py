@@ -208,12 +208,21 @@ def _reset_rss_high_water() -> bool:
         return False
 
 
-def map_large_allocations() -> None:
-    """glibc: serve every allocation of 64 KiB or more by its own mapping, returned to the system when freed."""
+@contextmanager
+def large_allocations_mapped() -> Iterator[None]:
+    """glibc: inside the block, serve every allocation of 64 KiB or more by its own mapping, returned to the
+    system when freed; afterwards, the thresholds glibc's own adaptation ends at (32 MiB mapped, 64 MiB trim)."""
     try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD; a fixed value also stops its adaptation
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        pass
+        yield
+        return
+    mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        mallopt(-3, 32 << 20)
+        mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 @contextmanager
@@ -427,8 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
     for repeat in range(args.repeats):
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
             runs[variant.label].append(run_once(setup, data, variant, args.batches, args.device, args.seed))
-    map_large_allocations()  # after the timing: mapping every large block costs page faults
-    memory = {v.label: measure_memory(setup, data, v, args.memory_batches, args.device, args.seed) for v in VARIANTS}
+    with large_allocations_mapped():  # after the timing: mapping every large block costs page faults
+        memory = {v.label: measure_memory(setup, data, v, args.memory_batches, args.device, args.seed)
+                  for v in VARIANTS}
     rows = summarize(runs, memory)
     ratios = comparisons(rows, setup.attack.steps)
     print(format_tables(rows, ratios))
