@@ -7,13 +7,17 @@ DistributedDataParallel gradient hook fires inside the attack.
 
 The model's train/eval mode during the attack is the explicit ``mode`` argument (see :func:`model_mode`);
 it is restored afterwards.
+
+Mixed precision: inside a bfloat16 autocast region (Lightning's ``precision="bf16-mixed"``) the attack runs in
+bfloat16 too; inside a float16 one it switches autocast off and runs in float32, so its input gradients cannot
+underflow (:func:`attack_precision`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -180,19 +184,58 @@ def pgd(
             that are not finite pixels in [0, 1], labels that are not class indices of the model's output, or
             a model that does not return ``(B, K)`` logits.
     """
-    _check_attack_args(eps, alpha, steps, norm, restarts)
-    _check_inputs(x, y, eps, norm)
+    attack = AttackConfig(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, restarts=restarts,
+                          mode=mode)  # checks the settings
+    attack.check_batch(x, y)
+    return _pgd_loop(model, x, y, attack, generator, loss, start_std, check_logits=True)
+
+
+def attack_precision(device_type: str) -> AbstractContextManager:
+    """The autocast setting PGD runs under inside a mixed-precision region of ``device_type``.
+
+    bfloat16 autocast stays on: bfloat16 has float32's exponent range, so an input gradient does not underflow
+    (only its mantissa is shorter, and PGD reads its sign or direction). float16 autocast is switched off for
+    the attack, which then runs in float32: a confident model's loss gradient (``softmax - onehot``, below
+    1e-8 per logit) flushes to zero in float16, ``sign(0)`` is no step, and the attack would silently weaken
+    (a higher robust accuracy than the weights deserve). Scaling the loss instead would need GradScaler-style
+    overflow checks, a host sync per PGD step.
+    """
+    if _autocast_dtype(device_type) == torch.float16:
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the autocast region active on ``device_type``, ``None`` outside one."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
+def _pgd_loop(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, generator: torch.Generator | None,
+              loss: Callable[[Tensor, Tensor], Tensor] | None, start_std: float | None,
+              check_logits: bool = False) -> Tensor:
+    """:func:`pgd` with the settings of ``attack``, without checking them or the batch (see :func:`pgd`).
+
+    ``check_logits`` checks the model's output shape at the first step (a host sync).
+    """
+    eps, alpha, steps, norm, restarts = attack.eps, attack.alpha, attack.steps, attack.norm, attack.restarts
     if x.shape[0] == 0:
         return x.detach().clone()
     # Lightning runs validation and test under inference mode; the attack needs autograd back.
-    with torch.inference_mode(False), torch.enable_grad(), model_mode(model, mode):
+    with (torch.inference_mode(False), torch.enable_grad(), attack_precision(x.device.type),
+          model_mode(model, attack.mode)):
         x = x.detach().clone()
         y = y.detach().to(torch.long, copy=True)  # a normal tensor (not an inference one), int64 for the loss
         best = x.clone()
         best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
-        checked = False
+        checked = not check_logits
         for _ in range(restarts):
-            if not random_start:
+            if not attack.random_start:
                 delta = torch.zeros_like(x)
             elif start_std is not None:
                 delta = start_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -293,21 +336,25 @@ class AttackConfig:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  loss: Callable[[Tensor, Tensor], Tensor] | None = None, start_std: float | None = None) -> Tensor:
         """:func:`pgd` with these settings; ``loss`` and ``start_std`` as there (set by a training objective)."""
-        return pgd(
-            model,
-            x,
-            y,
-            eps=self.eps,
-            alpha=self.alpha,
-            steps=self.steps,
-            norm=self.norm,
-            random_start=self.random_start,
-            restarts=self.restarts,
-            mode=self.mode,
-            generator=generator,
-            loss=loss,
-            start_std=start_std,
-        )
+        self.check_batch(x, y)
+        return _pgd_loop(model, x, y, self, generator, loss, start_std, check_logits=True)
+
+    def unchecked(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                  loss: Callable[[Tensor, Tensor], Tensor] | None = None, start_std: float | None = None) -> Tensor:
+        """As calling the attack, but without :meth:`check_batch` and the output-shape check: the same numbers.
+
+        Those checks read the batch and the logits on the host (a device sync each). The training step calls
+        this: the settings were checked when built, and the module checks the first batch and the model's output.
+        """
+        return _pgd_loop(model, x, y, self, generator, loss, start_std)
+
+    def check_batch(self, x: Tensor, y: Tensor) -> None:
+        """The checks :func:`pgd` runs on a batch: finite pixels in [0, 1], integer labels, an L2 ball that fits.
+
+        Raises:
+            ValueError: as :func:`pgd` for its inputs.
+        """
+        _check_inputs(x, y, self.eps, self.norm)
 
     def describe(self) -> str:
         return f"PGD-{self.steps} {self.norm} eps={self.eps:g} alpha={self.alpha:g} restarts={self.restarts}"

@@ -18,7 +18,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from jsonargparse.typing import register_type
+try:
+    from jsonargparse.typing import register_type
+except ImportError:  # the command line's parser is not installed: Python use needs no parser registration
+    register_type = None
 
 
 def _is_real(value: Any) -> bool:
@@ -35,6 +38,17 @@ def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) ->
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``.
+
+    Raises:
+        ValueError: for anything else (``1``, ``"yes"``, ``None``).
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}")
     return value
 
 
@@ -163,4 +177,5 @@ def plain_pixels(value: Any) -> Any:
     return float(value) if isinstance(value, Pixels) else value
 
 
-register_type(Pixels, serializer=float, deserializer=Pixels)
+if register_type is not None:
+    register_type(Pixels, serializer=float, deserializer=Pixels)

@@ -149,8 +149,12 @@ class _BaseDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, sampler: ResumableSampler | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        # Page-locked batches copy to a GPU asynchronously; for a CPU run pinning only costs memory. Workers stay
+        # alive between epochs (no fork and dataset copy per epoch).
+        trainer = self.trainer
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          pin_memory=pin, persistent_workers=self.num_workers > 0)
 
     def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
         """The whole training split, the validation set and the test set, read from the data source."""

@@ -207,6 +207,14 @@ class AdversarialSelectionModule(L.LightningModule):
         predict_attack: the attack behind ``predict``'s adversarial predictions (see :meth:`predict_step`), of the
             same kinds as ``test_attack``. ``None`` (default): clean predictions only, since an attack costs
             ``steps + 1`` forward and backward passes per batch where a prediction costs one forward pass.
+        channels_last: store the model's 4-D weights in the channels-last memory format (convolutions then
+            run in NHWC, which GPU tensor cores prefer under mixed precision; inputs follow from the first
+            convolution). Off by default: it changes the order of floating-point sums, so numbers differ
+            slightly from the default layout's; ``configs/trainer/gpu_bf16.yaml`` turns it on.
+        compile_model: compile the model's forward with ``torch.compile`` (``nn.Module.compile``, so the state
+            dict keys do not change) when the Trainer sets the module up. Only the network is compiled, not
+            the step: the selection's sizes depend on the data, the network's shapes settle after the first
+            step (every PGD step then reuses the compiled graph). Off by default.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -215,10 +223,13 @@ class AdversarialSelectionModule(L.LightningModule):
             (``"gradmatch_exact"`` works on any model), a bad attack setting, an unknown ``selection_scope`` or
             ``nonfinite``, ``batch_keys`` that are not two different keys, an ``input_normalization`` that is
             not ``(mean, std)`` of equal lengths with positive ``std``, a negative ``gradient_clip_val``, an
-            unknown ``gradient_clip_algorithm``, ``accumulate_grad_batches`` below 1; at fit start, a Trainer with
-            ``gradient_clip_val`` or ``accumulate_grad_batches`` set (the message names these arguments); at the
-            first batch, a ``model`` whose output is not ``(B, num_classes)``, a mapping batch without the
-            ``batch_keys`` entries; when loading a checkpoint, one written for a different model architecture.
+            unknown ``gradient_clip_algorithm``, ``accumulate_grad_batches`` below 1, a ``channels_last`` or
+            ``compile_model`` that is not a bool; at fit start, a Trainer with ``gradient_clip_val`` or
+            ``accumulate_grad_batches`` set (the message names these arguments); at the first batch, a ``model``
+            whose output is not ``(B, num_classes)``, a mapping batch without the ``batch_keys`` entries, or (for
+            a recipe that attacks) inputs outside [0, 1] (see
+            :meth:`~lightning_advsel.attacks.AttackConfig.check_batch`); when loading a checkpoint, one written
+            for a different model architecture.
         ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
             message names the pip command).
     """
@@ -256,6 +267,8 @@ class AdversarialSelectionModule(L.LightningModule):
         gradient_clip_algorithm: ClipAlgorithm = "norm",
         accumulate_grad_batches: int = 1,
         predict_attack: AutoAttackConfig | AttackConfig | None = None,
+        channels_last: bool = False,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -276,6 +289,8 @@ class AdversarialSelectionModule(L.LightningModule):
         self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
         self.batch_keys = check_keys(batch_keys)
         normalize = _as_normalization(input_normalization)
+        self.channels_last = checks.check_bool("channels_last", channels_last)
+        self.compile_model = checks.check_bool("compile_model", compile_model)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
         checks.check_choice("scheduler_interval", scheduler_interval, get_args(Interval))
@@ -312,8 +327,9 @@ class AdversarialSelectionModule(L.LightningModule):
             if isinstance(self.hparams.get(key), (AttackConfig, AutoAttackConfig)):
                 self.hparams[key] = asdict(self.hparams[key])
 
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.input_normalization = normalize
+        self._compiled = False
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -334,6 +350,7 @@ class AdversarialSelectionModule(L.LightningModule):
         self._window_batches = 0
         self._window_has_grads = False
         self._restored_grads: list[Tensor | None] | None = None
+        self._attack_inputs_checked = False
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
@@ -443,6 +460,7 @@ class AdversarialSelectionModule(L.LightningModule):
         out = None
         if not self._nonfinite_step(mine[0], anyone[0], "input", batch_idx):
             self._refuse_labels(y, batch_idx, mine[1], anyone[1])
+            self._check_attack_inputs(x, y)
             out = self._train_batch(x, y, batch_idx)
         self._end_batch()
         if out is None:
@@ -518,6 +536,14 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
         return True
 
+    def _check_attack_inputs(self, x: Tensor, y: Tensor) -> None:
+        """Once per process: pgd's checks of a batch (pixels in [0, 1]); the step's attack then runs unchecked."""
+        if self._attack_inputs_checked:
+            return
+        if RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled:
+            self.settings.train_attack.check_batch(x, y)
+        self._attack_inputs_checked = True
+
     def _check_model_output(self, x: Tensor) -> None:
         """Once per process: the model maps a batch to ``(B, num_classes)`` logits, else a clear error."""
         if self._model_checked or x.shape[0] == 0:
@@ -570,6 +596,11 @@ class AdversarialSelectionModule(L.LightningModule):
             return estimate  # counted in optimizer steps already: max_steps, or one step per batch
         steps = math.ceil(batches / self.accumulate_grad_batches) * max(trainer.max_epochs, 1)
         return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
+
+    def configure_model(self) -> None:
+        if self.compile_model and not self._compiled:  # once: fit, validate and test share the compiled forward
+            self.model.compile()
+            self._compiled = True
 
     @override
     def on_fit_start(self) -> None:

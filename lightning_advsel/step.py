@@ -48,6 +48,7 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from lightning_advsel import checks, distributed, selection
 from lightning_advsel.attacks import MODES, AttackConfig, Mode, model_mode
@@ -312,6 +313,12 @@ class GlobalScope:
 
 LOCAL = LocalScope()
 
+# The profiler ranges of a step's stages (``torch.profiler.record_function``; without an active profiler a
+# range is one cheap call): the pre-attack scoring pass, the attack, the pool and its scoring pass, the
+# training forward of the selected rows. ``benchmarks/speed.py --profile`` reads them.
+PHASES = {"score_batch": "advsel/score_batch", "attack": "advsel/attack", "score_pool": "advsel/score_pool",
+          "loss": "advsel/loss"}
+
 
 # --------------------------------------------------------------------------------------------------- step
 def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSettings,
@@ -321,7 +328,9 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
 
     Args:
         model: the classifier, inputs in [0, 1], logits ``(B, C)``; its train/eval mode is left as found.
-        x: clean inputs in [0, 1], shape ``(B, ...)``.
+        x: clean inputs in [0, 1], shape ``(B, ...)``. Not checked here (the attack runs
+            :meth:`~lightning_advsel.attacks.AttackConfig.unchecked`, no host sync per step): check a batch once
+            with ``settings.train_attack.check_batch(x, y)``, as the module does with its first batch.
         y: integer labels, shape ``(B,)``.
         settings: the recipe and its fractions, score, attack and objective.
         generator: random generator for PGD starts and random picks (``None``: the global generator).
@@ -335,13 +344,17 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
     pool_kind = "pairs" if settings.objective.paired else RECIPES[settings.recipe].pool
     if settings.clean_rows == "all":  # the whole clean batch next to the attacked rows
         pool_kind = "append"
-    attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator, cost)
-    x_adv = attack(model, x, y, attacked, settings, generator, cost)
-    pool = build_pool(x, y, attacked, x_adv, pool_kind)
-    selected, pool_scores, pool_logits, k_global, scoring_logits = select_pool(
-        model, pool, settings, x_adv, clean_logits, generator, scope, cost)
+    with record_function(PHASES["score_batch"]):
+        attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator, cost)
+    with record_function(PHASES["attack"]):
+        x_adv = attack(model, x, y, attacked, settings, generator, cost)
+    with record_function(PHASES["score_pool"]):
+        pool = build_pool(x, y, attacked, x_adv, pool_kind)
+        selected, pool_scores, pool_logits, k_global, scoring_logits = select_pool(
+            model, pool, settings, x_adv, clean_logits, generator, scope, cost)
     shared = scoring_logits if settings.selection_forward == "shared" else None
-    loss, logits = selected_loss(model, pool, selected, k_global, settings, scope, cost, shared)
+    with record_function(PHASES["loss"]):
+        loss, logits = selected_loss(model, pool, selected, k_global, settings, scope, cost, shared)
     record = SelectionRecord(
         y=pool.y, is_adv=pool.is_adv, selected=selected, pool_scores=pool_scores, attacked=attacked,
         attack_scores=attack_scores, batch_size=x.shape[0], logits=None if logits is None else logits.detach(),
@@ -389,7 +402,9 @@ def attack(model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, settings: S
         cost.forward_rows += attacked.numel() if loss is not None else 0
     # Only a paired objective passes its loss and start, so an attack that does not take them keeps working.
     extra = {} if loss is None and objective.start_std is None else {"loss": loss, "start_std": objective.start_std}
-    return train(model, x[attacked], y[attacked], generator=generator, **extra)
+    # Settings were checked when built and the batch by the caller (the module, on its first batch): no
+    # per-step host syncs of pgd's input checks.
+    return train.unchecked(model, x[attacked], y[attacked], generator=generator, **extra)
 
 
 def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kind: str) -> Pool:

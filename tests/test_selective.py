@@ -186,11 +186,11 @@ def test_selective_ds_backpropagates_exactly_the_top_p_up_of_clean_batch_plus_at
 
 # ---------------------------------------------------------------------------------------------- work saved
 class CountingAttack(AttackConfig):
-    """The training attack, counting the FLOPs and the batch rows of every call."""
+    """The training attack, counting the FLOPs and the batch rows of every call of the training step."""
 
-    def __call__(self, model, x, y, generator=None):
+    def unchecked(self, model, x, y, generator=None):
         with FlopCounterMode(display=False) as counter:
-            out = super().__call__(model, x, y, generator)
+            out = super().unchecked(model, x, y, generator)
         self.calls.append((x.shape[0], counter.get_total_flops()))
         return out
 

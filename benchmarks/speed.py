@@ -1,0 +1,454 @@
+"""The module against a hand-written loop, and the saving the FLOP floor allows: time per epoch and peak memory.
+
+Variants, each one epoch of ``--batches`` training batches from a freshly seeded model (same data order, batch,
+PGD and optimizer):
+
+* ``robust`` and ``ds`` (p_up 0.5) as a minimal plain PyTorch loop written below, and as
+  :class:`~lightning_advsel.AdversarialSelectionModule` under a ``Trainer`` (target: module epoch <= 1.02 x
+  the loop's);
+* the module's ``ds`` at p_up 1 and ``selective`` margin at attack_frac 0.5, whose time ratios to ``ds`` and
+  ``robust`` are set against the FLOP floor of ``flops_per_step.analytic_units``.
+
+Every repeat runs all variants in turn (in reverse order every other repeat), so a drift of the machine's
+speed touches all of them alike; the table shows the median and the spread (min to max). A module epoch is
+timed by a callback from epoch start to epoch end; the Trainer's construction, fit setup and teardown, which
+the loop does not have, are the separate "outside" column. Peak memory comes from one more, untimed epoch per
+variant: ``torch.cuda.max_memory_allocated`` above the start on GPU; on CPU the process's resident-set
+high-water mark above the start (reset through ``/proc/self/clear_refs``, Linux; allocations of 64 KiB and
+more are mapped and unmapped one by one for that pass, so freed activations leave the count).
+
+CPU on MNIST (torchvision layout under ``--data-dir``), the MNIST config's network and PGD-40 at eps 0.3::
+
+    python benchmarks/speed.py --data-dir /path/to/data                     # on an idle machine
+    python benchmarks/speed.py --data-dir /path/to/data --json speed.json   # and append the results
+    python benchmarks/speed.py --data digits --quick                        # a check that it runs, numbers meaningless
+    python benchmarks/speed.py --data-dir /path/to/data --profile           # where a step's time goes
+
+``--profile`` runs a few steps of each module recipe under ``torch.profiler`` and prints the top of the profile
+and the split of a step into attack, scoring, update (training forward, backward, optimizer) and framework (the
+rest of the batch: Lightning's hooks, logging, metrics, checks), read from the step's ``record_function`` ranges
+(``lightning_advsel.step.PHASES``). On a GPU the ranges measure the host's time: run with
+``CUDA_LAUNCH_BLOCKING=1`` for a split of device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from flops_per_step import analytic_units
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel.data import DigitsDataModule, MNISTDataModule
+from lightning_advsel.models import SmallCNN
+from lightning_advsel.step import PHASES
+
+TARGET_OVERHEAD = 1.02  # module epoch / plain loop epoch, robust and ds
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: a recipe run by the plain loop (``plain``) or by the module under a Trainer."""
+
+    label: str
+    recipe: str
+    p_up: float
+    plain: bool = False
+
+
+VARIANTS = [
+    Variant("robust, plain loop", "robust", 1.0, plain=True),
+    Variant("robust, module", "robust", 1.0),
+    Variant("ds p_up 0.5, plain loop", "ds", 0.5, plain=True),
+    Variant("ds p_up 0.5, module", "ds", 0.5),
+    Variant("ds p_up 1, module", "ds", 1.0),
+    Variant("selective margin 0.5, module", "selective", 1.0),
+]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The data set, network and attack of a run (the data set's config: ``configs/<data>/base.yaml``)."""
+
+    make_data: Callable[[], L.LightningDataModule]
+    make_model: Callable[[], nn.Module]
+    attack: AttackConfig
+    lr: float
+
+
+def setup_for(data: str, data_dir: str | None, batch_size: int | None, steps: int | None) -> Setup:
+    """MNIST (the MNIST config: SmallCNN 32/1024, PGD-40 at eps 0.3, Adam 1e-4, batch 100) or digits."""
+    if data == "mnist":
+        if data_dir is None:
+            raise SystemExit("--data mnist needs --data-dir, the folder holding MNIST/raw (torchvision layout)")
+        return Setup(
+            make_data=partial(MNISTDataModule, data_dir=data_dir, batch_size=batch_size or 100),
+            make_model=partial(SmallCNN, input_size=28, hidden=1024, mean=(0.1307,), std=(0.3081,)),
+            attack=AttackConfig(eps=0.3, alpha=0.01, steps=steps or 40, mode="train"), lr=1e-4)
+    return Setup(make_data=partial(DigitsDataModule, batch_size=batch_size or 64),
+                 make_model=partial(SmallCNN, mean=(0.3,), std=(0.4,)),
+                 attack=AttackConfig(eps=0.1, alpha=0.025, steps=steps or 10, mode="train"), lr=0.002)
+
+
+# ------------------------------------------------------------------------------------------- plain loop
+def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int) -> Tensor:
+    """L-inf PGD from a uniform start, by hand (the network has no BatchNorm, so train mode changes nothing)."""
+    delta = (x + (2 * torch.rand_like(x) - 1) * eps).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y, reduction="sum"), delta)
+        delta = (x + (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, variant: Variant,
+                attack: AttackConfig, batches: int, device: torch.device) -> None:
+    """One epoch of robust or ds training as a user would write it without the package."""
+    model.train()
+    for i, (x, y) in enumerate(loader):
+        if i == batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x_adv = plain_pgd(model, x, y, attack.eps, attack.alpha, attack.steps)
+        if variant.recipe == "robust":
+            loss = F.cross_entropy(model(x_adv), y)
+        else:  # ds: the clean batch and its adversarial rows, the top p_up by cross-entropy backpropagated
+            pool_x, pool_y = torch.cat([x, x_adv]), torch.cat([y, y])
+            with torch.no_grad():
+                scores = F.cross_entropy(model(pool_x), pool_y, reduction="none")
+            keep = scores.topk(int(variant.p_up * len(pool_y) + 0.5)).indices
+            loss = F.cross_entropy(model(pool_x[keep]), pool_y[keep])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+# ------------------------------------------------------------------------------------------------ module
+class EpochTimer(Callback):
+    """Seconds from the start of the training epoch to its end (after a device sync on GPU)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = now(trainer.strategy.root_device)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = now(trainer.strategy.root_device) - self._start
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def make_module(setup: Setup, variant: Variant, **options: Any) -> AdversarialSelectionModule:
+    return AdversarialSelectionModule(
+        setup.make_model(), recipe=variant.recipe, p_up=variant.p_up, attack_frac=0.5, attack_score="margin",
+        train_attack=setup.attack, eval_attack=None, optimizer=partial(torch.optim.Adam, lr=setup.lr), **options)
+
+
+def make_trainer(device: str, batches: int, callbacks: list[Callback], root: str, **options: Any) -> L.Trainer:
+    return L.Trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0, num_sanity_val_steps=0,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     accelerator=device, devices=1, callbacks=callbacks, default_root_dir=root, **options)
+
+
+def run_once(setup: Setup, data: L.LightningDataModule, variant: Variant, batches: int, device: str,
+             seed: int) -> tuple[float, float]:
+    """One epoch of ``variant``: (seconds of the epoch, seconds outside it: Trainer construction and fit setup)."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    start = now(dev)
+    if variant.plain:
+        model = setup.make_model().to(dev)
+        optimizer = torch.optim.Adam(model.parameters(), lr=setup.lr)
+        plain_epoch(model, optimizer, data.train_dataloader(), variant, setup.attack, batches, dev)
+        return now(dev) - start, 0.0
+    timer = EpochTimer()
+    module = make_module(setup, variant)
+    with tempfile.TemporaryDirectory() as root:
+        make_trainer(device, batches, [timer], root).fit(module, datamodule=data)
+    return timer.seconds, now(dev) - start - timer.seconds
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def _rss_high_water_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def _reset_rss_high_water() -> bool:
+    """Set the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def large_allocations_mapped() -> Iterator[None]:
+    """glibc: inside the block, serve every allocation of 64 KiB or more by its own mapping, returned to the
+    system when freed; afterwards, the thresholds glibc's own adaptation ends at (32 MiB mapped, 64 MiB trim)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        mallopt(-3, 32 << 20)
+        mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
+    """``{"mib": ...}``: the peak memory of the block above its start, ``None`` where it cannot be read."""
+    out: dict[str, float | None] = {"mib": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out["mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    readable = _reset_rss_high_water()
+    base = _rss_high_water_kib() if readable else 0
+    yield out
+    if readable:
+        out["mib"] = (_rss_high_water_kib() - base) / 1024
+
+
+def measure_memory(setup: Setup, data: L.LightningDataModule, variant: Variant, batches: int, device: str,
+                   seed: int) -> float | None:
+    with peak_memory(torch.device(device)) as peak:
+        run_once(setup, data, variant, batches, device, seed)
+    return peak["mib"]
+
+
+# ------------------------------------------------------------------------------------------------ report
+def summarize(runs: dict[str, list[tuple[float, float]]], memory: dict[str, float | None]) -> list[dict]:
+    rows = []
+    for label, values in runs.items():
+        epochs = [epoch for epoch, _ in values]
+        rows.append({"variant": label, "runs": len(epochs), "median_s": statistics.median(epochs),
+                     "min_s": min(epochs), "max_s": max(epochs),
+                     "outside_s": statistics.median(outside for _, outside in values),
+                     "peak_mib": memory.get(label)})
+    return rows
+
+
+def comparisons(rows: list[dict], steps: int) -> list[dict]:
+    """The ratios the targets are about: module over plain loop, and time ratios against the FLOP floor."""
+    median = {r["variant"]: r["median_s"] for r in rows}
+    peak = {r["variant"]: r["peak_mib"] for r in rows}
+
+    def floor(recipe: str, p_up: float) -> float:
+        return analytic_units(recipe, p_up, "margin", "ce", steps)
+
+    out = []
+    for recipe in ("robust", "ds p_up 0.5"):
+        out.append({"comparison": f"{recipe}: module / plain loop",
+                    "measured": median[f"{recipe}, module"] / median[f"{recipe}, plain loop"],
+                    "target": f"<= {TARGET_OVERHEAD}"})
+    out.append({"comparison": "ds p_up 0.5 / ds p_up 1 (module)",
+                "measured": median["ds p_up 0.5, module"] / median["ds p_up 1, module"],
+                "target": f"FLOP floor {floor('ds', 0.5) / floor('ds', 1.0):.3f}"})
+    out.append({"comparison": "selective margin 0.5 / robust (module)",
+                "measured": median["selective margin 0.5, module"] / median["robust, module"],
+                "target": f"FLOP floor {floor('selective', 1.0) / floor('robust', 1.0):.3f}"})
+    if peak["ds p_up 0.5, module"] is not None and peak["ds p_up 1, module"]:
+        out.append({"comparison": "peak memory: ds p_up 0.5 / ds p_up 1 (selected rows' backward / whole pool's)",
+                    "measured": peak["ds p_up 0.5, module"] / peak["ds p_up 1, module"], "target": "< 1"})
+    return out
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, lightning {L.__version__}"
+    if device == "cuda":
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def format_tables(rows: list[dict], ratios: list[dict]) -> str:
+    def mib(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0f}"
+
+    lines = ["| variant | epochs timed | median s / epoch | spread (min - max) | outside the epoch, s | peak MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['variant']} | {r['runs']} | {r['median_s']:.3f} | {r['min_s']:.3f} - {r['max_s']:.3f} | "
+              f"{r['outside_s']:.3f} | {mib(r['peak_mib'])} |" for r in rows]
+    lines += ["", "| comparison | measured | target |", "| --- | ---: | --- |"]
+    lines += [f"| {c['comparison']} | {c['measured']:.3f} | {c['target']} |" for c in ratios]
+    return "\n".join(lines)
+
+
+def append_json(path: Path, record: dict) -> None:
+    """Append ``record`` to the JSON list in ``path`` (a new file holds a list of one)."""
+    records = json.loads(path.read_text()) if path.exists() else []
+    records.append(record)
+    path.write_text(json.dumps(records, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- profile
+PHASE_GROUPS = {
+    "attack": [PHASES["attack"]],
+    "scoring": [PHASES["score_batch"], PHASES["score_pool"]],
+    "update": [PHASES["loss"], "advsel/backward", "advsel/optimizer"],
+}
+
+
+class ProfileSteps(Callback):
+    """Profile every training batch after the first (lazy initialization, the model check), each in a range."""
+
+    def __init__(self, activities: list[ProfilerActivity]) -> None:
+        self.prof = profile(activities=activities)
+        self._range: record_function | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx == 1:
+            self.prof.__enter__()
+        if batch_idx >= 1:
+            self._range = record_function("advsel/batch")
+            self._range.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.prof.__exit__(None, None, None)
+
+
+def with_range(name: str, fn: Callable) -> Callable:
+    def ranged(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return ranged
+
+
+def profile_recipe(setup: Setup, data: L.LightningDataModule, variant: Variant, batches: int,
+                   device: str) -> tuple[dict[str, float], profile]:
+    """Milliseconds per step of each phase, and the profiler, over ``batches`` steps after a first one."""
+    module = make_module(setup, variant)
+    module.manual_backward = with_range("advsel/backward", module.manual_backward)
+    original = module.configure_optimizers
+
+    def ranged_optimizers() -> Any:
+        configured = original()
+        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+        optimizer.step = with_range("advsel/optimizer", optimizer.step)
+        return configured
+
+    module.configure_optimizers = ranged_optimizers
+    steps = ProfileSteps([ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
+    with tempfile.TemporaryDirectory() as root:
+        make_trainer(device, batches + 1, [steps], root).fit(module, datamodule=data)
+    totals = {event.key: event.cpu_time_total / 1000 / batches for event in steps.prof.key_averages()}
+    split = {group: sum(totals.get(name, 0.0) for name in names) for group, names in PHASE_GROUPS.items()}
+    split["framework"] = totals.get("advsel/batch", 0.0) - sum(split.values())
+    split["batch"] = totals.get("advsel/batch", 0.0)
+    return split, steps.prof
+
+
+def run_profile(setup: Setup, data: L.LightningDataModule, batches: int, device: str, top: int) -> list[dict]:
+    rows = []
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    for variant in (v for v in VARIANTS if not v.plain):
+        split, prof = profile_recipe(setup, data, variant, batches, device)
+        print(f"\n## {variant.label}: top {top} operators by self time\n")
+        print(prof.key_averages().table(sort_by=sort, row_limit=top))
+        rows.append({"variant": variant.label, **split})
+    print("\n| recipe | ms / step | attack | scoring | update | framework |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        cells = " | ".join(f"{r[p]:.1f} ({r[p] / r['batch']:.0%})" if r["batch"] else "-"
+                           for p in ("attack", "scoring", "update", "framework"))
+        print(f"| {r['variant']} | {r['batch']:.1f} | {cells} |")
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=["mnist", "digits"], default="mnist")
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (torchvision layout)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batches", type=int, default=10, help="training batches per timed epoch")
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs per variant first")
+    parser.add_argument("--memory-batches", type=int, default=3, help="training batches of the memory epoch")
+    parser.add_argument("--steps", type=int, default=None, help="PGD steps (default: the data set's config)")
+    parser.add_argument("--batch-size", type=int, default=None, help="clean samples per batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="append the results to this JSON list")
+    parser.add_argument("--quick", action="store_true", help="2 batches, PGD-2, one repeat: checks that it runs")
+    parser.add_argument("--profile", action="store_true", help="profile the module's recipes instead of timing")
+    parser.add_argument("--top", type=int, default=15, help="--profile: operators shown per recipe")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats, args.warmup, args.memory_batches = 2, 1, 0, 1
+        args.steps = args.steps or 2
+    for name in ("batches", "repeats", "memory_batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    setup = setup_for(args.data, args.data_dir, args.batch_size, args.steps)
+    data = setup.make_data()
+    data.setup("fit")
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
+    print(f"{args.data}, batch {data.batch_size}, {setup.attack.describe()}, {args.batches} batches per epoch; "
+          f"device: {machine(args.device)}")
+    if args.profile:
+        return {"profile": run_profile(setup, data, args.batches, args.device, args.top)}
+    for variant in VARIANTS:
+        for _ in range(args.warmup):
+            run_once(setup, data, variant, args.batches, args.device, args.seed)
+    runs: dict[str, list[tuple[float, float]]] = {v.label: [] for v in VARIANTS}
+    for repeat in range(args.repeats):
+        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
+            runs[variant.label].append(run_once(setup, data, variant, args.batches, args.device, args.seed))
+    with large_allocations_mapped():  # after the timing: mapping every large block costs page faults
+        memory = {v.label: measure_memory(setup, data, v, args.memory_batches, args.device, args.seed)
+                  for v in VARIANTS}
+    rows = summarize(runs, memory)
+    ratios = comparisons(rows, setup.attack.steps)
+    print(format_tables(rows, ratios))
+    record = {"machine": machine(args.device), "data": args.data, "batch_size": data.batch_size,
+              "attack": setup.attack.describe(), "batches": args.batches, "repeats": args.repeats,
+              "quick": args.quick, "rows": rows, "comparisons": ratios}
+    if args.json is not None:
+        append_json(args.json, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

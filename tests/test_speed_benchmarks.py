@@ -1,0 +1,88 @@
+"""benchmarks/speed.py and benchmarks/gpu_speed.py end to end on a tiny budget (``--quick``; no timing asserted)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_speed  # noqa: E402
+import speed  # noqa: E402
+
+
+def test_speed_quick_reports_every_variant_the_targets_and_appends_to_the_json_file(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    out.write_text(json.dumps([{"earlier": "run"}]))
+    record = speed.main(["--data", "digits", "--quick", "--json", str(out)])
+    assert [r["variant"] for r in record["rows"]] == [v.label for v in speed.VARIANTS]
+    for row in record["rows"]:
+        assert row["runs"] == 1 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["outside_s"] >= 0
+    module_rows = [r for r in record["rows"] if "module" in r["variant"]]
+    assert all(r["outside_s"] > 0 for r in module_rows)  # Trainer construction and fit setup, reported apart
+    targets = {c["comparison"]: c["target"] for c in record["comparisons"]}
+    assert targets["robust: module / plain loop"] == "<= 1.02"
+    assert targets["ds p_up 0.5: module / plain loop"] == "<= 1.02"
+    # flops_per_step.analytic_units at PGD-2: selective's (k + 4) / (2k + 3) of robust training.
+    assert targets["selective margin 0.5 / robust (module)"] == f"FLOP floor {(2 + 4) / (2 * 2 + 3):.3f}"
+    assert targets["ds p_up 0.5 / ds p_up 1 (module)"].startswith("FLOP floor 0.")
+    assert json.loads(out.read_text())[0] == {"earlier": "run"} and len(json.loads(out.read_text())) == 2
+    printed = capsys.readouterr().out
+    assert "| robust, plain loop | 1 |" in printed and "| comparison | measured | target |" in printed
+
+
+def test_speed_on_mnist_uses_the_mnist_configs_setting_and_needs_a_data_dir():
+    setup = speed.setup_for("mnist", "/data", None, None)
+    assert setup.attack.describe() == "PGD-40 linf eps=0.3 alpha=0.01 restarts=1" and setup.lr == 1e-4
+    assert setup.make_data().batch_size == 100 and setup.make_model().head[0].out_features == 1024
+    with pytest.raises(SystemExit, match="--data mnist needs --data-dir"):
+        speed.main(["--quick"])
+
+
+def test_speed_profile_splits_each_recipes_step_into_its_phases(capsys):
+    rows = speed.main(["--data", "digits", "--quick", "--profile", "--top", "3"])["profile"]
+    assert [r["variant"] for r in rows] == [v.label for v in speed.VARIANTS if not v.plain]
+    for r in rows:
+        assert r["attack"] > 0 and r["update"] > 0
+        assert r["attack"] + r["scoring"] + r["update"] + r["framework"] == pytest.approx(r["batch"])
+    by_label = {r["variant"]: r for r in rows}
+    assert by_label["ds p_up 0.5, module"]["scoring"] > 0  # the no-grad pass over the pool
+    assert "| recipe | ms / step | attack | scoring | update | framework |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gpu_script_code_path_runs_on_cpu(precision, capsys):
+    record = gpu_speed.main(["--device", "cpu", "--quick", "--precision", precision])
+    rows = {r["recipe"]: r for r in record["rows"]}
+    assert list(rows) == [label for label, _, _ in gpu_speed.RECIPES]
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and r["peak_share"] > 0
+    # Selective training attacks half the batch: fewer FLOPs per step than robust training.
+    assert rows["selective margin"]["flops_per_step"] < rows["robust"]["flops_per_step"]
+    assert "share of the bf16 peak" in capsys.readouterr().out
+
+
+def _module_level_imports(path) -> set[str]:
+    """Top-level package names imported at module level, outside ``try`` blocks (optional imports)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_gpu_script_needs_neither_jsonargparse_nor_torchattacks():
+    """The GPU machine has torch and lightning: the script, its helpers and the package modules it loads import
+    neither the command line's parser nor the AutoAttack package at import time (only the CLI does)."""
+    files = [REPO / "benchmarks" / name for name in ("gpu_speed.py", "speed.py", "flop_count.py", "flops_per_step.py")]
+    files += [p for p in (REPO / "lightning_advsel").rglob("*.py") if p.name != "cli.py"]
+    for path in files:
+        assert not _module_level_imports(path) & {"jsonargparse", "torchattacks"}, path
+        assert "lightning_advsel.cli" not in path.read_text() or path.name == "__init__.py", path
