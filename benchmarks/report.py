@@ -152,12 +152,18 @@ def write_report(records: Path, out: Path) -> None:
                   *table, ""]
         gap = standard_gap(rows)
         if gap:
-            lines += ["AutoAttack's standard version on a subset of the same test images:", "", *gap, ""]
+            lines += ["AutoAttack's standard version on a subset of the same test images:", "", *gap, "",
+                      "The standard version runs on the first images of the apgd column's set, so the two columns "
+                      "are not comparable row for row: on the same images, standard (which starts with APGD-CE and "
+                      "APGD-T) can only be lower or equal.", ""]
         fig = figure(suite, points, out.parent / "figures" / f"{suite}_pareto.png")
         if fig is not None:
             lines += [f"![{suite}: AutoAttack accuracy against cost](figures/{fig.name})", ""]
         if timing:
-            lines += [f"Wall time: {timing['command']} on {timing['machine']}.", ""]
+            lines += [f"Wall time: {timing['command']} on {timing['machine']}: the median time of a training step "
+                      "of each row, interleaved, times the row's steps in its record, relative to robust (steps of "
+                      "the first epoch: ds_adaptive is timed at its starting P_up; the stability row as its two "
+                      "robust runs).", ""]
         shown = run_figures(rows)
         if shown:
             lines += ["Figures drawn by the runs' `PaperFigures` callback (selection make-up, minimum "

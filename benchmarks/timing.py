@@ -59,7 +59,7 @@ def main() -> None:
         if run.seed != 0 or run.name in rows or run.pre:
             continue
         cli = build_cli([*_config_args(suite, run.config), *suite.overrides, *run.extra, "--trainer.logger", "false",
-                         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+                         "--trainer.enable_progress_bar", "false",
                          "--trainer.accelerator", "cpu"], run=False)
         cli.datamodule.setup("fit")
         rows[run.name] = (cli.model, cli.datamodule, StepTimer())
