@@ -88,3 +88,16 @@ def test_every_row_of_every_suite_resolves_through_the_cli(tmp_path):
             assert cli.model.settings.train_attack.eps == suite.eps, (suite.name, run.run_id)
             if suite.name != "tiny":
                 assert Path(cli.datamodule.data_dir) == tmp_path, (suite.name, run.run_id)
+
+
+@pytest.mark.slow
+def test_timing_script_times_every_row_on_its_suites_config_and_writes_the_record_the_report_reads(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "timing.py"), "tiny", "--rounds", "1",
+                           "--chunk", "2", "--records", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    timing = json.loads((tmp_path / "tiny" / "timing.json").read_text())
+    # stability trains the robust recipe twice on its profile's subset: timed as robust steps, not on its own.
+    assert set(timing["seconds_per_step"]) == {"robust", "ds"}
+    assert all(seconds > 0 for seconds in timing["seconds_per_step"].values())
+    assert "| ds | 2 |" in done.stdout
