@@ -176,15 +176,18 @@ class AdvSelCLI(LightningCLI):
     @rank_zero_only
     def _print_summary(self, stage: str) -> None:
         metrics = self.trainer.callback_metrics
-        clean = metrics.get(f"{stage}/acc_clean")
-        robust = metrics.get(f"{stage}/acc_robust")
-        if clean is None:
-            return
         attack = self.model.robust_attack(stage)
-        line = f"{stage} accuracy: clean {float(clean):.4f}"
-        if robust is not None and attack is not None:
-            line += f", robust {float(robust):.4f} ({attack.describe()})"
-        print(line, flush=True)
+        # One line per loader: several validation or test loaders log with Lightning's "/dataloader_idx_N" suffix.
+        for suffix in [""] + sorted(key.removeprefix(f"{stage}/acc_clean") for key in metrics
+                                    if key.startswith(f"{stage}/acc_clean/dataloader_idx_")):
+            clean = metrics.get(f"{stage}/acc_clean{suffix}")
+            if clean is None:
+                continue
+            robust = metrics.get(f"{stage}/acc_robust{suffix}")
+            line = f"{stage}{suffix.replace('/dataloader_idx_', ' loader ')} accuracy: clean {float(clean):.4f}"
+            if robust is not None and attack is not None:
+                line += f", robust {float(robust):.4f} ({attack.describe()})"
+            print(line, flush=True)
         work = self.model.cost_summary() if stage == "val" and self.subcommand == "fit" else None
         if work is not None:
             print(f"training cost: {work}", flush=True)

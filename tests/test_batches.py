@@ -231,3 +231,22 @@ def test_adaptive_p_up_follows_the_robust_accuracy_of_one_of_several_validation_
     t.fit(module(TinyNet()), DataLoader(PlainDigits(*digit_tensors(64)), batch_size=32), [clean, shifted])
     assert len(adaptive.accs) == 2
     assert adaptive.accs[-1] == float(t.callback_metrics["val/acc_robust/dataloader_idx_1"])
+
+
+class TwoValidationLoaders(DigitsDataModule):
+    """The package's digits with a second validation loader whose labels are shifted (other accuracies)."""
+
+    def val_dataloader(self) -> list[DataLoader]:
+        clean = super().val_dataloader()
+        x, y = next(iter(clean))
+        return [clean, DataLoader(PlainDigits(x, (y + 1) % 10), batch_size=64)]
+
+
+def test_the_command_line_prints_one_accuracy_line_per_validation_loader(tmp_path, capsys):
+    build_cli(["validate", *config_args("digits/base.yaml", "recipes/ds.yaml"),
+               "--data", "test_batches.TwoValidationLoaders", "--trainer.logger", "false",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+               "--model.init_args.eval_attack.steps", "2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "accuracy: clean" in line]
+    assert [line.split(" accuracy")[0] for line in lines] == ["val loader 0", "val loader 1"]
+    assert all("robust" in line for line in lines)
