@@ -451,6 +451,8 @@ class FashionMNISTDataModule(MNISTDataModule):
         return FashionMNIST
 
 
+TEST_ORDER_SEED = 0  # the fixed order of a CIFAR-10 test split that was stored class by class
+
 class _ScaledImages(Dataset):
     """uint8 images ``(N, C, H, W)`` and labels, served one at a time as float images in [0, 1]."""
 
@@ -554,7 +556,13 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         self.loaded_from_cache = data.from_cache
         train, val = self._train_val_split(TensorDataset(data.train_x, data.train_y),
                                            _ScaledImages(data.train_x, data.train_y))
-        return train, val, _ScaledImages(data.test_x, data.test_y)
+        test_x, test_y = data.test_x, data.test_y
+        if test_y.numel() > 1 and bool((test_y[1:] >= test_y[:-1]).all()):
+            # A copy stored class by class (the JPEG folders) would make the first N test images one class: put
+            # them in a fixed seeded order, so a subset (`limit_test_batches`) samples every class.
+            order = torch.randperm(test_y.numel(), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
+            test_x, test_y = test_x[order], test_y[order]
+        return train, val, _ScaledImages(test_x, test_y)
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

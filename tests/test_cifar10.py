@@ -57,6 +57,8 @@ def test_real_archive_gives_the_45000_5000_10000_split_with_balanced_classes(rea
     # The split is random, so the classes are balanced only over train + val together.
     assert torch.equal(torch.cat([train_labels, val_labels]).bincount(minlength=10), torch.full((10,), 5000))
     assert torch.equal(dm.test_set.labels.bincount(minlength=10), torch.full((10,), 1000))
+    # The JPEG copy stores the test images class by class; the first 500 (a benchmark's subset) hold every class.
+    assert dm.test_set.labels[:500].bincount(minlength=10).min() >= 30
 
 
 def test_real_pixels_are_uint8_for_training_and_float_in_unit_range_for_evaluation(real):
