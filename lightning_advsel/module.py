@@ -771,12 +771,13 @@ class AdversarialSelectionModule(L.LightningModule):
     def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
         """The model's logits on ``attack``'s examples of ``(x, y)``, seeded by the batch index alone: the same
         weights give the same adversarial examples every time."""
+        model = self.pixel_model  # built on each access: once here
         if isinstance(attack, AutoAttackConfig):
-            x_adv = attack(self.pixel_model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
+            x_adv = attack(model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
         else:
-            x_adv = attack(self.pixel_model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
+            x_adv = attack(model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
         with torch.no_grad():
-            return self.pixel_model(x_adv)
+            return model(x_adv)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, batch_idx, "val", dataloader_idx)
