@@ -419,12 +419,14 @@ class AdversarialSelectionModule(L.LightningModule):
         """On the labels' device, without a host synchronisation: whether a label lies outside [0, num_classes)."""
         return ((y < 0) | (y >= self.num_classes)).any()
 
-    def _agree(self, flags: Tensor) -> tuple[list[bool], list[bool]]:
-        """This rank's flags and whether any rank raised each: one all-reduce and one copy to the host."""
-        mine = flags.long()
+    def _agree(self, flags: Tensor, counts: Sequence[int] = ()) -> tuple[list[bool], list[bool], list[int]]:
+        """This rank's flags, whether any rank raised each, and ``counts`` summed over ranks: one all-reduce and
+        one copy to the host."""
+        mine = torch.cat([flags.long(), torch.tensor(counts, dtype=torch.long, device=flags.device)])
         anyone = distributed.sum_over_ranks(self.trainer.strategy, mine.clone())
         local, total = torch.stack([mine, anyone]).tolist()
-        return [bool(v) for v in local], [bool(v) for v in total]
+        n = flags.numel()
+        return [bool(v) for v in local[:n]], [bool(v) for v in total[:n]], total[n:]
 
     def _refuse_labels(self, y: Tensor, batch_idx: int, mine: bool, anyone: bool) -> None:
         """Raise on every rank when any rank's labels are out of range (agreed by :meth:`_agree`)."""
@@ -442,7 +444,7 @@ class AdversarialSelectionModule(L.LightningModule):
     def _check_batch(self, y: Tensor, batch_idx: int) -> Tensor:
         """The batch's labels as int64 class indices, checked in range on every rank, or a clear error."""
         y = self._labels(y, batch_idx)
-        mine, anyone = self._agree(self._labels_out_of_range(y).reshape(1))
+        mine, anyone, _ = self._agree(self._labels_out_of_range(y).reshape(1))
         self._refuse_labels(y, batch_idx, mine[0], anyone[0])
         return y
 
@@ -456,28 +458,32 @@ class AdversarialSelectionModule(L.LightningModule):
         self._check_model_output(x)
         y = self._labels(y, batch_idx)
         # Both input checks in one agreement, before any work; the non-finite policy decides first, as before.
-        mine, anyone = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
-        out = None
+        mine, anyone, _ = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
+        trained = None
         if not self._nonfinite_step(mine[0], anyone[0], "input", batch_idx):
             self._refuse_labels(y, batch_idx, mine[1], anyone[1])
             self._check_attack_inputs(x, y)
-            out = self._train_batch(x, y, batch_idx)
+            trained = self._train_batch(x, y, batch_idx)
         self._end_batch()
-        if out is None:
+        if trained is None:
             return None
+        out, step_work = trained
         self.last_selection = replace(out.record, index=index_of(batch, self.batch_keys))
-        self._log_train(out)
+        self._log_train(out, step_work)
         return out.loss.detach()
 
-    def _train_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> StepResult | None:
-        """Attack, select and backpropagate one batch; ``None`` when its loss was not finite and it was skipped."""
+    def _train_batch(self, x: Tensor, y: Tensor, batch_idx: int) -> tuple[StepResult, list[int]] | None:
+        """Attack, select and backpropagate one batch; ``None`` when its loss was not finite and it was skipped,
+        else the step and its work summed over ranks (in :data:`lightning_advsel.cost.COUNTERS` order)."""
         scope = GlobalScope(self.trainer.strategy) if self.selection_scope == "global" else LOCAL
         settings = self.settings
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
             settings = (replace(settings, attack_frac=1.0) if self.attack_warmup == "all"
                         else replace(settings, attack_score="random", attack_sampling="top"))
         out = adversarial_step(self.pixel_model, x, y, settings, self._generator(x.device, self._step_offset()), scope)
-        mine, anyone = self._agree(~torch.isfinite(out.loss).reshape(1))
+        # One all-reduce decides the finite-loss policy and sums the step's work over ranks for the cost log.
+        work = [getattr(out.cost, name) for name in cost.COUNTERS]
+        mine, anyone, step_work = self._agree(~torch.isfinite(out.loss).reshape(1), work)
         if self._nonfinite_step(mine[0], anyone[0], "loss", batch_idx, out.loss):
             return None
         if not self._window_has_grads:
@@ -485,7 +491,7 @@ class AdversarialSelectionModule(L.LightningModule):
         n = self.accumulate_grad_batches
         self.manual_backward(out.loss if n == 1 else out.loss / n)
         self._window_has_grads = True
-        return out
+        return out, step_work
 
     def _end_batch(self) -> None:
         """Count the batch in its accumulation window; at the window's end (or the epoch's last batch), clip and
@@ -635,7 +641,7 @@ class AdversarialSelectionModule(L.LightningModule):
                 "samples than the batch size); check the data set and its split sizes"
             )
 
-    def _log_train(self, out: StepResult) -> None:
+    def _log_train(self, out: StepResult, step_work: list[int]) -> None:
         r = out.record
         selected, y = r.selected, r.y[r.selected]
         if r.logits is None:  # no row of this rank passed the global threshold
@@ -667,17 +673,16 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log("train/attacked_frac", self.train_attacked_frac, on_step=False, on_epoch=True)
         if r.attack_scores is not None:
             self._log_attack_scores(r.attack_scores, r.attacked)
-        self._log_cost(out, r.batch_size)
+        self._log_cost(out, r.batch_size, step_work)
 
-    def _log_cost(self, out: StepResult, batch_rows: int) -> None:
-        """The step's work, summed over ranks (one all-reduce), logged per step; added to the run's totals.
+    def _log_cost(self, out: StepResult, batch_rows: int, step_work: list[int]) -> None:
+        """The step's work, already summed over ranks (``step_work``), logged per step; this rank's added to the
+        run's totals (summed over ranks when they are computed).
 
         Steps dropped by ``nonfinite: skip`` are not counted.
         """
         self.work.update(out.cost, cost.robust_cost(self.settings, batch_rows))
-        step = torch.tensor([getattr(out.cost, name) for name in cost.COUNTERS], device=out.loss.device)
-        step = self.trainer.strategy.reduce(step, reduce_op="sum")
-        for tag, value in zip(dashboard.STEP_TAGS, step.tolist(), strict=True):
+        for tag, value in zip(dashboard.STEP_TAGS, step_work, strict=True):
             self.log(tag, float(value), on_step=True, on_epoch=False, batch_size=1)
 
     def _log_attack_scores(self, scores: Tensor, attacked: Tensor) -> None:

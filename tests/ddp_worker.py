@@ -34,17 +34,21 @@ def build(scope: str, p_up: float, nonfinite: str = "raise") -> AdversarialSelec
 
 class SelectionLog(L.Callback):
     """Records the selected rows of every step, counts DDP's gradient all-reduces (one bucket here) and the
-    collectives (all-reduces and barriers) each step makes before its attack starts."""
+    collectives (all-reduces and barriers) each step makes before its attack starts and, besides the gradient
+    all-reduce, after it."""
 
     def __init__(self) -> None:
         self.rows: list[list[int]] = []
         self.allreduce_calls = 0
         self.collectives_before_attack: list[int] = []
+        self.collectives_after_attack: list[int] = []
         self._collectives = 0
+        self._buckets = 0
 
     def on_train_start(self, trainer, module) -> None:  # noqa: ANN001
         def counting_hook(state, bucket):  # noqa: ANN001
             self.allreduce_calls += 1
+            self._buckets += 1
             return allreduce_hook(state, bucket)
 
         trainer.strategy.model.register_comm_hook(state=None, hook=counting_hook)
@@ -69,12 +73,13 @@ class SelectionLog(L.Callback):
         step_module.attack, torch.distributed.all_reduce, torch.distributed.barrier = self._originals
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
-        self._collectives = 0
+        self._collectives = self._buckets = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if outputs is None:  # a skipped step
             self.rows.append([])
             return
+        self.collectives_after_attack.append(self._collectives - self._buckets - self.collectives_before_attack[-1])
         # Name each selected pool row by its single-process pool row: dataset index, + ROWS if adversarial.
         x_all, _ = tiny_batch(ROWS)
         index = torch.cdist(batch[0].flatten(1), x_all.flatten(1)).argmin(1)
@@ -112,6 +117,7 @@ def main() -> None:
             "selected": log.rows,
             "allreduce_calls": log.allreduce_calls,
             "collectives_before_attack": log.collectives_before_attack,
+            "collectives_after_attack": log.collectives_after_attack,
             "optimizer_steps": trainer.global_step,
             "skipped_steps": module.skipped_steps,
         }

@@ -103,6 +103,13 @@ def test_the_input_checks_cost_one_collective_before_the_attack(ddp_results, run
         assert rank[run]["collectives_before_attack"] == [1] * rank[run]["optimizer_steps"]
 
 
+def test_a_local_scope_step_makes_one_collective_after_its_attack(ddp_results):
+    run = "local:0.25:1"
+    for rank in ddp_results:
+        # Besides the gradient all-reduce: the finite-loss decision and the step's work for the cost log, together.
+        assert rank[run]["collectives_after_attack"] == [1] * rank[run]["optimizer_steps"]
+
+
 def test_global_scope_refuses_syncbatchnorm_at_fit_start(tmp_path):
     net = TinyNet()
     net.net.insert(1, torch.nn.SyncBatchNorm(64))
