@@ -352,6 +352,9 @@ class AdversarialSelectionModule(L.LightningModule):
         self._restored_grads: list[Tensor | None] | None = None
         self._attack_inputs_checked = False
 
+        # The mean training loss over the selected rows: a metric so that its epoch value is the mean over ranks
+        # (synced once, at the epoch's end) while its step value stays this rank's (no per-step collective).
+        self.train_loss = MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
         self.train_adv_frac = MeanMetric()
@@ -664,8 +667,13 @@ class AdversarialSelectionModule(L.LightningModule):
         self.train_attacked_frac.update(torch.tensor(r.attacked.numel() / n, device=r.y.device), weight=n)
         # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
         s = selected.numel()
-        self.log("train/loss", shown, on_step=True, on_epoch=True, prog_bar=True, batch_size=s)
-        self.log("train/p_up", self.p_up, on_step=False, on_epoch=True, batch_size=s)
+        if s:
+            self.train_loss(shown, weight=s)  # the step's value, and its share of the epoch's weighted mean
+        else:  # no row selected on this rank (global scope): nothing to average; the step shows the last value
+            self.train_loss.update(shown, weight=0)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        # The same on every rank: the epoch-end sync (one all-reduce per epoch) only keeps DDP's logging uniform.
+        self.log("train/p_up", self.p_up, on_step=False, on_epoch=True, batch_size=s, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc_selected", self.train_acc_selected, on_step=False, on_epoch=True)
         self.log("train/selected_adv_frac", self.train_adv_frac, on_step=False, on_epoch=True)
@@ -709,12 +717,13 @@ class AdversarialSelectionModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.scheduler_interval == "epoch":
             self._step_scheduler()
-        # Values already summed over ranks (or this rank's clock): logged as plain numbers, no further sync.
+        # Totals already summed over ranks (the same on every rank) and each rank's clock: the epoch-level sync
+        # (one all-reduce per value and epoch, mean over ranks) leaves the totals as they are and averages the clocks.
         totals = self.work.compute()
         self.log_dict({tag: float(totals[name]) for tag, name in zip(dashboard.TOTAL_TAGS, cost.COUNTERS, strict=True)},
-                      on_step=False, on_epoch=True, batch_size=1)
+                      on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         self.log(dashboard.EPOCH_SECONDS, time.perf_counter() - self._epoch_started, on_step=False, on_epoch=True,
-                 batch_size=1)
+                 batch_size=1, sync_dist=True)
 
     @override
     def on_train_end(self) -> None:

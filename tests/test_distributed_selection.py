@@ -25,13 +25,23 @@ TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
+def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "out.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(out), *RUNS],
                             env=env, capture_output=True, text=True, timeout=240, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(out.with_name(f"out.rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads(out.with_name(f"out.rank{rank}.json").read_text()) for rank in (0, 1)], result.stderr
+
+
+@pytest.fixture(scope="module")
+def ddp_results(ddp_run):
+    return ddp_run[0]
+
+
+def test_epoch_level_logging_is_synced_over_ranks(ddp_run):
+    # Lightning warns for every epoch-level value logged without a sync under DDP.
+    assert "sync_dist=True" not in ddp_run[1]
 
 
 def params(module: AdversarialSelectionModule) -> list[torch.Tensor]:
