@@ -15,9 +15,10 @@ variants is the median of their per-repeat ratios (epochs a few seconds apart), 
 drift slower than a repeat cancels in each ratio, where a ratio of medians would keep it. A module epoch is
 timed by a callback from epoch start to epoch end; the Trainer's construction, fit setup and teardown, which
 the loop does not have, are the separate "outside" column. Peak memory comes from one more, untimed epoch per
-variant: ``torch.cuda.max_memory_allocated`` above the start on GPU; on CPU the process's resident-set
-high-water mark above the start (reset through ``/proc/self/clear_refs``, Linux; allocations of 64 KiB and
-more are mapped and unmapped one by one for that pass, so freed activations leave the count).
+variant, each in a fresh process after one warm-up batch: ``torch.cuda.max_memory_allocated`` above the start
+on GPU; on CPU the peak of the bytes held by live tensor storages made inside the epoch (:class:`LiveTensorBytes`,
+counted at every operator; the allocator's own overhead aside). The process's resident set is no measure here:
+on our machine the same variant's RSS peak varied by half from one fresh process to the next.
 
 CPU on MNIST (torchvision layout under ``--data-dir``), the MNIST config's network and PGD-40 at eps 0.3::
 
@@ -36,13 +37,15 @@ rest of the batch: Lightning's hooks, logging, metrics, checks), read from the s
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +60,8 @@ from flops_per_step import analytic_units
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.data import DigitsDataModule, MNISTDataModule
@@ -195,41 +200,40 @@ def run_once(setup: Setup, data: L.LightningDataModule, variant: Variant, batche
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _rss_high_water_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+class LiveTensorBytes(TorchDispatchMode):
+    """Inside the block: the bytes of the tensor storages that operators made and that are still alive, and their
+    peak. Every operator's outputs are counted once per storage; an output on one of the operator's input
+    storages (a view, an in-place result) adds nothing, so views of tensors made before the block (a data set's
+    rows) do not count. A storage leaves the count when the last reference to it goes."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
 
-def _reset_rss_high_water() -> bool:
-    """Set the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                key = storage._cdata  # the C++ storage: shared by views
+                if key not in self._sizes and key not in inputs:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += self._sizes[key]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
 
-
-@contextmanager
-def large_allocations_mapped() -> Iterator[None]:
-    """glibc: inside the block, serve every allocation of 64 KiB or more by its own mapping, returned to the
-    system when freed; afterwards, the thresholds glibc's own adaptation ends at (32 MiB mapped, 64 MiB trim)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        yield
-        return
-    mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    try:
-        yield
-    finally:
-        mallopt(-3, 32 << 20)
-        mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
 
 
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
-    """``{"mib": ...}``: the peak memory of the block above its start, ``None`` where it cannot be read."""
+    """``{"mib": ...}``: the peak memory of the block above its start."""
     out: dict[str, float | None] = {"mib": None}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,18 +243,31 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
         torch.cuda.synchronize(device)
         out["mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         return
-    readable = _reset_rss_high_water()
-    base = _rss_high_water_kib() if readable else 0
-    yield out
-    if readable:
-        out["mib"] = (_rss_high_water_kib() - base) / 1024
+    with LiveTensorBytes() as counter:
+        yield out
+    out["mib"] = counter.peak / 2**20
 
 
 def measure_memory(setup: Setup, data: L.LightningDataModule, variant: Variant, batches: int, device: str,
                    seed: int) -> float | None:
+    """Peak memory of one epoch of ``variant``, in this process, after one warm-up batch."""
+    run_once(setup, data, variant, 1, device, seed)
     with peak_memory(torch.device(device)) as peak:
         run_once(setup, data, variant, batches, device, seed)
     return peak["mib"]
+
+
+def memory_in_fresh_process(args: argparse.Namespace, variant: Variant) -> float | None:
+    """:func:`measure_memory` of ``variant`` in a new Python process (this script, ``--memory-of``)."""
+    argv = [sys.executable, __file__, "--data", args.data, "--device", args.device, "--seed", str(args.seed),
+            "--memory-batches", str(args.memory_batches), "--memory-of", variant.label]
+    for flag, value in (("--data-dir", args.data_dir), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None:
+            argv += [flag, str(value)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory pass of {variant.label!r} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["mib"]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -425,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 batches, PGD-2, one repeat: checks that it runs")
     parser.add_argument("--profile", action="store_true", help="profile the module's recipes instead of timing")
     parser.add_argument("--top", type=int, default=15, help="--profile: operators shown per recipe")
+    parser.add_argument("--memory-of", choices=[v.label for v in VARIANTS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.warmup, args.memory_batches = 2, 1, 0, 1
@@ -436,6 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
     data = setup.make_data()
     data.setup("fit")
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
+    if args.memory_of:  # the child of memory_in_fresh_process: one JSON line
+        variant = next(v for v in VARIANTS if v.label == args.memory_of)
+        mib = measure_memory(setup, data, variant, args.memory_batches, args.device, args.seed)
+        print(json.dumps({"mib": mib}))
+        return {"mib": mib}
     print(f"{args.data}, batch {data.batch_size}, {setup.attack.describe()}, {args.batches} batches per epoch; "
           f"device: {machine(args.device)}")
     if args.profile:
@@ -447,9 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     for repeat in range(args.repeats):
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
             runs[variant.label].append(run_once(setup, data, variant, args.batches, args.device, args.seed))
-    with large_allocations_mapped():  # after the timing: mapping every large block costs page faults
-        memory = {v.label: measure_memory(setup, data, v, args.memory_batches, args.device, args.seed)
-                  for v in VARIANTS}
+    memory = {v.label: memory_in_fresh_process(args, v) for v in VARIANTS}
     rows = summarize(runs, memory)
     ratios = comparisons(runs, rows, setup.attack.steps)
     print(format_tables(rows, ratios))

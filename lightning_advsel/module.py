@@ -320,6 +320,10 @@ class AdversarialSelectionModule(L.LightningModule):
             # Built from Python, not from the CLI: keep only plain values in the checkpoint (the weights are in
             # the state dict); load with `load_from_checkpoint(path, model=Net())`.
             self.remove_ignored_hparams(["model", "optimizer", "lr_scheduler"])
+            # Lightning also keeps a deep copy of the first hyperparameters (`hparams_initial`), which held the
+            # network itself: a second copy of its weights for the module's lifetime. Saving the plain values
+            # again replaces that copy.
+            self.save_hyperparameters(dict(self.hparams))
         # A setting of `predict`, not of the trained model: kept out of the checkpoint, whose hyperparameters the
         # command line applies over its own when it loads one (`predict --ckpt_path ...` takes `predict_attack`).
         self.remove_ignored_hparams(["predict_attack"])

@@ -321,3 +321,12 @@ def test_scheduler_steps_per_epoch_or_per_step(tmp_path):
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+
+
+def test_a_module_built_from_python_keeps_no_copy_of_the_network():
+    net = TinyNet()
+    module = AdversarialSelectionModule(net, recipe="ds")
+    # Lightning's hparams_initial is a deep copy: a network in it would be a second set of weights in memory.
+    kept = [v for v in module.hparams_initial.values() if isinstance(v, torch.nn.Module)]
+    assert kept == [] and "model" not in module.hparams
+    assert module.hparams_initial["recipe"] == "ds"
