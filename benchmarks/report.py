@@ -132,6 +132,15 @@ def figure(suite: str, points: list[dict], out: Path) -> Path | None:
     return out
 
 
+def not_run(suite: str, rows: dict[str, list[dict]]) -> list[str]:
+    """The runs that ``reproduce.py`` defines for ``suite`` and that have no record (in the matrix's order)."""
+    from reproduce import suites
+
+    defined = suites("data").get(suite)
+    done = {f"{r['row']}-s{r['seed']}" for recs in rows.values() for r in recs}
+    return [] if defined is None else [run.run_id for run in defined.rows if run.run_id not in done]
+
+
 def write_report(records: Path, out: Path) -> None:
     data = load(records)
     lines = ["# Results", "",
@@ -150,6 +159,9 @@ def write_report(records: Path, out: Path) -> None:
                   f"torch {any_rec['machine']['torch']}. Commits: "
                   + ", ".join(sorted({r['commit'][:10] for recs in rows.values() for r in recs})) + ".", "",
                   *table, ""]
+        missing = not_run(suite, rows)
+        if missing:
+            lines += [f"Runs of the matrix without a record (not run): {', '.join(missing)}.", ""]
         gap = standard_gap(rows)
         if gap:
             lines += ["AutoAttack's standard version on a subset of the same test images:", "", *gap, "",

@@ -52,6 +52,7 @@ def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_
     assert "| 1.000 |" in text  # robust's FLOPs relative to itself
     assert (tmp_path / "figures" / "tiny_pareto.png").stat().st_size > 0
     assert "](figures/tiny_ds-s0_selection_makeup.png)" in text
+    assert "Runs of the matrix without a record (not run): stability-s0." in text
 
 
 def test_report_times_a_row_by_its_steps_and_the_stability_row_as_both_of_its_robust_runs():
