@@ -116,11 +116,13 @@ def figure(suite: str, points: list[dict], out: Path) -> Path | None:
     pts = [p for p in points if p[key] is not None]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p in pts:
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    markers = "os^Dv<>Ph*X"
+    for i, p in enumerate(pts):  # a legend, not labels at the points: close points would overprint them
         mean, spread = p["aa"]
-        ax.errorbar(p[key], 100 * mean, yerr=None if spread is None else 100 * spread, fmt="o", capsize=3)
-        ax.annotate(p["row"], (p[key], 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.errorbar(p[key], 100 * mean, yerr=None if spread is None else 100 * spread, fmt=markers[i % len(markers)],
+                    capsize=3, label=p["row"])
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel(f"training {'wall time' if use_time else 'FLOPs'} relative to robust")
     ax.set_ylabel("AutoAttack (apgd) accuracy, %")
     ax.set_title(f"{suite}: robustness against cost")
