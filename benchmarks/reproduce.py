@@ -276,7 +276,11 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: boo
     figures = _copy_figures(log_dir, records.parent / "figures", f"{suite.name}_{run.run_id}")
     if fit_only:
         return {"figures": figures}
-    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    # The tested model: the epoch with the best validation robust accuracy, which the MNIST and CIFAR-10 configs
+    # keep (early stopping against robust overfitting), for every row alike; the last epoch where a config keeps
+    # no such checkpoint (digits, the tiny suite).
+    monitored = [cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "val/acc_robust"]
+    ckpt = Path(monitored[0].best_model_path if monitored else cli.trainer.checkpoint_callback.last_model_path)
     resolved = yaml.safe_load((log_dir / "config.yaml").read_text())
 
     def test(attack: list[str], batches: int) -> dict:
@@ -313,6 +317,7 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: boo
         "profile_config": run.pre and _config_files(suite, run.pre),
         "epochs": int(cli.trainer.current_epoch), "steps": int(cli.trainer.global_step), "figures": figures,
         "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")},
+        "tested_checkpoint": ckpt.name,
         "test": results,
     }
 

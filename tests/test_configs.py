@@ -51,9 +51,10 @@ def test_shipped_combination_parses_and_instantiates(name, tmp_path, monkeypatch
     if cli.model.settings.recipe.startswith("selective"):
         assert 0 < cli.model.settings.attack_frac <= 1
     if not name.startswith("digits"):
-        # Against robust overfitting: the most robust epoch is kept besides last.ckpt.
-        checkpoint = cli.trainer.checkpoint_callback
-        assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/acc_robust", "max", True)
+        # Against robust overfitting: the most robust epoch is kept, and a second callback keeps last.ckpt.
+        best, latest = cli.trainer.checkpoint_callbacks[:2]
+        assert (best.monitor, best.mode, best.save_last) == ("val/acc_robust", "max", None)
+        assert (latest.monitor, latest.save_top_k, latest.filename) == (None, 1, "last")
 
 
 def test_run_name_labels_the_base_by_its_folder_and_skips_callback_and_trainer_overlays():
@@ -98,3 +99,33 @@ def test_data_set_field_without_a_base_config_is_refused(tmp_path):
     full.write_text((CONFIG_DIR / "digits" / "base.yaml").read_text())
     with pytest.raises(ValueError, match=r"names \{data_set\}.*no --config file is a base.yaml"):
         build_cli(["--config", str(full), *config_args("recipes/stability.yaml")], run=False)
+
+
+@pytest.mark.parametrize("data_set", ["mnist", "cifar10"])
+def test_last_ckpt_is_the_latest_epoch_even_when_the_best_robust_epoch_is_earlier(data_set, tmp_path):
+    import lightning as L
+    import torch
+    import yaml
+
+    # The data set's checkpoint callbacks on the digits job, with a learning rate of 0 and a deterministic
+    # evaluation attack: validation robust accuracy is the same at every epoch, so the best epoch stays the first.
+    callbacks = [cb for cb in yaml.safe_load((CONFIG_DIR / data_set / "base.yaml").read_text())["trainer"]["callbacks"]
+                 if cb["class_path"].endswith("ModelCheckpoint")]
+    overlay = tmp_path / "callbacks.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    args = [*config_args(*MAIN_JOB), "--config", str(overlay),
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger", "false", "--model.init_args.optimizer.init_args.lr", "0.0",
+            "--model.init_args.eval_attack.random_start", "false", "--trainer.max_epochs", "3"]
+    cli = build_cli(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    best = next(cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "val/acc_robust")
+    assert torch.load(best.best_model_path, weights_only=False)["epoch"] == 0
+    # --ckpt_path last resumes after the latest epoch (2), not after the best (0).
+    resumed = build_cli(args[:-2] + ["--trainer.max_epochs", "4"], run=False)
+    starts = []
+    resumed.trainer.callbacks.append(L.Callback())
+    resumed.trainer.callbacks[-1].on_train_start = lambda trainer, module: starts.append(trainer.current_epoch)
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
+    assert starts == [3]
