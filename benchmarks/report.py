@@ -160,6 +160,9 @@ def write_report(records: Path, out: Path) -> None:
                   f"Machine: {any_rec['machine']['processor']}, {any_rec['machine']['cpus']} CPUs, "
                   f"torch {any_rec['machine']['torch']}. Commits: "
                   + ", ".join(sorted({r['commit'][:10] for recs in rows.values() for r in recs})) + ".", "",
+                  "Each run is tested at the epoch with its best validation robust accuracy (the checkpoint the "
+                  "suite's config keeps against robust overfitting; the last epoch where the config keeps none), "
+                  "the standard row too.", "",
                   *table, ""]
         missing = not_run(suite, rows)
         if missing:
