@@ -52,6 +52,24 @@ def sum_over_ranks(strategy: Any, tensor: Tensor) -> Tensor:
     return tensor
 
 
+def average_grads_over_ranks(strategy: Any, params: list[Tensor]) -> None:
+    """Replace each parameter's gradient by its mean over ranks, as DDP's own all-reduce would (one all-reduce of
+    the flattened gradients; a parameter without a gradient counts as zeros). Nothing with a single process."""
+    n = world_size(strategy)
+    if n == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= n
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
 def global_pool_size(strategy: Any, local_size: int, device: torch.device) -> tuple[Tensor, int]:
     """Pool sizes of every rank (shape ``(world_size,)``) and their sum."""
     sizes = _gather(strategy, torch.tensor([local_size], device=device)).reshape(-1)

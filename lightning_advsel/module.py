@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from typing import Any, Literal, get_args
 
@@ -203,7 +204,8 @@ class AdversarialSelectionModule(L.LightningModule):
             Trainer's argument of the same name, which Lightning refuses under manual optimization. Each batch's
             loss is divided by it, as Lightning does, so the window's update is one step over the union of its
             batches; the last window of an epoch steps with the batches it has. The attack, the selection
-            (``p_up``) and its statistics stay per batch.
+            (``p_up``) and its statistics stay per batch. Under DDP only the window's closing backward
+            all-reduces (``no_sync`` before it).
         predict_attack: the attack behind ``predict``'s adversarial predictions (see :meth:`predict_step`), of the
             same kinds as ``test_attack``. ``None`` (default): clean predictions only, since an attack costs
             ``steps + 1`` forward and backward passes per batch where a prediction costs one forward pass.
@@ -353,6 +355,9 @@ class AdversarialSelectionModule(L.LightningModule):
         self.batches_trained = 0  # every training batch, skipped ones included: seeds the step under accumulation
         self._window_batches = 0
         self._window_has_grads = False
+        # Under DDP only the window's closing backward all-reduces; the batches before it accumulate this rank's
+        # gradients unsynced (DDP's ``no_sync``), and this says whether such local sums are pending.
+        self._grads_unsynced = False
         self._restored_grads: list[Tensor | None] | None = None
         self._attack_inputs_checked = False
 
@@ -496,9 +501,31 @@ class AdversarialSelectionModule(L.LightningModule):
         if not self._window_has_grads:
             self.optimizers().zero_grad()
         n = self.accumulate_grad_batches
-        self.manual_backward(out.loss if n == 1 else out.loss / n)
+        if n == 1:
+            self.manual_backward(out.loss)
+        elif self._window_batches + 1 < n and not self.trainer.is_last_batch:
+            # Not the window's last batch: DDP need not all-reduce yet (the closing backward averages the sum).
+            with self._no_grad_sync():
+                self.manual_backward(out.loss / n)
+            self._grads_unsynced = distributed.world_size(self.trainer.strategy) > 1
+        else:
+            self.manual_backward(out.loss / n)
+            self._grads_unsynced = False
         self._window_has_grads = True
         return out, step_work
+
+    def _no_grad_sync(self) -> AbstractContextManager:
+        """DDP's ``no_sync`` for a backward inside an accumulation window (nothing on a single device)."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else nullcontext()
+
+    def _sync_window_grads(self) -> None:
+        """Average over ranks the gradients that unsynced backwards left (the closing batch was skipped, or a
+        checkpoint is taken inside the window): after it every rank holds what DDP's all-reduce would give."""
+        if self._grads_unsynced:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            distributed.average_grads_over_ranks(self.trainer.strategy, params)
+            self._grads_unsynced = False
 
     def _end_batch(self) -> None:
         """Count the batch in its accumulation window; at the window's end (or the epoch's last batch), clip and
@@ -508,6 +535,7 @@ class AdversarialSelectionModule(L.LightningModule):
         if self._window_batches < self.accumulate_grad_batches and not self.trainer.is_last_batch:
             return
         if self._window_has_grads:
+            self._sync_window_grads()
             opt = self.optimizers()
             if self.gradient_clip_val:
                 self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
@@ -905,6 +933,7 @@ class AdversarialSelectionModule(L.LightningModule):
         steps exactly as an uninterrupted one (under DDP the gradients are already averaged over ranks)."""
         grads = None
         if self._window_batches > 0 and self._window_has_grads:
+            self._sync_window_grads()  # every rank saves (Lightning's contract), so every rank takes part
             grads = [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.model.parameters()]
         return {"batches_trained": self.batches_trained, "window_batches": self._window_batches, "grads": grads}
 

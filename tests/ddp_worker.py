@@ -1,13 +1,17 @@
-"""Run by tests as ``python tests/ddp_worker.py OUT.json SCOPE:P_UP:STEPS ...``: two-process DDP on CPU (gloo).
+"""Run by tests as ``python tests/ddp_worker.py OUT.json SCOPE:P_UP:STEPS[:nan][:accN] ...``: two-process DDP on
+CPU (gloo).
 
-For each ``SCOPE:P_UP:STEPS`` it trains a fresh copy of the deterministic test setup and writes, per rank,
-the final parameters, the rows each step selected and how many times DDP's gradient all-reduce (its
-communication hook) fired. Lightning relaunches this script once per rank.
+For each run it trains a fresh copy of the deterministic test setup and writes, per rank, the final parameters,
+the rows each step selected and how many times DDP's gradient all-reduce (its communication hook) fired.
+``nan`` puts one NaN pixel in the data; ``accN`` accumulates gradients over N batches of 2 rows per rank and
+saves a checkpoint after the first batch (inside a window) as ``OUT_DIR/<run with _ for :>.ckpt``.
+Lightning relaunches this script once per rank.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,20 +20,37 @@ import torch
 from conftest import TinyNet, tiny_batch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel import step as step_module
 
 ATTACK = AttackConfig(eps=0.1, alpha=0.05, steps=2, random_start=False, mode="train")
 ROWS = 16  # the global batch: 8 rows per rank
+SAMPLER_SEED = 0  # Lightning shuffles a training set across ranks with a DistributedSampler of this seed
 
 
-def build(scope: str, p_up: float, nonfinite: str = "raise") -> AdversarialSelectionModule:
+def rank_rows(n: int, rank: int) -> list[int]:
+    """The data set rows rank ``rank`` of 2 trains on in epoch 0, in order (Lightning's DistributedSampler)."""
+    return list(DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True, seed=SAMPLER_SEED))
+
+
+def build(scope: str, p_up: float, nonfinite: str = "raise", accumulate: int = 1) -> AdversarialSelectionModule:
     torch.manual_seed(0)
     return AdversarialSelectionModule(TinyNet(), recipe="ds", p_up=p_up, train_attack=ATTACK,
                                       optimizer=lambda p: torch.optim.SGD(p, lr=0.1), selection_scope=scope,
-                                      nonfinite=nonfinite)
+                                      nonfinite=nonfinite, accumulate_grad_batches=accumulate)
+
+
+class SaveAfterFirstBatch(L.Callback):
+    """Saves a checkpoint after the first training batch (every rank calls it; rank 0 writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.current_epoch == 0 and batch_idx == 0:
+            trainer.save_checkpoint(self.path)
 
 
 class SelectionLog(L.Callback):
@@ -88,29 +109,36 @@ class SelectionLog(L.Callback):
 
 
 def main() -> None:
+    os.environ["PL_GLOBAL_SEED"] = str(SAMPLER_SEED)  # what Lightning seeds its sampler with (set before launch)
     out = Path(sys.argv[1])
     x, y = tiny_batch(ROWS)
     results = {}
     for run in sys.argv[2:]:
-        # SCOPE:P_UP:STEPS, or SCOPE:P_UP:STEPS:nan for one NaN pixel in one row of the data set, which
-        # only one rank sees (two batches per rank per epoch, max_epochs=1).
-        scope, p_up, steps, *fault = run.split(":")
+        # SCOPE:P_UP:STEPS, then options: nan for one NaN pixel in one row of the data set, which only one rank
+        # sees (max_epochs=1), accN for accumulation over N batches.
+        scope, p_up, steps, *options = run.split(":")
         p_up, steps = float(p_up), int(steps)
-        module = build(scope, p_up, "skip" if fault else "raise")
+        fault = "nan" in options
+        accumulate = next((int(o[3:]) for o in options if o.startswith("acc")), 1)
+        module = build(scope, p_up, "skip" if fault else "raise", accumulate)
         data_x = x.clone()
         if fault:
             data_x = torch.cat([x, x])
-            data_x[5, 0, 3, 3] = float("nan")
+            # Under accumulation: a row of rank 1's second batch, the closing batch of the first window.
+            data_x[5 if accumulate == 1 else rank_rows(len(data_x), 1)[2], 0, 3, 3] = float("nan")
         log = SelectionLog()
+        callbacks = [log]
+        if accumulate > 1:
+            callbacks.append(SaveAfterFirstBatch(out.parent / f"{run.replace(':', '_')}.ckpt"))
         trainer = L.Trainer(
             accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
             max_steps=steps, max_epochs=1 if fault else None, limit_val_batches=0, logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[log],
+            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
             default_root_dir=out.parent,
         )
-        loader = DataLoader(TensorDataset(data_x, y.repeat(len(data_x) // ROWS)), batch_size=ROWS // 2,
-                            shuffle=False)
+        loader = DataLoader(TensorDataset(data_x, y.repeat(len(data_x) // ROWS)),
+                            batch_size=ROWS // 2 if accumulate == 1 else 2, shuffle=False)
         trainer.fit(module, loader)
         results[run] = {
             "params": [p.detach().tolist() for p in module.model.parameters()],
@@ -120,6 +148,7 @@ def main() -> None:
             "collectives_after_attack": log.collectives_after_attack,
             "optimizer_steps": trainer.global_step,
             "skipped_steps": module.skipped_steps,
+            "batches_trained": module.batches_trained,
         }
     rank = trainer.global_rank
     out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps(results))

@@ -11,15 +11,19 @@ import os
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 from conftest import REPO, TinyNet, fit_steps, tiny_batch
-from ddp_worker import ATTACK, ROWS, build
+from ddp_worker import ATTACK, ROWS, SaveAfterFirstBatch, build, rank_rows
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule
 
 pytestmark = pytest.mark.slow
 RUNS = ("global:0.25:1", "global:0.03125:2", "local:0.25:1", "global:0.5:-1:nan")
+# Accumulation over 2 batches of 2 rows per rank; the second has a window whose closing batch holds a NaN row.
+ACC_RUNS = ("global:0.5:2:acc2", "global:0.5:-1:nan:acc2")
 # Largest parameter difference accepted between 2-rank DDP and one process: float32 sums in another order.
 TOLERANCE = 1e-6
 
@@ -28,10 +32,11 @@ TOLERANCE = 1e-6
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "out.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(out), *RUNS],
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(out), *RUNS, *ACC_RUNS],
                             env=env, capture_output=True, text=True, timeout=240, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(out.with_name(f"out.rank{rank}.json").read_text()) for rank in (0, 1)], result.stderr
+    results = [json.loads(out.with_name(f"out.rank{rank}.json").read_text()) for rank in (0, 1)]
+    return results, result.stderr, out.parent
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +132,67 @@ def test_global_scope_refuses_syncbatchnorm_at_fit_start(tmp_path):
     x, y = tiny_batch(ROWS)
     with pytest.raises(ValueError, match=r"`selection_scope`='global'.*SyncBatchNorm"):
         fit_steps(module, x, y, tmp_path)
+
+
+def accumulating_in_one_process(run: str, tmp_path) -> tuple[AdversarialSelectionModule, L.Trainer, dict]:  # noqa: ANN001
+    """The one-process reference of an ``accN`` run: batches of 4 rows, each the union of the two ranks' 2-row
+    batches; returns the module, its trainer and the checkpoint saved after the first batch."""
+    scope, p_up, steps, *options = run.split(":")
+    x, y = tiny_batch(ROWS)
+    if "nan" in options:
+        x, y = torch.cat([x, x]), y.repeat(2)
+        x[rank_rows(len(x), 1)[2], 0, 3, 3] = float("nan")
+    ranks = [rank_rows(len(x), rank) for rank in (0, 1)]
+    order = [i for k in range(0, len(ranks[0]), 2) for rows in ranks for i in rows[k:k + 2]]
+    x, y = x[order], y[order]
+    module = build(scope, float(p_up), "skip" if "nan" in options else "raise", accumulate=2)
+    ckpt = tmp_path / "single.ckpt"
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=int(steps), max_epochs=1 if "nan" in options else None,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[SaveAfterFirstBatch(ckpt)])
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False))
+    return module, trainer, torch.load(ckpt, weights_only=True)
+
+
+def assert_same_update(ddp_results, run: str, single: AdversarialSelectionModule) -> None:  # noqa: ANN001
+    rank0, rank1 = (as_tensors(r[run]["params"]) for r in ddp_results)
+    for a, b in zip(rank0, rank1, strict=True):
+        assert torch.equal(a, b)
+    diff = max(float((a - b).abs().max()) for a, b in zip(rank0, params(single), strict=True))
+    assert diff <= TOLERANCE, f"{run}: max |DDP - single| = {diff}"
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_window_and_equals_one_process(ddp_results, tmp_path):
+    run = ACC_RUNS[0]
+    single, trainer, _ = accumulating_in_one_process(run, tmp_path)
+    assert_same_update(ddp_results, run, single)
+    for rank in ddp_results:
+        # Four batches per rank in two windows: only each window's closing backward all-reduces (DDP's no_sync).
+        assert rank[run]["batches_trained"] == 4
+        assert rank[run]["allreduce_calls"] == rank[run]["optimizer_steps"] == trainer.global_step == 2
+
+
+def test_a_window_whose_closing_batch_is_skipped_still_steps_on_the_rank_average(ddp_results, tmp_path):
+    run = ACC_RUNS[1]
+    single, trainer, _ = accumulating_in_one_process(run, tmp_path)
+    assert single.skipped_steps == 1
+    assert_same_update(ddp_results, run, single)
+    for rank in ddp_results:
+        # Eight batches per rank in four windows; the second window's closing batch (a NaN row) is skipped, so
+        # its first batch's gradients are averaged by the module instead of by DDP's backward all-reduce.
+        assert rank[run]["skipped_steps"] == 1
+        assert rank[run]["optimizer_steps"] == trainer.global_step == 4
+        assert rank[run]["allreduce_calls"] == 3
+
+
+def test_a_checkpoint_inside_a_window_under_ddp_holds_the_gradients_averaged_over_ranks(ddp_run, tmp_path):
+    run = ACC_RUNS[0]
+    _, _, single = accumulating_in_one_process(run, tmp_path)
+    ddp = torch.load(ddp_run[2] / f"{run.replace(':', '_')}.ckpt", weights_only=True)
+    # After one unsynced backward each rank holds only its own gradients; the checkpoint (written by rank 0) must
+    # hold their average, the gradients of the one-process window, so that a resumed run steps as this one did.
+    saved, expected = (c["advsel"]["accumulation"]["grads"] for c in (ddp, single))
+    assert ddp["advsel"]["accumulation"]["window_batches"] == 1 and saved is not None
+    for got, want in zip(saved, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
