@@ -85,8 +85,7 @@ def measure(cli_args: list[str], train_batches: int, val_batches: int) -> list[d
         cli = build_cli([*cli_args, "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0",
                          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp,
                          "--trainer.logger.init_args.save_dir", tmp], run=False)
-        # Set on the trainer, not as CLI strings: the CLI reads "--trainer.limit_val_batches 1" as the float 1.0,
-        # which Lightning takes as 100% of the batches.
+        # Counts of batches, set on the trainer after the configs are parsed.
         cli.trainer.limit_train_batches, cli.trainer.limit_val_batches = train_batches, val_batches
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

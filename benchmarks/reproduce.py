@@ -65,8 +65,7 @@ class Suite:
     rows: tuple[Run, ...] = field(default_factory=tuple)
     aa_standard_batches: int = 0  # test batches for AutoAttack "standard" on the rows in aa_standard_rows
     aa_standard_rows: tuple[str, ...] = ()
-    # Batch limits, set on the trainer as integers: the command line reads "--trainer.limit_val_batches 5" as
-    # the float 5.0 (and 1 as 1.0, which Lightning takes as "all batches").
+    # Batch limits (counts of batches), set on the trainer after the configs are parsed.
     limits: tuple[tuple[str, int], ...] = ()
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -104,6 +104,20 @@ def _fill(value: Any, data_set_name: str | None) -> Any:
     return value
 
 
+# Lightning documents an int as a count of batches and a float as a fraction, and annotates these arguments
+# Optional[Union[int, float]]; but typing caches unions by their members, so the one Python hands the Trainer can be
+# a float-first Union[float, int, None] built elsewhere (Lightning issue #21259), and the CLI then reads
+# `limit_val_batches: 1` as 1.0, all batches. An int-first union that the cache cannot reorder restores the meaning.
+_COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _batch_counts_parse_as_ints() -> None:
+    annotations = Trainer.__init__.__annotations__
+    for name in _COUNT_OR_FRACTION:
+        if name in annotations:
+            annotations[name] = int | float | None
+
+
 class AdvSelCLI(LightningCLI):
     """LightningCLI for composed configs that prints clean and robust validation accuracy and the training cost
     (against robust training's) when ``fit`` ends.
@@ -128,6 +142,7 @@ class AdvSelCLI(LightningCLI):
         # Before anything is parsed: LightningCLI reads a checkpoint's hyperparameters while parsing.
         for path in option_values(words, "--ckpt_path"):
             check_checkpoint_file(path)
+        _batch_counts_parse_as_ints()
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> Any:  # noqa: ANN401 - a LightningArgumentParser

@@ -99,7 +99,7 @@ def test_cifar10_config_trains_on_the_jpeg_copy_and_tests_its_best_checkpoint(re
               "--data.init_args.cache_dir", str(real["cache"]), "--data.init_args.batch_size", "8",
               "--model.init_args.train_attack.steps", "1", "--model.init_args.eval_attack.steps", "1",
               "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",  # "1" would mean 100%
+              "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
               "--trainer.enable_progress_bar", "false",
               # A small CNN instead of the config's ResNet-18: the test is about data and checkpoints.
               "--model.init_args.model", "lightning_advsel.models.SmallCNN",

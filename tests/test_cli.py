@@ -230,3 +230,14 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_before_any_work(tmp_pat
     # The intact checkpoint still validates.
     build_cli(["validate", *config_args(*MAIN_JOB), *TINY, "--ckpt_path", str(good), "--trainer.logger", "false",
                "--trainer.default_root_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("given,expected", [("1", 1), ("5", 5), ("1.0", 1.0), ("0.25", 0.25)])
+def test_a_batch_limit_given_as_an_int_is_a_count_of_batches(tmp_path, given, expected):
+    # Lightning: an int counts batches, a float is a fraction; 1 must not become 1.0 (all batches).
+    yaml_file = tmp_path / "limits.yaml"
+    yaml_file.write_text(f"trainer:\n  limit_test_batches: {given}\n")
+    cli = build_cli([*config_args(*MAIN_JOB), "--config", str(yaml_file), "--trainer.limit_val_batches", given,
+                     "--trainer.logger", "false"], run=False)
+    for value in (cli.trainer.limit_val_batches, cli.trainer.limit_test_batches):
+        assert value == expected and type(value) is type(expected)

@@ -113,7 +113,7 @@ def test_last_ckpt_is_the_latest_epoch_even_when_the_best_robust_epoch_is_earlie
                  if cb["class_path"].endswith("ModelCheckpoint")]
     overlay = tmp_path / "callbacks.yaml"
     overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    args = [*config_args(*MAIN_JOB), "--config", str(overlay),
+    args = [*config_args(*MAIN_JOB[:2]), "--config", str(overlay),
             "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
             "--trainer.logger", "false", "--model.init_args.optimizer.init_args.lr", "0.0",
