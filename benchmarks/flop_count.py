@@ -19,8 +19,11 @@ from torch.utils.flop_counter import FlopCounterMode
 class CountFlops(Callback):
     """FLOPs of the training steps (scoring, attack, forward and backward), per epoch and in total."""
 
-    def __init__(self, steps_per_epoch: int = 2) -> None:
+    def __init__(self, steps_per_epoch: int = 2, skip: int = 0) -> None:
+        """``skip``: batches left uncounted at the start of each epoch (the module's first step of a fit also
+        checks the model's output shape with a one-row forward, which is not a step's recurring work)."""
         self.steps_per_epoch = steps_per_epoch
+        self.skip = skip
         self.per_epoch: list[int] = []
         self._counted: list[int] = []
         self._mode: FlopCounterMode | None = None
@@ -34,7 +37,7 @@ class CountFlops(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if len(self._counted) < self.steps_per_epoch:
+        if batch_idx >= self.skip and len(self._counted) < self.steps_per_epoch:
             self._mode = FlopCounterMode(display=False)
             self._mode.__enter__()
 

@@ -6,9 +6,13 @@ Per recipe (robust, ds at p_up 0.5, selective margin and selective_ds at attack_
 timed) under the Trainer's ``--precision`` (``bf16-mixed`` by default) with ``channels_last`` weights (and
 ``torch.compile`` with ``--compile``). The timed steps are read after a device sync; the first ``--warmup`` steps
 (cuDNN autotuning, lazy initialization, compilation) are left out. FLOPs per step come from
-``torch.utils.flop_counter.FlopCounterMode`` around the first training step (``flop_count.CountFlops``); the
+``torch.utils.flop_counter.FlopCounterMode`` around the second training step (``flop_count.CountFlops``); the
 peak is measured on the machine itself with a large bf16 matmul (``--matmul-size``), so the share is
-``FLOPs per step x steps per second / measured peak``. The whole script is meant to finish within 5 minutes on
+``FLOPs per step x steps per second / measured peak``. Robust and ds also run as the hand-written loop of
+``speed.py`` (``speed.plain_step``: the same network, images, optimizer, channels-last weights and, for
+``bf16-mixed``, ``torch.autocast`` around the forwards), right after the module's run, for the module's overhead
+in images per second (target: >= 0.95 of the loop's; no loop under ``16-mixed``, which would need a GradScaler).
+The whole script is meant to finish within 5 minutes on
 an H100-class GPU (it prints its wall time; ``--compile`` adds a compilation per recipe); it needs torch,
 lightning and this package only::
 
@@ -20,6 +24,7 @@ lightning and this package only::
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 import warnings
@@ -30,8 +35,9 @@ import lightning as L
 import torch
 from flop_count import CountFlops
 from lightning.pytorch.callbacks import Callback
-from speed import append_json, machine, make_trainer, now
+from speed import append_json, machine, make_trainer, now, plain_step
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.models import ResNet18
@@ -40,6 +46,10 @@ from lightning_advsel.models import ResNet18
 RECIPES = [("robust", "robust", 1.0), ("ds p_up 0.5", "ds", 0.5), ("selective margin", "selective", 1.0),
            ("selective_ds margin", "selective_ds", 0.5)]
 PRECISIONS = ["bf16-mixed", "16-mixed", "32-true"]
+# The same two recipes as a hand-written loop (speed.plain_step), for the module's overhead on the GPU.
+PLAIN = [("robust, plain loop", "robust", 1.0), ("ds p_up 0.5, plain loop", "ds", 0.5)]
+TARGET_THROUGHPUT = 0.95  # module images/s over the plain loop's, at least
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "32-true": None}  # plain loop: 16-mixed would need a GradScaler
 
 
 class StepClock(Callback):
@@ -65,29 +75,68 @@ def matmul_peak(device: torch.device, size: int, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (now(device) - start)
 
 
-def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) -> dict:
-    """Train ``warmup + steps`` batches of ``recipe``; images per second over the timed steps, FLOPs per step."""
+def random_images(args: argparse.Namespace) -> DataLoader:
+    """``warmup + steps`` batches of random CIFAR-10-shaped images and labels, made on the device."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     n = args.batch_size * (args.warmup + args.steps)
     images = TensorDataset(torch.rand(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device))
     # One gather per batch on the device (the dataset is indexed with the batch's indices), not one per image.
-    data = DataLoader(images, sampler=BatchSampler(SequentialSampler(images), args.batch_size, drop_last=True),
+    return DataLoader(images, sampler=BatchSampler(SequentialSampler(images), args.batch_size, drop_last=True),
                       batch_size=None)
+
+
+def train_attack(args: argparse.Namespace) -> AttackConfig:
+    return AttackConfig(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps, mode="train")
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def throughput(marks: list[float], args: argparse.Namespace, step_flops: float) -> dict:
+    """Images per second and FLOP/s over the steps after the warm-up, from the step-end times ``marks``."""
+    seconds = marks[-1] - marks[args.warmup - 1] if args.warmup else marks[-1] - marks[0]
+    timed = args.steps if args.warmup else args.steps - 1
+    return {"images_per_s": timed * args.batch_size / seconds, "ms_per_step": 1000 * seconds / timed,
+            "flops_per_step": step_flops, "flops_per_s": step_flops * timed / seconds}
+
+
+def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
+    """The plain loop's ``warmup + steps`` steps on the same images, network, optimizer and precision."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = ResNet18().to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()
+    model.train()
+    optimizer, attack, marks = sgd(model.parameters()), train_attack(args), []
+    step_flops = 0.0
+    for i, (x, y) in enumerate(random_images(args)):
+        if i == 1:  # FLOPs of the second step, as CountFlops counts the module's
+            with FlopCounterMode(display=False) as counter:
+                plain_step(model, optimizer, x, y, recipe, p_up, attack, AUTOCAST[args.precision])
+            step_flops = float(counter.get_total_flops())
+        else:
+            plain_step(model, optimizer, x, y, recipe, p_up, attack, AUTOCAST[args.precision])
+        marks.append(now(device))
+    return throughput(marks, args, step_flops)
+
+
+def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) -> dict:
+    """Train ``warmup + steps`` batches of ``recipe``; images per second over the timed steps, FLOPs per step."""
+    data = random_images(args)
     module = AdversarialSelectionModule(
         ResNet18(), recipe=recipe, p_up=p_up, attack_frac=0.5, attack_score="margin",
-        train_attack=AttackConfig(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps, mode="train"), eval_attack=None,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        train_attack=train_attack(args), eval_attack=None, optimizer=sgd,
         channels_last=args.channels_last, compile_model=args.compile)
-    clock, flops = StepClock(), CountFlops(steps_per_epoch=1)
+    clock, flops = StepClock(), CountFlops(steps_per_epoch=1, skip=1)
     trainer = make_trainer(args.device, args.warmup + args.steps, [flops, clock], root, precision=args.precision,
                            max_steps=args.warmup + args.steps)
     trainer.fit(module, data)
-    seconds = clock.marks[-1] - clock.marks[args.warmup - 1] if args.warmup else clock.marks[-1] - clock.marks[0]
-    timed = args.steps if args.warmup else args.steps - 1
-    step_flops = flops.per_epoch[0] / trainer.num_training_batches
-    return {"images_per_s": timed * args.batch_size / seconds, "ms_per_step": 1000 * seconds / timed,
-            "flops_per_step": step_flops, "flops_per_s": step_flops * timed / seconds}
+    return throughput(clock.marks, args, flops.per_epoch[0] / trainer.num_training_batches)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,14 +164,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup == 0 and args.steps < 2:
         parser.error("--steps must be >= 2 without warm-up steps (the first one starts the clock)")
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no info lines for every fit
     started = time.perf_counter()
     peak = matmul_peak(torch.device(args.device), args.matmul_size)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for label, recipe, p_up in RECIPES:
             rows.append({"recipe": label, **run_recipe(recipe, p_up, args, root)})
+            for plain_label, _, _ in (p for p in PLAIN if p[1:] == (recipe, p_up) and args.precision in AUTOCAST):
+                rows.append({"recipe": plain_label, **run_plain(recipe, p_up, args)})
     for row in rows:
         row["peak_share"] = row["flops_per_s"] / peak
+    by_label = {r["recipe"]: r for r in rows}
+    overhead = [{"comparison": f"{label}: module / plain loop, images per second",
+                 "measured": by_label[label]["images_per_s"] / by_label[plain]["images_per_s"],
+                 "target": f">= {TARGET_THROUGHPUT}"}
+                for plain, recipe, p_up in PLAIN for label, r, q in RECIPES if (r, q) == (recipe, p_up)
+                and plain in by_label]
     print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.precision}, "
           f"channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
@@ -131,10 +189,15 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"| {r['recipe']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
               f"{r['peak_share']:.1%} |")
+    if overhead:
+        print("\n| comparison | measured | target |\n| --- | ---: | --- |")
+        print("\n".join(f"| {c['comparison']} | {c['measured']:.3f} | {c['target']} |" for c in overhead))
+    else:
+        print(f"\n(no plain loop under {args.precision}: it would need a GradScaler)")
     print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
     record = {"machine": machine(args.device), "precision": args.precision, "batch_size": args.batch_size,
               "channels_last": args.channels_last, "compile": args.compile, "steps": args.steps,
-              "peak_flops": peak, "quick": args.quick, "rows": rows}
+              "peak_flops": peak, "quick": args.quick, "rows": rows, "comparisons": overhead}
     if args.json is not None:
         append_json(args.json, record)
     return record

@@ -27,6 +27,12 @@ CPU on MNIST (torchvision layout under ``--data-dir``), the MNIST config's netwo
     python benchmarks/speed.py --data digits --quick                        # a check that it runs, numbers meaningless
     python benchmarks/speed.py --data-dir /path/to/data --profile           # where a step's time goes
 
+``--step-pairs N`` times steps instead of epochs: for ds p_up 0.5 against ds p_up 1, selective against robust,
+the package's robust step against the hand-written one, and ds p_up 1 against itself (the control, which shows
+how finely the machine resolves a ratio), N batches each
+trained by both recipes back to back, each recipe with its own network; the median of the per-batch time ratios
+and their quartiles. Steps a second apart share the machine's speed far better than epochs do.
+
 ``--profile`` runs a few steps of each module recipe under ``torch.profiler`` and prints the top of the profile
 and the split of a step into attack, scoring, update (training forward, backward, optimizer) and framework (the
 rest of the batch: Lightning's hooks, logging, metrics, checks), read from the step's ``record_function`` ranges
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import subprocess
@@ -66,7 +73,7 @@ from torch.utils._pytree import tree_leaves
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.data import DigitsDataModule, MNISTDataModule
 from lightning_advsel.models import SmallCNN
-from lightning_advsel.step import PHASES
+from lightning_advsel.step import PHASES, StepSettings, adversarial_step
 
 TARGET_OVERHEAD = 1.02  # module epoch / plain loop epoch, robust and ds
 
@@ -117,7 +124,9 @@ def setup_for(data: str, data_dir: str | None, batch_size: int | None, steps: in
 
 # ------------------------------------------------------------------------------------------- plain loop
 def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int) -> Tensor:
-    """L-inf PGD from a uniform start, by hand (the network has no BatchNorm, so train mode changes nothing)."""
+    """L-inf PGD from a uniform start, by hand, in the network's train mode. SmallCNN has no BatchNorm; with one
+    (ResNet-18 in ``gpu_speed.py``) each attack step also updates the running statistics, as most hand-written
+    loops do, where the module leaves them to the training forward: no difference in the work done."""
     delta = (x + (2 * torch.rand_like(x) - 1) * eps).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -126,26 +135,34 @@ def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, 
     return (x + delta).detach()
 
 
-def plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, variant: Variant,
-                attack: AttackConfig, batches: int, device: torch.device) -> None:
-    """One epoch of robust or ds training as a user would write it without the package."""
-    model.train()
-    for i, (x, y) in enumerate(loader):
-        if i == batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, recipe: str, p_up: float,
+               attack: AttackConfig, autocast: torch.dtype | None = None) -> None:
+    """One step of robust or ds training as a user would write it without the package (forwards under
+    ``torch.autocast`` in ``autocast`` when given, as Lightning's ``bf16-mixed`` runs a training step)."""
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         x_adv = plain_pgd(model, x, y, attack.eps, attack.alpha, attack.steps)
-        if variant.recipe == "robust":
+        if recipe == "robust":
             loss = F.cross_entropy(model(x_adv), y)
         else:  # ds: the clean batch and its adversarial rows, the top p_up by cross-entropy backpropagated
             pool_x, pool_y = torch.cat([x, x_adv]), torch.cat([y, y])
             with torch.no_grad():
                 scores = F.cross_entropy(model(pool_x), pool_y, reduction="none")
-            keep = scores.topk(int(variant.p_up * len(pool_y) + 0.5)).indices
+            keep = scores.topk(int(p_up * len(pool_y) + 0.5)).indices
             loss = F.cross_entropy(model(pool_x[keep]), pool_y[keep])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, variant: Variant,
+                attack: AttackConfig, batches: int, device: torch.device) -> None:
+    """One epoch of robust or ds training by :func:`plain_step`."""
+    model.train()
+    for i, (x, y) in enumerate(loader):
+        if i == batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        plain_step(model, optimizer, x, y, variant.recipe, variant.p_up, attack)
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -344,6 +361,106 @@ def append_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(records, indent=1))
 
 
+# -------------------------------------------------------------------------------------------- step pairs
+@dataclass(frozen=True)
+class StepPair:
+    """Two recipes whose steps alternate on the same batches; a recipe is ``StepSettings`` keywords, or
+    ``{"plain": recipe}`` for the hand-written loop's step (:func:`plain_step`)."""
+
+    a: str
+    b: str
+    a_recipe: dict[str, Any]
+    b_recipe: dict[str, Any]
+
+
+STEP_PAIRS = [
+    StepPair("ds p_up 0.5", "ds p_up 1", {"recipe": "ds", "p_up": 0.5}, {"recipe": "ds", "p_up": 1.0}),
+    StepPair("selective margin 0.5", "robust", {"recipe": "selective", "p_up": 1.0},
+             {"recipe": "robust", "p_up": 1.0}),
+    # The package's step (adversarial_step, backward, optimizer) against the hand-written one: the Trainer's own
+    # share of a step is the profile's "framework" column.
+    StepPair("robust, package step", "robust, plain step", {"recipe": "robust", "p_up": 1.0}, {"plain": "robust"}),
+    # The control: one recipe against itself shows how finely this machine resolves a ratio.
+    StepPair("ds p_up 1", "ds p_up 1 (again)", {"recipe": "ds", "p_up": 1.0}, {"recipe": "ds", "p_up": 1.0}),
+]
+
+
+def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               settings: StepSettings | str, seed: int, device: torch.device, attack: AttackConfig) -> float:
+    """Seconds of one training step: as the module runs it (the step's data path, backward, optimizer step) for
+    ``StepSettings``, or the hand-written loop's step of the recipe named by a string."""
+    start = now(device)
+    if isinstance(settings, str):
+        plain_step(model, optimizer, x, y, settings, 1.0, attack)
+        return now(device) - start
+    generator = torch.Generator(device).manual_seed(seed)
+    out = adversarial_step(model, x, y, settings, generator)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    return now(device) - start
+
+
+def floor_units(settings: StepSettings | str, steps: int) -> float:
+    if isinstance(settings, str):
+        return analytic_units(settings, 1.0, "margin", "ce", steps)
+    return analytic_units(settings.recipe, settings.p_up, "margin", "ce", steps)
+
+
+def run_step_pairs(setup: Setup, data: L.LightningDataModule, steps: int, warmup: int, device: str,
+                   seed: int) -> list[dict]:
+    """For each pair, ``warmup`` + ``steps`` batches, each trained by both recipes back to back (in turn first),
+    each recipe with its own network from the same initialization: the median of the per-batch time ratios.
+
+    Steps a second apart share the machine's speed far better than epochs do, so this resolves the step's own
+    saving (what :func:`~lightning_advsel.step.adversarial_step` and the update do) more finely than the epoch
+    table; Lightning's share of an epoch is the separate module / plain loop comparison.
+    """
+    dev = torch.device(device)
+    out = []
+    for pair in STEP_PAIRS:
+        trained = []
+        for options in (pair.a_recipe, pair.b_recipe):
+            torch.manual_seed(seed)
+            model = setup.make_model().to(dev).train()
+            settings = options["plain"] if "plain" in options else StepSettings(
+                attack_frac=0.5, attack_score="margin", train_attack=setup.attack, **options)
+            trained.append((model, torch.optim.Adam(model.parameters(), lr=setup.lr), settings))
+        times: list[list[float]] = [[], []]
+        batches = iter(cycle_loader(data))
+        for i in range(warmup + steps):
+            x, y = (t.to(dev) for t in next(batches))
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                model, optimizer, settings = trained[j]
+                seconds = timed_step(model, optimizer, x, y, settings, seed + i, dev, setup.attack)
+                if i >= warmup:
+                    times[j].append(seconds)
+        ratios = [a / b for a, b in zip(*times, strict=True)]
+        quartiles = statistics.quantiles(ratios, n=4)
+        floor = floor_units(trained[0][2], setup.attack.steps) / floor_units(trained[1][2], setup.attack.steps)
+        out.append({"comparison": f"{pair.a} / {pair.b} (step)", "steps": steps,
+                    "a_median_ms": 1000 * statistics.median(times[0]),
+                    "b_median_ms": 1000 * statistics.median(times[1]), "measured": statistics.median(ratios),
+                    "q1": quartiles[0], "q3": quartiles[2], "min": min(ratios), "max": max(ratios),
+                    "floor": floor})
+    return out
+
+
+def cycle_loader(data: L.LightningDataModule) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training batches, epoch after epoch."""
+    while True:
+        yield from data.train_dataloader()
+
+
+def format_step_pairs(rows: list[dict]) -> str:
+    lines = ["| comparison | steps | a, ms / step | b, ms / step | median ratio | quartiles | spread (min - max) "
+             "| FLOP floor |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['comparison']} | {r['steps']} | {r['a_median_ms']:.1f} | {r['b_median_ms']:.1f} | "
+              f"{r['measured']:.3f} | {r['q1']:.3f} - {r['q3']:.3f} | {r['min']:.3f} - {r['max']:.3f} | "
+              f"{r['floor']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- profile
 PHASE_GROUPS = {
     "attack": [PHASES["attack"]],
@@ -442,6 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 batches, PGD-2, one repeat: checks that it runs")
     parser.add_argument("--profile", action="store_true", help="profile the module's recipes instead of timing")
     parser.add_argument("--top", type=int, default=15, help="--profile: operators shown per recipe")
+    parser.add_argument("--step-pairs", type=int, default=0, metavar="N",
+                        help="instead of epochs: N batches per pair of recipes, their steps back to back")
     parser.add_argument("--memory-of", choices=[v.label for v in VARIANTS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -450,10 +569,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("batches", "repeats", "memory_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.step_pairs and args.step_pairs < 2:  # quartiles need two ratios
+        parser.error(f"--step-pairs must be >= 2, got {args.step_pairs}")
     setup = setup_for(args.data, args.data_dir, args.batch_size, args.steps)
     data = setup.make_data()
     data.setup("fit")
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no info lines for every fit
     if args.memory_of:  # the child of memory_in_fresh_process: one JSON line
         variant = next(v for v in VARIANTS if v.label == args.memory_of)
         mib = measure_memory(setup, data, variant, args.memory_batches, args.device, args.seed)
@@ -463,6 +585,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"device: {machine(args.device)}")
     if args.profile:
         return {"profile": run_profile(setup, data, args.batches, args.device, args.top)}
+    if args.step_pairs:
+        pairs = run_step_pairs(setup, data, args.step_pairs, args.warmup, args.device, args.seed)
+        print(format_step_pairs(pairs))
+        record = {"machine": machine(args.device), "data": args.data, "batch_size": data.batch_size,
+                  "attack": setup.attack.describe(), "step_pairs": pairs}
+        if args.json is not None:
+            append_json(args.json, record)
+        return record
     for variant in VARIANTS:
         for _ in range(args.warmup):
             run_once(setup, data, variant, args.batches, args.device, args.seed)

@@ -60,11 +60,21 @@ def test_speed_profile_splits_each_recipes_step_into_its_phases(capsys):
 def test_gpu_script_code_path_runs_on_cpu(precision, capsys):
     record = gpu_speed.main(["--device", "cpu", "--quick", "--precision", precision])
     rows = {r["recipe"]: r for r in record["rows"]}
-    assert list(rows) == [label for label, _, _ in gpu_speed.RECIPES]
+    # Each module recipe, with robust and ds each followed by the hand-written loop on the same images.
+    assert list(rows) == ["robust", "robust, plain loop", "ds p_up 0.5", "ds p_up 0.5, plain loop",
+                          "selective margin", "selective_ds margin"]
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and r["peak_share"] > 0
     # Selective training attacks half the batch: fewer FLOPs per step than robust training.
     assert rows["selective margin"]["flops_per_step"] < rows["robust"]["flops_per_step"]
+    # The loop does the module's work: the same FLOPs per step, counted the same way.
+    for recipe in ("robust", "ds p_up 0.5"):
+        assert rows[f"{recipe}, plain loop"]["flops_per_step"] == pytest.approx(rows[recipe]["flops_per_step"],
+                                                                                rel=0.02)
+    comparisons = {c["comparison"]: c for c in record["comparisons"]}
+    assert list(comparisons) == ["robust: module / plain loop, images per second",
+                                 "ds p_up 0.5: module / plain loop, images per second"]
+    assert all(c["measured"] > 0 and c["target"] == ">= 0.95" for c in comparisons.values())
     assert "share of the bf16 peak" in capsys.readouterr().out
 
 
@@ -87,6 +97,21 @@ def test_gpu_script_needs_neither_jsonargparse_nor_torchattacks():
     for path in files:
         assert not _module_level_imports(path) & {"jsonargparse", "torchattacks"}, path
         assert "lightning_advsel.cli" not in path.read_text() or path.name == "__init__.py", path
+
+
+def test_step_pairs_time_each_pair_on_the_same_batches_against_its_flop_floor(capsys):
+    rows = speed.main(["--data", "digits", "--quick", "--step-pairs", "3"])["step_pairs"]
+    assert [r["comparison"] for r in rows] == [f"{p.a} / {p.b} (step)" for p in speed.STEP_PAIRS]
+    for r in rows:
+        assert r["steps"] == 3 and r["min"] <= r["q1"] <= r["measured"] <= r["q3"] <= r["max"]
+        assert r["a_median_ms"] > 0 and r["b_median_ms"] > 0
+    floors = {r["comparison"].removesuffix(" (step)"): r["floor"] for r in rows}
+    assert floors["selective margin 0.5 / robust"] == pytest.approx((2 + 4) / (2 * 2 + 3))  # PGD-2
+    assert floors["ds p_up 0.5 / ds p_up 1"] < 1 and floors["ds p_up 1 / ds p_up 1 (again)"] == 1
+    assert floors["robust, package step / robust, plain step"] == 1
+    assert "| comparison | steps | a, ms / step |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        speed.main(["--data", "digits", "--quick", "--step-pairs", "1"])
 
 
 def test_a_comparison_is_the_median_of_per_repeat_ratios_not_a_ratio_of_medians():
