@@ -4,6 +4,7 @@ Called as ``python benchmarks/reproduce.py report``. Every number in the output 
 are aggregated over seeds (mean and sample standard deviation, or the single value). Cost columns are
 relative to the ``robust`` row of the same suite: FLOPs from the records, wall time from the suite's timing
 record (``<records>/<suite>/timing.json``, written by ``timing.py`` on an idle machine) when there is one.
+The speed results of ``speed.py --json`` kept under ``<records>/speed/`` end the report (the newest of each kind).
 """
 
 from __future__ import annotations
@@ -21,11 +22,51 @@ def load(records: Path) -> dict[str, dict[str, list[dict]]]:
     """``{suite: {row: [record, ...]}}`` from every ``*.json`` record under ``records`` (timing files aside)."""
     out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted(records.glob("*/*.json")):
-        if path.name == "timing.json":
+        if path.name == "timing.json" or path.parent.name == SPEED:
             continue
         rec = json.loads(path.read_text())
         out[rec["suite"]][rec["row"]].append(rec)
     return out
+
+
+SPEED = "speed"  # <records>/speed/*.json: lists of speed.py's results, not runs of a suite
+
+
+def speed_section(folder: Path, top: int = 5) -> list[str]:
+    """The newest full (not ``--quick``) result of each kind that ``speed.py`` writes under ``folder``: the
+    epoch comparisons, the step pairs and the profile with its top operators, as markdown."""
+    from speed import format_profile, format_step_pairs, format_tables
+
+    results = [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text())
+               if not r.get("quick")]
+    newest = {kind: max((r for r in results if kind in r), key=lambda r: r.get("date", ""), default=None)
+              for kind in ("comparisons", "step_pairs", "profile")}
+    if not any(newest.values()):
+        return []
+    lines = ["## Speed", "", "From `benchmarks/speed.py` (commands, machine and analysis in "
+             "[SPEED.md](SPEED.md)); the newest result of each kind under "
+             f"`{folder.parent.name}/{folder.name}/`.", ""]
+
+    def described(r: dict) -> str:
+        return f"{r['data']}, batch {r['batch_size']}, {r['attack']}; {r['machine']}; {r.get('date', 'undated')}"
+
+    if newest["comparisons"]:
+        r = newest["comparisons"]
+        lines += [f"Epochs ({r['batches']} batches, {r['repeats']} repeats; {described(r)}):", "",
+                  format_tables(r["rows"], r["comparisons"]), ""]
+    if newest["step_pairs"]:
+        r = newest["step_pairs"]
+        lines += [f"Steps back to back ({described(r)}):", "", format_step_pairs(r["step_pairs"]), ""]
+    if newest["profile"]:
+        r = newest["profile"]
+        lines += [f"Where a step's time goes ({r['batches']} profiled steps per recipe; {described(r)}):", "",
+                  format_profile(r["profile"]), "", f"Top {top} operators by self time, per recipe:", "",
+                  "| recipe | operator | ms / step | share of the step's operator time |",
+                  "| --- | --- | ---: | ---: |"]
+        lines += [f"| {row['variant']} | `{op['operator']}` | {op['ms_per_step']:.1f} | {op['share']:.0%} |"
+                  for row in r["profile"] for op in row.get("top", [])[:top]]
+        lines.append("")
+    return lines
 
 
 def _stat(values: list[float]) -> tuple[float, float | None]:
@@ -185,5 +226,6 @@ def write_report(records: Path, out: Path) -> None:
         if shown:
             lines += ["Figures drawn by the runs' `PaperFigures` callback (selection make-up, minimum "
                       "perturbation, P_up, accuracy):", "", *shown]
+    lines += speed_section(records / SPEED)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

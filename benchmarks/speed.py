@@ -43,6 +43,7 @@ rest of the batch: Lightning's hooks, logging, metrics, checks), read from the s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import platform
@@ -525,6 +526,17 @@ def profile_recipe(setup: Setup, data: L.LightningDataModule, variant: Variant, 
     return split, steps.prof
 
 
+def top_operators(prof: profile, device: str, batches: int, top: int) -> list[dict]:
+    """The ``top`` operators by self time (device time on a GPU), in ms per step and share of the step's total;
+    the script's and the step's own ``record_function`` ranges aside."""
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not e.key.startswith("advsel/")]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"operator": e.key, "ms_per_step": getattr(e, attr) / 1000 / batches, "share": getattr(e, attr) / total}
+            for e in events[:top]]
+
+
 def run_profile(setup: Setup, data: L.LightningDataModule, batches: int, device: str, top: int) -> list[dict]:
     rows = []
     sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -532,14 +544,20 @@ def run_profile(setup: Setup, data: L.LightningDataModule, batches: int, device:
         split, prof = profile_recipe(setup, data, variant, batches, device)
         print(f"\n## {variant.label}: top {top} operators by self time\n")
         print(prof.key_averages().table(sort_by=sort, row_limit=top))
-        rows.append({"variant": variant.label, **split})
-    print("\n| recipe | ms / step | attack | scoring | update | framework |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: |")
+        rows.append({"variant": variant.label, **split, "top": top_operators(prof, device, batches, top)})
+    print(format_profile(rows))
+    return rows
+
+
+def format_profile(rows: list[dict]) -> str:
+    """The split of a step into phases, per recipe, as a markdown table."""
+    lines = ["| recipe | ms / step | attack | scoring | update | framework |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         cells = " | ".join(f"{r[p]:.1f} ({r[p] / r['batch']:.0%})" if r["batch"] else "-"
                            for p in ("attack", "scoring", "update", "framework"))
-        print(f"| {r['variant']} | {r['batch']:.1f} | {cells} |")
-    return rows
+        lines.append(f"| {r['variant']} | {r['batch']:.1f} | {cells} |")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -583,13 +601,16 @@ def main(argv: list[str] | None = None) -> dict:
         return {"mib": mib}
     print(f"{args.data}, batch {data.batch_size}, {setup.attack.describe()}, {args.batches} batches per epoch; "
           f"device: {machine(args.device)}")
-    if args.profile:
-        return {"profile": run_profile(setup, data, args.batches, args.device, args.top)}
-    if args.step_pairs:
-        pairs = run_step_pairs(setup, data, args.step_pairs, args.warmup, args.device, args.seed)
-        print(format_step_pairs(pairs))
-        record = {"machine": machine(args.device), "data": args.data, "batch_size": data.batch_size,
-                  "attack": setup.attack.describe(), "step_pairs": pairs}
+    described = {"machine": machine(args.device), "date": datetime.date.today().isoformat(), "data": args.data,
+                 "batch_size": data.batch_size, "attack": setup.attack.describe(), "quick": args.quick}
+    if args.profile or args.step_pairs:
+        if args.profile:
+            record = {**described, "batches": args.batches,
+                      "profile": run_profile(setup, data, args.batches, args.device, args.top)}
+        else:
+            pairs = run_step_pairs(setup, data, args.step_pairs, args.warmup, args.device, args.seed)
+            print(format_step_pairs(pairs))
+            record = {**described, "warmup": args.warmup, "step_pairs": pairs}
         if args.json is not None:
             append_json(args.json, record)
         return record
@@ -604,9 +625,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = summarize(runs, memory)
     ratios = comparisons(runs, rows, setup.attack.steps)
     print(format_tables(rows, ratios))
-    record = {"machine": machine(args.device), "data": args.data, "batch_size": data.batch_size,
-              "attack": setup.attack.describe(), "batches": args.batches, "repeats": args.repeats,
-              "quick": args.quick, "rows": rows, "comparisons": ratios}
+    record = {**described, "batches": args.batches, "repeats": args.repeats, "rows": rows,
+              "comparisons": ratios}
     if args.json is not None:
         append_json(args.json, record)
     return record

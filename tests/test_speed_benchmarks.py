@@ -118,3 +118,23 @@ def test_a_comparison_is_the_median_of_per_repeat_ratios_not_a_ratio_of_medians(
     runs = {"a": [(2.0, 0.0), (6.0, 0.0), (3.0, 0.0)], "b": [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0)]}
     # Per repeat: 2, 3 and 1; the medians' ratio would be 3 / 2.
     assert speed.paired(runs, "a", "b") == {"measured": 2.0, "min": 1.0, "max": 3.0}
+
+
+def test_the_report_ends_with_the_newest_full_speed_results_and_skips_quick_checks(tmp_path):
+    from report import load, speed_section
+
+    folder = tmp_path / "records" / "speed"
+    folder.mkdir(parents=True)
+    results = folder / "cpu.json"
+    speed.main(["--data", "digits", "--steps", "2", "--warmup", "0", "--step-pairs", "2", "--json", str(results)])
+    speed.main(["--data", "digits", "--steps", "2", "--profile", "--batches", "1", "--top", "3",
+                "--json", str(results)])
+    speed.main(["--data", "digits", "--quick", "--step-pairs", "3", "--json", str(results)])  # a check: left out
+    lines = "\n".join(speed_section(folder))
+    assert "Steps back to back" in lines and "| ds p_up 0.5 / ds p_up 1 (step) | 2 |" in lines
+    assert "| ds p_up 0.5 / ds p_up 1 (step) | 3 |" not in lines
+    assert "| recipe | ms / step | attack | scoring | update | framework |" in lines
+    assert lines.count("| robust, module | `aten::") == 3  # the profile's top operators, as many as recorded
+    assert "Epochs (" not in lines  # no epoch comparison recorded
+    assert load(tmp_path / "records") == {}  # speed results are not runs of a suite
+    assert speed_section(tmp_path) == []
