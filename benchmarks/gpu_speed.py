@@ -18,6 +18,7 @@ lightning and this package only::
 
     python benchmarks/gpu_speed.py                          # CUDA, bf16-mixed, channels_last
     python benchmarks/gpu_speed.py --compile --json gpu.json
+    python benchmarks/gpu_speed.py --profile robust "selective margin"    # and where their steps' time goes
     python benchmarks/gpu_speed.py --device cpu --quick --precision 32-true   # the code path on CPU
 """
 
@@ -35,7 +36,8 @@ import lightning as L
 import torch
 from flop_count import CountFlops
 from lightning.pytorch.callbacks import Callback
-from speed import append_json, machine, make_trainer, now, plain_step
+from speed import ProfileSteps, append_json, machine, make_trainer, now, plain_step, top_operators
+from torch.profiler import ProfilerActivity
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,11 +77,12 @@ def matmul_peak(device: torch.device, size: int, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (now(device) - start)
 
 
-def random_images(args: argparse.Namespace) -> DataLoader:
-    """``warmup + steps`` batches of random CIFAR-10-shaped images and labels, made on the device."""
+def random_images(args: argparse.Namespace, batches: int | None = None) -> DataLoader:
+    """``batches`` (default ``warmup + steps``) batches of random CIFAR-10-shaped images and labels, made on the
+    device."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    n = args.batch_size * (args.warmup + args.steps)
+    n = args.batch_size * (batches or args.warmup + args.steps)
     images = TensorDataset(torch.rand(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device))
     # One gather per batch on the device (the dataset is indexed with the batch's indices), not one per image.
     return DataLoader(images, sampler=BatchSampler(SequentialSampler(images), args.batch_size, drop_last=True),
@@ -125,13 +128,45 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
     return throughput(marks, args, step_flops)
 
 
-def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) -> dict:
-    """Train ``warmup + steps`` batches of ``recipe``; images per second over the timed steps, FLOPs per step."""
-    data = random_images(args)
-    module = AdversarialSelectionModule(
+def make_module(recipe: str, p_up: float, args: argparse.Namespace) -> AdversarialSelectionModule:
+    return AdversarialSelectionModule(
         ResNet18(), recipe=recipe, p_up=p_up, attack_frac=0.5, attack_score="margin",
         train_attack=train_attack(args), eval_attack=None, optimizer=sgd,
         channels_last=args.channels_last, compile_model=args.compile)
+
+
+def profile_recipe(label: str, args: argparse.Namespace, root: str, top: int = 15) -> dict:
+    """``--profile-steps`` steps of the recipe ``label`` after the warm-up under ``torch.profiler``: the top
+    operators by self device time (self CPU time on a CPU), the share of the profiled wall time the device was
+    busy with them (the profiler's own overhead lowers it a little), and the kernel launches per step. A low
+    busy share with many launches per step says the host (Python, the framework, the launches) limits the step;
+    a high one, the kernels themselves."""
+    recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
+    device = torch.device(args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps, clock = ProfileSteps(activities, start=args.warmup), StepClock()
+    trainer = make_trainer(args.device, args.warmup + args.profile_steps, [steps, clock], root,
+                           precision=args.precision, max_steps=args.warmup + args.profile_steps)
+    trainer.fit(make_module(recipe, p_up, args), random_images(args, args.warmup + args.profile_steps))
+    wall = clock.marks[-1] - clock.marks[args.warmup - 1]  # the profiled steps (main asks for a warm-up)
+    events = steps.prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, attr) for e in events if not e.key.startswith("advsel/")) / 1e6 / wall
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n## {label}: top {top} operators by self {'device' if device.type == 'cuda' else 'CPU'} time, "
+          f"{args.profile_steps} steps\n")
+    print(events.table(sort_by=sort, row_limit=top))
+    print(f"busy: {busy:.0%} of the profiled wall time; kernel launches per step: {launches / args.profile_steps:.0f}")
+    return {"recipe": label, "steps": args.profile_steps, "busy_share": busy,
+            "launches_per_step": launches / args.profile_steps,
+            "top": top_operators(steps.prof, args.device, args.profile_steps, top)}
+
+
+def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) -> dict:
+    """Train ``warmup + steps`` batches of ``recipe``; images per second over the timed steps, FLOPs per step."""
+    data = random_images(args)
+    module = make_module(recipe, p_up, args)
     clock, flops = StepClock(), CountFlops(steps_per_epoch=1, skip=1)
     trainer = make_trainer(args.device, args.warmup + args.steps, [flops, clock], root, precision=args.precision,
                            max_steps=args.warmup + args.steps)
@@ -151,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="compile the model (torch.compile)")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul measuring the peak")
     parser.add_argument("--json", type=Path, default=None, help="append the results to this JSON list")
+    parser.add_argument("--profile", nargs="*", default=[], choices=[label for label, _, _ in RECIPES],
+                        metavar="RECIPE", help="after the table: profile these recipes (see profile_recipe)")
+    parser.add_argument("--profile-steps", type=int, default=5, help="profiled steps after the warm-up")
     parser.add_argument("--quick", action="store_true",
                         help="batch 2, PGD-2, 1 + 2 steps, a small matmul: checks that it runs")
     args = parser.parse_args(argv)
@@ -158,11 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size, args.warmup, args.steps, args.matmul_size, args.pgd_steps = 2, 1, 2, 256, 2
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu --quick to check the code path")
-    for name in ("batch_size", "steps", "matmul_size", "pgd_steps"):
+    for name in ("batch_size", "steps", "matmul_size", "pgd_steps", "profile_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup == 0 and args.steps < 2:
         parser.error("--steps must be >= 2 without warm-up steps (the first one starts the clock)")
+    if args.profile and args.warmup == 0:
+        parser.error("--profile needs --warmup >= 1: the first step (initialization) is not profiled")
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no info lines for every fit
     started = time.perf_counter()
@@ -194,10 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n".join(f"| {c['comparison']} | {c['measured']:.3f} | {c['target']} |" for c in overhead))
     else:
         print(f"\n(no plain loop under {args.precision}: it would need a GradScaler)")
+    with tempfile.TemporaryDirectory() as root:
+        profiles = [profile_recipe(label, args, root) for label in args.profile]
     print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
     record = {"machine": machine(args.device), "precision": args.precision, "batch_size": args.batch_size,
               "channels_last": args.channels_last, "compile": args.compile, "steps": args.steps,
-              "peak_flops": peak, "quick": args.quick, "rows": rows, "comparisons": overhead}
+              "peak_flops": peak, "quick": args.quick, "rows": rows, "comparisons": overhead, "profile": profiles}
     if args.json is not None:
         append_json(args.json, record)
     return record

@@ -471,17 +471,19 @@ PHASE_GROUPS = {
 
 
 class ProfileSteps(Callback):
-    """Profile every training batch after the first (lazy initialization, the model check), each in a range."""
+    """Profile every training batch from ``start`` on (by default after the first: lazy initialization, the model
+    check), each in a range."""
 
-    def __init__(self, activities: list[ProfilerActivity]) -> None:
+    def __init__(self, activities: list[ProfilerActivity], start: int = 1) -> None:
         self.prof = profile(activities=activities)
+        self.start = start
         self._range: record_function | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if batch_idx == 1:
+        if batch_idx == self.start:
             self.prof.__enter__()
-        if batch_idx >= 1:
+        if batch_idx >= self.start:
             self._range = record_function("advsel/batch")
             self._range.__enter__()
 

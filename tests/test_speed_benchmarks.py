@@ -58,7 +58,8 @@ def test_speed_profile_splits_each_recipes_step_into_its_phases(capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_gpu_script_code_path_runs_on_cpu(precision, capsys):
-    record = gpu_speed.main(["--device", "cpu", "--quick", "--precision", precision])
+    profile = ["--profile", "robust", "--profile-steps", "2"] if precision == "32-true" else []
+    record = gpu_speed.main(["--device", "cpu", "--quick", "--precision", precision, *profile])
     rows = {r["recipe"]: r for r in record["rows"]}
     # Each module recipe, with robust and ds each followed by the hand-written loop on the same images.
     assert list(rows) == ["robust", "robust, plain loop", "ds p_up 0.5", "ds p_up 0.5, plain loop",
@@ -76,6 +77,18 @@ def test_gpu_script_code_path_runs_on_cpu(precision, capsys):
                                  "ds p_up 0.5: module / plain loop, images per second"]
     assert all(c["measured"] > 0 and c["target"] == ">= 0.95" for c in comparisons.values())
     assert "share of the bf16 peak" in capsys.readouterr().out
+    if profile:  # where the steps' time goes, for the recipes named
+        (prof,) = record["profile"]
+        assert prof["recipe"] == "robust" and prof["steps"] == 2
+        assert 0 < prof["busy_share"] and prof["launches_per_step"] == 0  # no kernels launched on a CPU
+        assert prof["top"] and all(op["ms_per_step"] > 0 for op in prof["top"])
+    else:
+        assert record["profile"] == []
+
+
+def test_gpu_script_refuses_to_profile_without_a_warm_up():
+    with pytest.raises(SystemExit):
+        gpu_speed.main(["--device", "cpu", "--warmup", "0", "--profile", "robust"])
 
 
 def _module_level_imports(path) -> set[str]:
