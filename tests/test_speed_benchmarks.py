@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -151,3 +153,24 @@ def test_the_report_ends_with_the_newest_full_speed_results_and_skips_quick_chec
     assert "Epochs (" not in lines  # no epoch comparison recorded
     assert load(tmp_path / "records") == {}  # speed results are not runs of a suite
     assert speed_section(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_its_stages_and_keeps_each_result(tmp_path):
+    """benchmarks/gpu_speed.sh, the one command for a lent GPU, checked on CPU without the compile stage."""
+    env = {**os.environ, "GPU_SPEED_ARGS": "--device cpu --quick --precision 32-true", "COMPILE": "0",
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["channels_last"] for r in records] == [True, False]
+    assert [p["recipe"] for p in records[0]["profile"]] == ["robust", "selective margin"]
+    assert (tmp_path / "bf16_channels_last.txt").exists() and (tmp_path / "bf16_nchw.txt").exists()
+    assert "== bf16_nchw" in done.stdout and "whole script" in done.stdout
+
+    # A failing stage is reported, does not stop the next one, and fails the script.
+    env["GPU_SPEED_ARGS"] += " --profile-steps 0"
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path / "bad")], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert bad.returncode == 1 and bad.stdout.count("failed or out of its 240 s") == 2
