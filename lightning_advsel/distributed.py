@@ -70,6 +70,20 @@ def average_grads_over_ranks(strategy: Any, params: list[Tensor]) -> None:
         offset += p.numel()
 
 
+def broadcast_buffers(strategy: Any, module: torch.nn.Module) -> None:
+    """Rank 0's buffers of ``module`` (BatchNorm's running statistics) on every rank, in place.
+
+    DDP broadcasts them at a forward after a synced training forward, but under Lightning's manual optimization
+    its post-forward never records one (Lightning turns the reducer off around the forward and prepares it in
+    ``manual_backward``), so each rank's running statistics follow its own batches only. Nothing with a single
+    process or when the DDP wrapper was built with ``broadcast_buffers=False``.
+    """
+    if world_size(strategy) == 1 or not getattr(getattr(strategy, "model", None), "broadcast_buffers", True):
+        return
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
 def global_pool_size(strategy: Any, local_size: int, device: torch.device) -> tuple[Tensor, int]:
     """Pool sizes of every rank (shape ``(world_size,)``) and their sum."""
     sizes = _gather(strategy, torch.tensor([local_size], device=device)).reshape(-1)

@@ -761,6 +761,19 @@ class AdversarialSelectionModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.work_totals = self.work.compute()  # a collective: every rank, before the rank-zero summary
 
+    # Under DDP every rank evaluates with rank 0's BatchNorm statistics, those its checkpoints hold.
+    @override
+    def on_validation_start(self) -> None:
+        distributed.broadcast_buffers(self.trainer.strategy, self.model)
+
+    @override
+    def on_test_start(self) -> None:
+        distributed.broadcast_buffers(self.trainer.strategy, self.model)
+
+    @override
+    def on_predict_start(self) -> None:
+        distributed.broadcast_buffers(self.trainer.strategy, self.model)
+
     def cost_summary(self) -> str | None:
         """The training cost of the last ``fit`` against robust training's (:func:`lightning_advsel.cost.summary`)."""
         return None if self.work_totals is None else cost.summary(self.work_totals)
