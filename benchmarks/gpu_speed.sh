@@ -3,8 +3,9 @@
 # per second per recipe, the module against the plain loop, the share of the measured bf16 peak, and a profile
 # of robust and selective training), then the same without channels-last, then with torch.compile. Each stage
 # appends to OUT/gpu.json and keeps its printout in OUT/; a stage that fails or runs out of its time
-# (STAGE_SECONDS, 240 by default) does not stop the next. Needs torch, lightning and torchmetrics only; the
-# package is used from this checkout (no install).
+# (STAGE_SECONDS, 180 by default: at most 9 minutes for the three stages) does not stop the next. The first
+# stage is the whole measurement; the other two are comparisons. Needs torch, lightning and torchmetrics only;
+# the package is used from this checkout (no install).
 #
 #   benchmarks/gpu_speed.sh [OUT]                 # default OUT: gpu-speed/
 #   COMPILE=0 benchmarks/gpu_speed.sh OUT         # without the torch.compile stage
@@ -16,7 +17,7 @@ mkdir -p "$out"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 read -r -a extra <<< "${GPU_SPEED_ARGS:-}"
-stage_seconds="${STAGE_SECONDS:-240}"
+stage_seconds="${STAGE_SECONDS:-180}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
 failed=0
 
