@@ -36,7 +36,17 @@ import lightning as L
 import torch
 from flop_count import CountFlops
 from lightning.pytorch.callbacks import Callback
-from speed import ProfileSteps, append_json, machine, make_trainer, now, plain_step, top_operators
+from speed import (
+    ProfileSteps,
+    append_json,
+    machine,
+    make_trainer,
+    now,
+    operator_events,
+    plain_step,
+    self_time_key,
+    top_operators,
+)
 from torch.profiler import ProfilerActivity
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -149,14 +159,12 @@ def profile_recipe(label: str, args: argparse.Namespace, root: str, top: int = 1
                            precision=args.precision, max_steps=args.warmup + args.profile_steps)
     trainer.fit(make_module(recipe, p_up, args), random_images(args, args.warmup + args.profile_steps))
     wall = clock.marks[-1] - clock.marks[args.warmup - 1]  # the profiled steps (main asks for a warm-up)
-    events = steps.prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    busy = sum(getattr(e, attr) for e in events if not e.key.startswith("advsel/")) / 1e6 / wall
+    events, attr = operator_events(steps.prof), self_time_key(args.device)
+    busy = sum(getattr(e, attr) for e in events) / 1e6 / wall
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n## {label}: top {top} operators by self {'device' if device.type == 'cuda' else 'CPU'} time, "
           f"{args.profile_steps} steps\n")
-    print(events.table(sort_by=sort, row_limit=top))
+    print(steps.prof.key_averages().table(sort_by=attr, row_limit=top))
     print(f"busy: {busy:.0%} of the profiled wall time; kernel launches per step: {launches / args.profile_steps:.0f}")
     return {"recipe": label, "steps": args.profile_steps, "busy_share": busy,
             "launches_per_step": launches / args.profile_steps,

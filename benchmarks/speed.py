@@ -29,9 +29,9 @@ CPU on MNIST (torchvision layout under ``--data-dir``), the MNIST config's netwo
 
 ``--step-pairs N`` times steps instead of epochs: for ds p_up 0.5 against ds p_up 1, selective against robust,
 the package's robust step against the hand-written one, and ds p_up 1 against itself (the control, which shows
-how finely the machine resolves a ratio), N batches each
-trained by both recipes back to back, each recipe with its own network; the median of the per-batch time ratios
-and their quartiles. Steps a second apart share the machine's speed far better than epochs do.
+how finely the machine resolves a ratio), N batches each trained by both recipes back to back, each recipe
+with its own network; the median of the per-batch time ratios and their quartiles. Steps a second apart share
+the machine's speed far better than epochs do.
 
 ``--profile`` runs a few steps of each module recipe under ``torch.profiler`` and prints the top of the profile
 and the split of a step into attack, scoring, update (training forward, backward, optimizer) and framework (the
@@ -306,13 +306,15 @@ def paired(runs: dict[str, list[tuple[float, float]]], a: str, b: str) -> dict:
     return {"measured": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
+def floor_units(recipe: str, p_up: float, steps: int) -> float:
+    """The FLOP floor of a step of ``recipe`` (margin score, cross-entropy, PGD-``steps``), in forward units."""
+    return analytic_units(recipe, p_up, "margin", "ce", steps)
+
+
 def comparisons(runs: dict[str, list[tuple[float, float]]], rows: list[dict], steps: int) -> list[dict]:
     """The ratios the targets are about: module over plain loop, and time ratios against the FLOP floor."""
     peak = {r["variant"]: r["peak_mib"] for r in rows}
-
-    def floor(recipe: str, p_up: float) -> float:
-        return analytic_units(recipe, p_up, "margin", "ce", steps)
-
+    floor = partial(floor_units, steps=steps)
     out = []
     for recipe in ("robust", "ds p_up 0.5"):
         out.append({"comparison": f"{recipe}: module / plain loop",
@@ -402,10 +404,11 @@ def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     return now(device) - start
 
 
-def floor_units(settings: StepSettings | str, steps: int) -> float:
-    if isinstance(settings, str):
-        return analytic_units(settings, 1.0, "margin", "ce", steps)
-    return analytic_units(settings.recipe, settings.p_up, "margin", "ce", steps)
+
+
+def recipe_of(settings: StepSettings | str) -> tuple[str, float]:
+    """(recipe, p_up) of a step pair's side: ``StepSettings`` or the plain loop's recipe name (p_up 1)."""
+    return (settings, 1.0) if isinstance(settings, str) else (settings.recipe, settings.p_up)
 
 
 def run_step_pairs(setup: Setup, data: L.LightningDataModule, steps: int, warmup: int, device: str,
@@ -438,7 +441,8 @@ def run_step_pairs(setup: Setup, data: L.LightningDataModule, steps: int, warmup
                     times[j].append(seconds)
         ratios = [a / b for a, b in zip(*times, strict=True)]
         quartiles = statistics.quantiles(ratios, n=4)
-        floor = floor_units(trained[0][2], setup.attack.steps) / floor_units(trained[1][2], setup.attack.steps)
+        floor = floor_units(*recipe_of(trained[0][2]), setup.attack.steps) / floor_units(
+            *recipe_of(trained[1][2]), setup.attack.steps)
         out.append({"comparison": f"{pair.a} / {pair.b} (step)", "steps": steps,
                     "a_median_ms": 1000 * statistics.median(times[0]),
                     "b_median_ms": 1000 * statistics.median(times[1]), "measured": statistics.median(ratios),
@@ -528,11 +532,20 @@ def profile_recipe(setup: Setup, data: L.LightningDataModule, variant: Variant, 
     return split, steps.prof
 
 
+def self_time_key(device: str) -> str:
+    """The profiler's column of an operator's own time: device time on a GPU, CPU time on a CPU."""
+    return "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+
+
+def operator_events(prof: profile) -> list[Any]:
+    """The profile's operators, the script's and the step's own ``record_function`` ranges aside."""
+    return [e for e in prof.key_averages() if not e.key.startswith("advsel/")]
+
+
 def top_operators(prof: profile, device: str, batches: int, top: int) -> list[dict]:
-    """The ``top`` operators by self time (device time on a GPU), in ms per step and share of the step's total;
-    the script's and the step's own ``record_function`` ranges aside."""
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if not e.key.startswith("advsel/")]
+    """The ``top`` operators by self time (device time on a GPU), in ms per step and share of the step's total."""
+    attr = self_time_key(device)
+    events = operator_events(prof)
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     return [{"operator": e.key, "ms_per_step": getattr(e, attr) / 1000 / batches, "share": getattr(e, attr) / total}
@@ -541,11 +554,10 @@ def top_operators(prof: profile, device: str, batches: int, top: int) -> list[di
 
 def run_profile(setup: Setup, data: L.LightningDataModule, batches: int, device: str, top: int) -> list[dict]:
     rows = []
-    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     for variant in (v for v in VARIANTS if not v.plain):
         split, prof = profile_recipe(setup, data, variant, batches, device)
         print(f"\n## {variant.label}: top {top} operators by self time\n")
-        print(prof.key_averages().table(sort_by=sort, row_limit=top))
+        print(prof.key_averages().table(sort_by=self_time_key(device), row_limit=top))
         rows.append({"variant": variant.label, **split, "top": top_operators(prof, device, batches, top)})
     print(format_profile(rows))
     return rows

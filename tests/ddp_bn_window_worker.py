@@ -1,9 +1,9 @@
-"""Run by tests as ``python tests/ddp_bn_window_worker.py OUT_DIR``: 2 CPU ranks, a BatchNorm network,
-``accumulate_grad_batches=2`` and a validation after every training batch, so that every other validation falls
-inside an accumulation window (after a backward under DDP's ``no_sync``).
+"""Run by tests as ``python tests/ddp_bn_window_worker.py OUT_DIR``: 2 CPU ranks train a BatchNorm network
+with ``accumulate_grad_batches=2`` and a validation after every training batch, so that every other validation
+falls inside an accumulation window (after a backward under DDP's ``no_sync``), then test it.
 
-Each rank writes ``OUT_DIR/rank{r}.json``: per validation, the BatchNorm running mean the rank validated with
-and whether an accumulation window was open. Lightning relaunches this script once per rank.
+Each rank writes ``OUT_DIR/rank{r}.json``: per validation and for the test, the BatchNorm running mean the rank
+evaluated with and whether an accumulation window was open. Lightning relaunches this script once per rank.
 """
 
 from __future__ import annotations

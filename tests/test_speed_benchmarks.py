@@ -157,7 +157,7 @@ def test_the_report_ends_with_the_newest_full_speed_results_and_skips_quick_chec
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_its_stages_and_keeps_each_result(tmp_path):
-    """benchmarks/gpu_speed.sh, the one command for a lent GPU, checked on CPU without the compile stage."""
+    """benchmarks/gpu_speed.sh, the one command for a GPU machine, checked on CPU without the compile stage."""
     env = {**os.environ, "GPU_SPEED_ARGS": "--device cpu --quick --precision 32-true", "COMPILE": "0",
            "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path)], env=env,
