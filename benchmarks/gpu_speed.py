@@ -2,19 +2,19 @@
 machine's bf16 dense peak the training reaches.
 
 Per recipe (robust, ds at p_up 0.5, selective margin and selective_ds at attack_frac 0.5), the module trains
-``--warmup`` + ``--steps`` batches of random 3x32x32 images (generated on the device, so no data loading is
-timed) under the Trainer's ``--precision`` (``bf16-mixed`` by default) with ``channels_last`` weights (and
-``torch.compile`` with ``--compile``). The timed steps are read after a device sync; the first ``--warmup`` steps
-(cuDNN autotuning, lazy initialization, compilation) are left out. FLOPs per step come from
-``torch.utils.flop_counter.FlopCounterMode`` around the second training step (``flop_count.CountFlops``); the
-peak is measured on the machine itself with a large bf16 matmul (``--matmul-size``), so the share is
-``FLOPs per step x steps per second / measured peak``. Robust and ds also run as the hand-written loop of
-``speed.py`` (``speed.plain_step``: the same network, images, optimizer, channels-last weights and, for
-``bf16-mixed``, ``torch.autocast`` around the forwards), right after the module's run, for the module's overhead
-in images per second (target: >= 0.95 of the loop's; no loop under ``16-mixed``, which would need a GradScaler).
-The whole script is meant to finish within 5 minutes on
-an H100-class GPU (it prints its wall time; ``--compile`` adds a compilation per recipe); it needs torch,
-lightning and this package only::
+``--warmup`` + ``--steps`` batches of random 3x32x32 images (``--image-size`` pixels per side; generated on the
+device, so no data loading is timed) under the Trainer's ``--precision`` (``bf16-mixed`` by default) with
+``channels_last`` weights (and ``torch.compile`` with ``--compile``). The timed steps are read after a device
+sync; the first ``--warmup`` steps (cuDNN autotuning, lazy initialization, compilation) are left out. FLOPs per
+step come from ``torch.utils.flop_counter.FlopCounterMode`` around the second training step
+(``flop_count.CountFlops``); the peak is measured on the machine itself with a large bf16 matmul
+(``--matmul-size``), so the share is ``FLOPs per step x steps per second / measured peak``. Robust and ds also
+run as the hand-written loop of ``speed.py`` (``speed.plain_step``: the same network, images, optimizer,
+channels-last weights and, for ``bf16-mixed``, ``torch.autocast`` around the forwards), right after the module's
+run, for the module's overhead in images per second (target: >= 0.95 of the loop's; no loop under ``16-mixed``,
+which would need a GradScaler). The whole script is meant to finish within 5 minutes on an H100-class GPU (it
+prints its wall time; ``--compile`` adds a compilation per recipe); it needs torch, lightning and this package
+only::
 
     python benchmarks/gpu_speed.py                          # CUDA, bf16-mixed, channels_last
     python benchmarks/gpu_speed.py --compile --json gpu.json
@@ -93,7 +93,8 @@ def random_images(args: argparse.Namespace, batches: int | None = None) -> DataL
     device = torch.device(args.device)
     torch.manual_seed(0)
     n = args.batch_size * (batches or args.warmup + args.steps)
-    images = TensorDataset(torch.rand(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device))
+    side = args.image_size  # pixels
+    images = TensorDataset(torch.rand(n, 3, side, side, device=device), torch.randint(0, 10, (n,), device=device))
     # One gather per batch on the device (the dataset is indexed with the batch's indices), not one per image.
     return DataLoader(images, sampler=BatchSampler(SequentialSampler(images), args.batch_size, drop_last=True),
                       batch_size=None)
@@ -197,14 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", nargs="*", default=[], choices=[label for label, _, _ in RECIPES],
                         metavar="RECIPE", help="after the table: profile these recipes (see profile_recipe)")
     parser.add_argument("--profile-steps", type=int, default=5, help="profiled steps after the warm-up")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="pixels per side of the random images (CIFAR-10's 32; the network pools adaptively)")
     parser.add_argument("--quick", action="store_true",
-                        help="batch 2, PGD-2, 1 + 2 steps, a small matmul: checks that it runs")
+                        help="batch 4, 8x8 images, PGD-2, 1 + 2 steps, a small matmul: checks that it runs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch_size, args.warmup, args.steps, args.matmul_size, args.pgd_steps = 2, 1, 2, 256, 2
+        args.batch_size, args.warmup, args.steps, args.matmul_size, args.pgd_steps = 4, 1, 2, 256, 2
+        # 8x8 pixels: the same layers at an eighth of batch 2's work at 32x32; batch 4, so that the half of a
+        # batch that selective training attacks still has 2 rows for BatchNorm's last 1x1 feature maps.
+        args.image_size = 8
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu --quick to check the code path")
-    for name in ("batch_size", "steps", "matmul_size", "pgd_steps", "profile_steps"):
+    for name in ("batch_size", "steps", "matmul_size", "pgd_steps", "profile_steps", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup == 0 and args.steps < 2:
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "target": f">= {TARGET_THROUGHPUT}"}
                 for plain, recipe, p_up in PLAIN for label, r, q in RECIPES if (r, q) == (recipe, p_up)
                 and plain in by_label]
-    print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.precision}, "
+    print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
+          f"{args.precision}, "
           f"channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
     print("| recipe | images / s | ms / step | GFLOP / step | share of the bf16 peak |\n"
@@ -246,8 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
         profiles = [profile_recipe(label, args, root) for label in args.profile]
     print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
     record = {"machine": machine(args.device), "precision": args.precision, "batch_size": args.batch_size,
-              "channels_last": args.channels_last, "compile": args.compile, "steps": args.steps,
-              "peak_flops": peak, "quick": args.quick, "rows": rows, "comparisons": overhead, "profile": profiles}
+              "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
+              "steps": args.steps, "peak_flops": peak, "quick": args.quick, "rows": rows, "comparisons": overhead,
+              "profile": profiles}
     if args.json is not None:
         append_json(args.json, record)
     return record
