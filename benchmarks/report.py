@@ -129,6 +129,19 @@ def suite_table(suite: str, rows: dict[str, list[dict]], timing: dict | None) ->
     return lines, points
 
 
+def seed_table(rows: dict[str, list[dict]]) -> list[str]:
+    """Each seed of the rows run at more than one: a mean and spread hide two kinds of outcome (a seed that
+    trained and one that stayed at chance), so the report shows them apart."""
+    lines = [f"| {row} | {r['seed']} | {100 * r['test']['pgd20']['clean']:.1f} | "
+             f"{100 * r['test']['pgd20']['robust']:.1f} | {100 * r['test']['aa_apgd']['robust']:.1f} |"
+             for row in sorted(rows, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r))
+             if len(rows[row]) > 1 for r in sorted(rows[row], key=lambda r: r["seed"])]
+    if lines:
+        lines = ["| recipe | seed | clean % | PGD-20 % | AutoAttack (apgd) % |", "| --- | ---: | ---: | ---: | ---: |",
+                 *lines]
+    return lines
+
+
 def standard_gap(rows: dict[str, list[dict]]) -> list[str]:
     """AutoAttack standard against its apgd pair on the same images, where both ran."""
     lines = []
@@ -208,6 +221,9 @@ def write_report(records: Path, out: Path) -> None:
         missing = not_run(suite, rows)
         if missing:
             lines += [f"Runs of the matrix without a record (not run): {', '.join(missing)}.", ""]
+        per_seed = seed_table(rows)
+        if per_seed:
+            lines += ["Each seed of the rows run at several:", "", *per_seed, ""]
         gap = standard_gap(rows)
         if gap:
             lines += ["AutoAttack's standard version on a subset of the same test images:", "", *gap, "",

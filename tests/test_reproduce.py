@@ -67,6 +67,19 @@ def test_report_times_a_row_by_its_steps_and_the_stability_row_as_both_of_its_ro
     assert _row_time("ds", rows["ds"], rows, None) is None
 
 
+def test_report_lists_each_seed_of_the_rows_run_at_several_in_seed_order():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import seed_table
+
+    def rec(seed: int, aa: float) -> dict:
+        return {"seed": seed, "test": {"pgd20": {"clean": 0.5, "robust": 0.3}, "aa_apgd": {"robust": aa}}}
+
+    rows = {"ds": [rec(1, 0.1), rec(0, 0.2)], "robust": [rec(0, 0.25), rec(1, 0.092)], "standard": [rec(0, 0.1)]}
+    lines = seed_table(rows)
+    assert lines[2:] == ["| robust | 0 | 50.0 | 30.0 | 25.0 |", "| robust | 1 | 50.0 | 30.0 | 9.2 |",
+                         "| ds | 0 | 50.0 | 30.0 | 20.0 |", "| ds | 1 | 50.0 | 30.0 | 10.0 |"]
+    assert seed_table({"standard": [rec(0, 0.1)]}) == []  # one seed: the main table says it all
+
 
 def test_every_row_of_every_suite_resolves_through_the_cli(tmp_path):
     """A suite's overrides are CLI arguments: a typo or a renamed option would only fail hours into a matrix."""
