@@ -135,8 +135,8 @@ def suites(data_dir: str) -> dict[str, Suite]:
         ]),
     )
     # CIFAR-10 (JPEG copy) at a budget a 2-core CPU carries: the SmallCNN instead of ResNet-18, 10,000 training
-    # images, 10 epochs, PGD-7 training (Madry et al.'s CIFAR-10 attack); seeds 0-2 for robust, ds,
-    # random and selective margin, seed 0 for the other rows.
+    # images, 10 epochs, PGD-7 training (Madry et al.'s CIFAR-10 attack); seeds 0-2 for robust, ds, ds at
+    # P_up 1, random and selective margin, seed 0 for the other rows.
     cifar_eps = 0.03137  # 8/255
     cifar10 = Suite(
         name="cifar10",
@@ -162,7 +162,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("robust", "recipes/robust.yaml", seeds3, ()),
             ("standard", "recipes/standard.yaml", (0,), ()),
             ("ds", "recipes/ds.yaml", seeds3, ()),
-            ("ds_p1", "recipes/ds_p1.yaml", (0,), ()),  # the DS paper's "P_up = 1" reference: the whole pool
+            ("ds_p1", "recipes/ds_p1.yaml", seeds3, ()),  # the DS paper's "P_up = 1" reference: the whole pool
             ("random", "recipes/random.yaml", seeds3, ()),
             ("selective_margin", "recipes/selective_margin.yaml", seeds3, ()),
             ("selective_ds", "recipes/selective_ds.yaml", (0,), ()),
