@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for plain, recipe, p_up in PLAIN for label, r, q in RECIPES if (r, q) == (recipe, p_up)
                 and plain in by_label]
     print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
-          f"{args.precision}, "
-          f"channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
+          f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
     print("| recipe | images / s | ms / step | GFLOP / step | share of the bf16 peak |\n"
           "| --- | ---: | ---: | ---: | ---: |")

@@ -18,6 +18,11 @@ ROW_ORDER = ("standard", "robust", "ds", "ds_adaptive", "ds_p1", "random", "stab
              "selective_gradmatch", "selective_ds")
 
 
+def row_order(row: str) -> tuple[int, str]:
+    """Sort key of a row name: the matrix's order, then unknown rows by name."""
+    return (ROW_ORDER.index(row) if row in ROW_ORDER else len(ROW_ORDER), row)
+
+
 def load(records: Path) -> dict[str, dict[str, list[dict]]]:
     """``{suite: {row: [record, ...]}}`` from every ``*.json`` record under ``records`` (timing files aside)."""
     out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -116,7 +121,7 @@ def suite_table(suite: str, rows: dict[str, list[dict]], timing: dict | None) ->
     lines = ["| recipe | seeds | clean % | PGD-20 % | AutoAttack (apgd) % | FLOPs / robust | time / robust |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     points = []
-    for row in sorted(rows, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r)):
+    for row in sorted(rows, key=row_order):
         recs = rows[row]
         clean = _stat([r["test"]["pgd20"]["clean"] for r in recs])
         pgd = _stat([r["test"]["pgd20"]["robust"] for r in recs])
@@ -134,7 +139,7 @@ def seed_table(rows: dict[str, list[dict]]) -> list[str]:
     trained and one that stayed at chance), so the report shows them apart."""
     lines = [f"| {row} | {r['seed']} | {100 * r['test']['pgd20']['clean']:.1f} | "
              f"{100 * r['test']['pgd20']['robust']:.1f} | {100 * r['test']['aa_apgd']['robust']:.1f} |"
-             for row in sorted(rows, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r))
+             for row in sorted(rows, key=row_order)
              if len(rows[row]) > 1 for r in sorted(rows[row], key=lambda r: r["seed"])]
     if lines:
         lines = ["| recipe | seed | clean % | PGD-20 % | AutoAttack (apgd) % |", "| --- | ---: | ---: | ---: | ---: |",
