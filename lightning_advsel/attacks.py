@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
@@ -347,6 +347,11 @@ class AttackConfig:
         this: the settings were checked when built, and the module checks the first batch and the model's output.
         """
         return _pgd_loop(model, x, y, self, generator, loss, start_std)
+
+    def scaled(self, factor: float) -> AttackConfig:
+        """This attack with ``eps`` and ``alpha`` times ``factor`` (a radius warm-up keeps the step size in
+        proportion to the ball); itself when ``factor`` is 1."""
+        return self if factor == 1 else replace(self, eps=self.eps * factor, alpha=self.alpha * factor)
 
     def check_batch(self, x: Tensor, y: Tensor) -> None:
         """The checks :func:`pgd` runs on a batch: finite pixels in [0, 1], integer labels, an L2 ball that fits.

@@ -217,6 +217,13 @@ class AdversarialSelectionModule(L.LightningModule):
             dict keys do not change) when the Trainer sets the module up. Only the network is compiled, not
             the step: the selection's sizes depend on the data, the network's shapes settle after the first
             step (every PGD step then reuses the compiled graph). Off by default.
+        eps_warmup_epochs: epochs (fractions allowed) over which the training attack's ``eps`` and ``alpha``
+            rise linearly, batch by batch, from ``1 / N`` of their value at the first of an epoch's ``N`` batches
+            to their value (:func:`~lightning_advsel.schedules.warmup_factor`); logged as ``train/eps``. Robust
+            training from scratch at a large radius can stay at a constant prediction; a ramp starts it from
+            near-clean examples. 0 (default): the full radius from the first step. The validation, test and
+            prediction attacks keep their radius; the ramp follows the epoch and batch index, so a resumed run
+            continues it.
 
     Raises:
         ValueError: for an unknown ``recipe``, ``attack_score``, ``scoring_mode`` or ``scheduler_interval``,
@@ -226,10 +233,10 @@ class AdversarialSelectionModule(L.LightningModule):
             ``nonfinite``, ``batch_keys`` that are not two different keys, an ``input_normalization`` that is
             not ``(mean, std)`` of equal lengths with positive ``std``, a negative ``gradient_clip_val``, an
             unknown ``gradient_clip_algorithm``, ``accumulate_grad_batches`` below 1, a ``channels_last`` or
-            ``compile_model`` that is not a bool; at fit start, a Trainer with ``gradient_clip_val`` or
-            ``accumulate_grad_batches`` set (the message names these arguments); at the first batch, a ``model``
-            whose output is not ``(B, num_classes)``, a mapping batch without the ``batch_keys`` entries, or (for
-            a recipe that attacks) inputs outside [0, 1] (see
+            ``compile_model`` that is not a bool, a negative ``eps_warmup_epochs``; at fit start, a Trainer with
+            ``gradient_clip_val`` or ``accumulate_grad_batches`` set (the message names these arguments); at the
+            first batch, a ``model`` whose output is not ``(B, num_classes)``, a mapping batch without the
+            ``batch_keys`` entries, or (for a recipe that attacks) inputs outside [0, 1] (see
             :meth:`~lightning_advsel.attacks.AttackConfig.check_batch`); when loading a checkpoint, one written
             for a different model architecture.
         ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
@@ -271,6 +278,7 @@ class AdversarialSelectionModule(L.LightningModule):
         predict_attack: AutoAttackConfig | AttackConfig | None = None,
         channels_last: bool = False,
         compile_model: bool = False,
+        eps_warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -289,6 +297,7 @@ class AdversarialSelectionModule(L.LightningModule):
             raise ValueError("`clean_rows`='all' takes the mean of each part on each rank; it has no global form, "
                              "use `selection_scope`='local'")
         self.attack_warmup_epochs = checks.check_int("attack_warmup_epochs", attack_warmup_epochs, 0)
+        self.eps_warmup_epochs = checks.check_number("eps_warmup_epochs", eps_warmup_epochs, 0.0, unit="epochs")
         self.batch_keys = check_keys(batch_keys)
         normalize = _as_normalization(input_normalization)
         self.channels_last = checks.check_bool("channels_last", channels_last)
@@ -492,6 +501,9 @@ class AdversarialSelectionModule(L.LightningModule):
         if self.current_epoch < self.attack_warmup_epochs:  # the first epochs attack every row, or random ones
             settings = (replace(settings, attack_frac=1.0) if self.attack_warmup == "all"
                         else replace(settings, attack_score="random", attack_sampling="top"))
+        if self.eps_warmup_epochs:  # the radius ramp: a smaller ball early in training
+            settings = replace(settings, train_attack=settings.train_attack.scaled(self._eps_factor(batch_idx)))
+            self.log("train/eps", settings.train_attack.eps, on_step=True, on_epoch=False)
         out = adversarial_step(self.pixel_model, x, y, settings, self._generator(x.device, self._step_offset()), scope)
         # One all-reduce decides the finite-loss policy and sums the step's work over ranks for the cost log.
         work = [getattr(out.cost, name) for name in cost.COUNTERS]
@@ -513,6 +525,13 @@ class AdversarialSelectionModule(L.LightningModule):
             self._grads_unsynced = False
         self._window_has_grads = True
         return out, step_work
+
+    def _eps_factor(self, batch_idx: int) -> float:
+        """The radius ramp's factor at this batch: epochs done, counting it (whole epochs when the loader has no
+        length)."""
+        batches = self.trainer.num_training_batches
+        within = (batch_idx + 1) / batches if math.isfinite(batches) and batches > 0 else 1.0
+        return schedules.warmup_factor(self.current_epoch + within, self.eps_warmup_epochs)
 
     def _no_grad_sync(self) -> AbstractContextManager:
         """DDP's ``no_sync`` for a backward inside an accumulation window (nothing on a single device)."""

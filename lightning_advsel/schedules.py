@@ -13,6 +13,9 @@ sets its length at ``configure_optimizers``: the run's optimizer steps under ``s
         final_factor: 0.0            # of the optimizer's lr, at the end of training
 
 Outside the module, call :meth:`RunLengthSchedule.set_length` before the first ``step()``.
+
+:func:`warmup_factor` is the training attack's radius ramp (the module's ``eps_warmup_epochs``), a pure function of
+the epochs trained.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_advsel import checks
 
-__all__ = ["Cosine", "OneCycle", "RunLengthSchedule", "cosine_factor", "one_cycle_factor"]
+__all__ = ["Cosine", "OneCycle", "RunLengthSchedule", "cosine_factor", "one_cycle_factor", "warmup_factor"]
 
 
 def cosine_factor(progress: float, final_factor: float = 0.0) -> float:
@@ -42,6 +45,18 @@ def one_cycle_factor(progress: float, peak: float = 0.3, start_factor: float = 0
     if progress < peak:
         return start_factor + (1 - start_factor) * progress / peak
     return cosine_factor((progress - peak) / (1 - peak), final_factor) if peak < 1 else 1.0
+
+
+def warmup_factor(epochs_done: float, warmup_epochs: float) -> float:
+    """A linear rise to 1 over ``warmup_epochs``: ``min(1, epochs_done / warmup_epochs)``; 1 when ``warmup_epochs``
+    is 0.
+
+    ``epochs_done`` counts the batch being trained: the first of ``N`` batches of epoch 0 is ``1 / N``, so the
+    factor is above 0 from the first step and reaches 1 at the last batch of the warm-up.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, max(epochs_done, 0.0) / warmup_epochs)
 
 
 class RunLengthSchedule(LambdaLR):

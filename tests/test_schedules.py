@@ -9,8 +9,9 @@ from conftest import TinyNet, config_args, tiny_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel import module as module_file
 from lightning_advsel.cli import build_cli
-from lightning_advsel.schedules import Cosine, OneCycle, cosine_factor, one_cycle_factor
+from lightning_advsel.schedules import Cosine, OneCycle, cosine_factor, one_cycle_factor, warmup_factor
 
 LR = 0.1
 
@@ -64,3 +65,65 @@ def test_the_schedule_overlays_parse_over_a_base_with_its_own_scheduler(tmp_path
                          "--trainer.logger", "false"], run=False)
         assert cli.model.scheduler_interval == "step"
         assert isinstance(cli.model.lr_scheduler_factory(torch.optim.SGD(cli.model.parameters(), lr=LR)), cls)
+
+
+def test_the_warmup_factor_rises_linearly_to_one_and_stays_there():
+    assert [warmup_factor(e, 2.0) for e in (0.25, 0.5, 1.0, 2.0, 3.5)] == [0.125, 0.25, 0.5, 1.0, 1.0]
+    assert warmup_factor(0.25, 0.0) == 1.0  # no warm-up: the full radius from the first batch
+
+
+EPS, ALPHA = 0.1, 0.05  # pixels
+STEP = module_file.adversarial_step
+
+
+def _ramped(tmp_path, monkeypatch, epochs: int, ckpt_path=None, **kwargs) -> tuple[AdversarialSelectionModule, list]:
+    """Fit 4 batches an epoch with a 1.5-epoch radius ramp; the (eps, alpha) every training step was given."""
+    seen = []
+
+    def spy(model, x, y, settings, *args):
+        seen.append((settings.train_attack.eps, settings.train_attack.alpha))
+        return STEP(model, x, y, settings, *args)
+
+    monkeypatch.setattr(module_file, "adversarial_step", spy)
+    torch.manual_seed(0)
+    module = AdversarialSelectionModule(TinyNet(), recipe="robust", eps_warmup_epochs=1.5,
+                                        train_attack=AttackConfig(eps=EPS, alpha=ALPHA, steps=1, mode="train"),
+                                        eval_attack=AttackConfig(eps=EPS, alpha=ALPHA, steps=1), **kwargs)
+    x, y = tiny_batch(16)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), ckpt_path=ckpt_path)
+    if ckpt_path is None:
+        trainer.save_checkpoint(tmp_path / f"epochs{epochs}.ckpt")
+    return module, seen
+
+
+def test_eps_warmup_ramps_the_training_radius_and_step_batch_by_batch_and_leaves_the_settings_alone(
+        tmp_path, monkeypatch):
+    module, seen = _ramped(tmp_path, monkeypatch, epochs=3)
+    factors = [min(1.0, (i + 1) / 4 / 1.5) for i in range(12)]  # 4 batches an epoch, 1.5 epochs
+    assert seen == [pytest.approx((EPS * f, ALPHA * f)) for f in factors]
+    assert factors[5] == 1 and factors[4] < 1  # the ramp ends at the middle of the second epoch
+    assert module.settings.train_attack.eps == EPS and module.eval_attack.eps == EPS  # evaluation: full radius
+
+
+def test_a_run_resumed_inside_the_eps_warmup_continues_the_ramp(tmp_path, monkeypatch):
+    _, whole = _ramped(tmp_path / "whole", monkeypatch, epochs=2)
+    _ramped(tmp_path / "first", monkeypatch, epochs=1)
+    _, resumed = _ramped(tmp_path / "again", monkeypatch, epochs=2, ckpt_path=tmp_path / "first" / "epochs1.ckpt")
+    assert resumed == whole[4:]
+    assert resumed[0][0] < EPS  # the resumed epoch starts inside the ramp
+
+
+def test_the_eps_warmup_overlay_parses_over_a_base_and_a_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*config_args("digits/base.yaml", "recipes/robust.yaml", "schedules/eps_warmup.yaml"),
+                     "--trainer.logger", "false"], run=False)
+    assert cli.model.eps_warmup_epochs == 5 and cli.model.settings.recipe == "robust"
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), "two"])
+def test_a_bad_eps_warmup_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"`eps_warmup_epochs` must be a finite number >= 0.0 \(epochs\)"):
+        AdversarialSelectionModule(TinyNet(), eps_warmup_epochs=bad)
