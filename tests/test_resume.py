@@ -56,8 +56,8 @@ model:
     return path
 
 
-def command(cfg: Path, *extra: str, objective: str | None = None) -> list[str]:
-    overlays = (f"objectives/{objective}.yaml",) if objective else ()
+def command(cfg: Path, *extra: str, overlay: str | None = None) -> list[str]:
+    overlays = (f"{overlay}.yaml",) if overlay else ()
     return [sys.executable, "-m", "lightning_advsel.cli", "fit", *config_args(*MAIN_JOB, *overlays),
             "--config", str(cfg), *extra]
 
@@ -71,12 +71,13 @@ def run(args: list[str], cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("objective", [None, "trades"])
-def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights(tmp_path, objective):
-    run(command(config(tmp_path, "straight", pause=False), objective=objective), tmp_path)
+# The radius warm-up (5 epochs) lasts the whole run: the resumed half must continue its ramp.
+@pytest.mark.parametrize("overlay", [None, "objectives/trades", "schedules/eps_warmup"])
+def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights(tmp_path, overlay):
+    run(command(config(tmp_path, "straight", pause=False), overlay=overlay), tmp_path)
 
     killed_cfg = config(tmp_path, "killed", pause=True)
-    proc = subprocess.Popen(command(killed_cfg, objective=objective), env=env(), cwd=tmp_path,
+    proc = subprocess.Popen(command(killed_cfg, overlay=overlay), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "paused"
     deadline = time.monotonic() + 180
@@ -89,7 +90,7 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
     assert before["global_step"] == 4 and before["epoch"] == 0  # mid-epoch: 4 of 6 batches
 
     # Restart without the pause, from `last`, writing into the same checkpoint folder.
-    run(command(config(tmp_path, "killed", pause=False), "--ckpt_path", "last", objective=objective), tmp_path)
+    run(command(config(tmp_path, "killed", pause=False), "--ckpt_path", "last", overlay=overlay), tmp_path)
 
     straight = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
@@ -109,7 +110,7 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
     steps = 2 * STEPS_PER_EPOCH
     assert resumed["advsel"]["work"] == straight["advsel"]["work"]
     assert straight["advsel"]["work"]["attack_grad_steps"] == steps * 64 * 2
-    per_step = 128 + 64 if objective is None else 64 + 128 + 64
+    per_step = 64 + 128 + 64 if overlay == "objectives/trades" else 128 + 64
     assert straight["advsel"]["work"]["forward_rows"] == steps * per_step
 
 
