@@ -52,14 +52,18 @@ LAYOUT = {
         "mean and median radius, robust share at the training eps": _chart(
             "minperturb/mean", "minperturb/median", "minperturb/robust_frac_at_train_eps"),
     },
+    "training attack": {
+        "radius during the eps warm-up (pixels)": _chart("train/eps"),
+    },
 }
 
 
-def run_hparams(settings: StepSettings) -> dict[str, str | float | int]:
+def run_hparams(settings: StepSettings, eps_warmup_epochs: float = 0.0) -> dict[str, str | float | int]:
     """The hyperparameters of a run's row in the HPARAMS table.
 
     ``attack_frac`` and ``attack_score`` only for the recipes that choose rows before the attack (elsewhere
-    they do nothing and would read as if they did); the objective, and its weight for TRADES and MART.
+    they do nothing and would read as if they did); the objective, and its weight for TRADES and MART; the
+    radius warm-up's epochs when there is one.
     """
     attack = settings.train_attack
     params: dict[str, str | float | int] = {"recipe": settings.recipe, "p_up": settings.p_up}
@@ -68,11 +72,13 @@ def run_hparams(settings: StepSettings) -> dict[str, str | float | int]:
     params.update(eps=attack.eps, steps=attack.steps, objective=settings.objective.name)
     if settings.objective.paired:  # beta of TRADES, lambda of MART
         params["objective_weight"] = settings.objective.weight
+    if eps_warmup_epochs:
+        params["eps_warmup_epochs"] = eps_warmup_epochs
     return params
 
 
 @rank_zero_only
-def describe_run(loggers: list, settings: StepSettings) -> None:
+def describe_run(loggers: list, settings: StepSettings, eps_warmup_epochs: float = 0.0) -> None:
     """Write the hyperparameter session and the custom-scalars layout into each TensorBoard logger."""
     from torch.utils.tensorboard.summary import hparams
 
@@ -82,7 +88,7 @@ def describe_run(loggers: list, settings: StepSettings) -> None:
         writer = logger.experiment
         writer.add_custom_scalars(LAYOUT)
         # Only the metric names are written here; TensorBoard reads their values from the run's scalars.
-        experiment, start, end = hparams(run_hparams(settings), dict.fromkeys(HPARAM_METRICS, 0.0))
+        experiment, start, end = hparams(run_hparams(settings, eps_warmup_epochs), dict.fromkeys(HPARAM_METRICS, 0.0))
         file_writer = writer._get_file_writer()  # as Lightning's TensorBoardLogger.log_hyperparams does
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)

@@ -671,7 +671,7 @@ class AdversarialSelectionModule(L.LightningModule):
                 "without `sync_batchnorm`"
             )
         self._check_training_batches()
-        dashboard.describe_run(self.loggers, self.settings)
+        dashboard.describe_run(self.loggers, self.settings, self.eps_warmup_epochs)
 
     def _check_training_batches(self) -> None:
         """Refuse, before the sanity check and the first step, a training loader that yields no batch.

@@ -89,7 +89,8 @@ def test_a_short_run_writes_the_layout_the_hparams_session_and_the_cost_of_its_c
     # (the minimum-perturbation chart's come with the dashboards overlay).
     (layout_event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
-    assert [c.title for c in layout.category] == ["accuracy", "selection", "cost", "minimum perturbation"]
+    assert [c.title for c in layout.category] == ["accuracy", "selection", "cost", "minimum perturbation",
+                                                  "training attack"]
     for category in layout.category[:3]:
         for chart in category.chart:
             for pattern in chart.multiline.tag:
@@ -129,3 +130,10 @@ def test_the_table_names_the_objective_and_the_weight_of_a_paired_one():
     assert "objective_weight" not in run_hparams(StepSettings(recipe="ds"))
     trades = run_hparams(StepSettings(recipe="ds", objective=Objective("trades")))
     assert trades["objective"] == "trades" and trades["objective_weight"] == 6.0
+
+
+def test_the_table_shows_the_eps_warmup_only_for_a_run_that_has_one():
+    from lightning_advsel.dashboard import run_hparams
+
+    assert "eps_warmup_epochs" not in run_hparams(StepSettings(recipe="robust"))
+    assert run_hparams(StepSettings(recipe="robust"), eps_warmup_epochs=2.0)["eps_warmup_epochs"] == 2.0

@@ -106,6 +106,7 @@ def test_eps_warmup_ramps_the_training_radius_and_step_batch_by_batch_and_leaves
     assert seen == [pytest.approx((EPS * f, ALPHA * f)) for f in factors]
     assert factors[5] == 1 and factors[4] < 1  # the ramp ends at the middle of the second epoch
     assert module.settings.train_attack.eps == EPS and module.eval_attack.eps == EPS  # evaluation: full radius
+    assert float(module.trainer.callback_metrics["train/eps"]) == pytest.approx(EPS)  # the last step's, logged
 
 
 def test_a_run_resumed_inside_the_eps_warmup_continues_the_ramp(tmp_path, monkeypatch):
