@@ -193,6 +193,14 @@ def figure(suite: str, points: list[dict], out: Path) -> Path | None:
     return out
 
 
+def timing_suite(suite: str) -> str:
+    """The suite whose ``timing.json`` times ``suite``: its own, or the one its definition names."""
+    from reproduce import suites
+
+    defined = suites("data").get(suite)
+    return (defined.timing_from if defined is not None else None) or suite
+
+
 def not_run(suite: str, rows: dict[str, list[dict]]) -> list[str]:
     """The runs that ``reproduce.py`` defines for ``suite`` and that have no record (in the matrix's order)."""
     from reproduce import suites
@@ -210,7 +218,8 @@ def write_report(records: Path, out: Path) -> None:
              " do not edit by hand.", ""]
     for suite in sorted(data):
         rows = data[suite]
-        timing_path = records / suite / "timing.json"
+        timed_as = timing_suite(suite)
+        timing_path = records / timed_as / "timing.json"
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
         table, points = suite_table(suite, rows, timing)
         any_rec = next(iter(next(iter(rows.values()))))
@@ -239,10 +248,11 @@ def write_report(records: Path, out: Path) -> None:
         if fig is not None:
             lines += [f"![{suite}: AutoAttack accuracy against cost](figures/{fig.name})", ""]
         if timing:
-            lines += [f"Wall time: {timing['command']} on {timing['machine']}: the median time of a training step "
-                      "of each row, interleaved, times the row's steps in its record, relative to robust (steps of "
-                      "the first epoch: ds_adaptive is timed at its starting P_up; the stability row as its two "
-                      "robust runs).", ""]
+            borrowed = "" if timed_as == suite else f"the {timed_as} suite's timing (the same work per step), "
+            lines += [f"Wall time: {borrowed}{timing['command']} on {timing['machine']}: the median time of a "
+                      "training step of each row, interleaved, times the row's steps in its record, relative to "
+                      "robust (steps of the first epoch: ds_adaptive is timed at its starting P_up; the stability "
+                      "row as its two robust runs).", ""]
         shown = run_figures(rows)
         if shown:
             lines += ["Figures drawn by the runs' `PaperFigures` callback (selection make-up, minimum "

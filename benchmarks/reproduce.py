@@ -67,6 +67,7 @@ class Suite:
     aa_standard_rows: tuple[str, ...] = ()
     # Batch limits (counts of batches), set on the trainer after the configs are parsed.
     limits: tuple[tuple[str, int], ...] = ()
+    timing_from: str | None = None  # a suite whose step timing holds for this one (same work per step)
 
 
 def _rows(spec: list[tuple]) -> tuple[Run, ...]:
@@ -178,6 +179,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
         cifar10,
         name="cifar10_warmup",
         overrides=(*cifar10.overrides, "--model.init_args.eps_warmup_epochs", "2"),  # epochs
+        timing_from="cifar10",  # the ramp changes the radius, not the attack steps or the rows trained
         rows=_rows([
             ("robust", "recipes/robust.yaml", seeds3, ()),
             ("ds", "recipes/ds.yaml", seeds3, ()),

@@ -115,3 +115,15 @@ def test_timing_script_times_every_row_on_its_suites_config_and_writes_the_recor
     assert set(timing["seconds_per_step"]) == {"robust", "ds"}
     assert all(seconds > 0 for seconds in timing["seconds_per_step"].values())
     assert "| ds | 2 |" in done.stdout
+
+
+def test_the_warmup_suite_is_the_cifar10_suite_plus_the_ramp_and_borrows_its_step_timing():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import timing_suite
+    from reproduce import suites
+
+    plain, ramped = suites("data")["cifar10"], suites("data")["cifar10_warmup"]
+    assert ramped.overrides == (*plain.overrides, "--model.init_args.eps_warmup_epochs", "2")
+    assert {run.name for run in ramped.rows} <= {run.name for run in plain.rows}
+    assert timing_suite("cifar10_warmup") == "cifar10" and timing_suite("cifar10") == "cifar10"
+    assert timing_suite("not_a_suite") == "not_a_suite"
