@@ -193,19 +193,22 @@ def figure(suite: str, points: list[dict], out: Path) -> Path | None:
     return out
 
 
-def timing_suite(suite: str) -> str:
-    """The suite whose ``timing.json`` times ``suite``: its own, or the one its definition names."""
+def _definition(suite: str):  # a reproduce.Suite; imported here, as reproduce imports this module in main()
+    """The suite as ``reproduce.py`` defines it, or ``None`` for a suite it no longer holds."""
     from reproduce import suites
 
-    defined = suites("data").get(suite)
+    return suites("data").get(suite)
+
+
+def timing_suite(suite: str) -> str:
+    """The suite whose ``timing.json`` times ``suite``: its own, or the one its definition names."""
+    defined = _definition(suite)
     return (defined.timing_from if defined is not None else None) or suite
 
 
 def not_run(suite: str, rows: dict[str, list[dict]]) -> list[str]:
     """The runs that ``reproduce.py`` defines for ``suite`` and that have no record (in the matrix's order)."""
-    from reproduce import suites
-
-    defined = suites("data").get(suite)
+    defined = _definition(suite)
     done = {f"{r['row']}-s{r['seed']}" for recs in rows.values() for r in recs}
     return [] if defined is None else [run.run_id for run in defined.rows if run.run_id not in done]
 
