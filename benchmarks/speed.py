@@ -15,10 +15,11 @@ variants is the median of their per-repeat ratios (epochs a few seconds apart), 
 drift slower than a repeat cancels in each ratio, where a ratio of medians would keep it. A module epoch is
 timed by a callback from epoch start to epoch end; the Trainer's construction, fit setup and teardown, which
 the loop does not have, are the separate "outside" column. Peak memory comes from one more, untimed epoch per
-variant, each in a fresh process after one warm-up batch: ``torch.cuda.max_memory_allocated`` above the start
-on GPU; on CPU the peak of the bytes held by live tensor storages made inside the epoch (:class:`LiveTensorBytes`,
-counted at every operator; the allocator's own overhead aside). The process's resident set is no measure here:
-on our machine the same variant's RSS peak varied by half from one fresh process to the next.
+variant, after one warm-up batch: ``torch.cuda.max_memory_allocated`` above the start on GPU; on CPU the peak
+of the bytes held by live tensor storages made inside the epoch (:class:`LiveTensorBytes`, counted at every
+operator; the allocator's own overhead aside), which does not depend on what ran before in the process. The
+process's resident set is no measure here: on our machine the same variant's RSS peak varied by half from one
+fresh process to the next.
 
 CPU on MNIST (torchvision layout under ``--data-dir``), the MNIST config's network and PGD-40 at eps 0.3::
 
@@ -48,8 +49,6 @@ import json
 import logging
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -273,19 +272,6 @@ def measure_memory(setup: Setup, data: L.LightningDataModule, variant: Variant, 
     with peak_memory(torch.device(device)) as peak:
         run_once(setup, data, variant, batches, device, seed)
     return peak["mib"]
-
-
-def memory_in_fresh_process(args: argparse.Namespace, variant: Variant) -> float | None:
-    """:func:`measure_memory` of ``variant`` in a new Python process (this script, ``--memory-of``)."""
-    argv = [sys.executable, __file__, "--data", args.data, "--device", args.device, "--seed", str(args.seed),
-            "--memory-batches", str(args.memory_batches), "--memory-of", variant.label]
-    for flag, value in (("--data-dir", args.data_dir), ("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value is not None:
-            argv += [flag, str(value)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the memory pass of {variant.label!r} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["mib"]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -593,7 +579,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=15, help="--profile: operators shown per recipe")
     parser.add_argument("--step-pairs", type=int, default=0, metavar="N",
                         help="instead of epochs: N batches per pair of recipes, their steps back to back")
-    parser.add_argument("--memory-of", choices=[v.label for v in VARIANTS], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=[v.label for v in VARIANTS], metavar="VARIANT",
+                        help="only the peak memory of this variant (one JSON line)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.warmup, args.memory_batches = 2, 1, 0, 1
@@ -608,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict:
     data.setup("fit")
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no info lines for every fit
-    if args.memory_of:  # the child of memory_in_fresh_process: one JSON line
+    if args.memory_of:  # one variant's memory column, alone
         variant = next(v for v in VARIANTS if v.label == args.memory_of)
         mib = measure_memory(setup, data, variant, args.memory_batches, args.device, args.seed)
         print(json.dumps({"mib": mib}))
@@ -635,7 +622,10 @@ def main(argv: list[str] | None = None) -> dict:
     for repeat in range(args.repeats):
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
             runs[variant.label].append(run_once(setup, data, variant, args.batches, args.device, args.seed))
-    memory = {v.label: memory_in_fresh_process(args, v) for v in VARIANTS}
+    # In this process: the count sees only storages made inside the measured epoch, so a variant measured after
+    # the others reads what it reads alone (`--memory-of`; the six MNIST rows of SPEED.md agree to the byte).
+    memory = {v.label: measure_memory(setup, data, v, args.memory_batches, args.device, args.seed)
+              for v in VARIANTS}
     rows = summarize(runs, memory)
     ratios = comparisons(runs, rows, setup.attack.steps)
     print(format_tables(rows, ratios))

@@ -33,6 +33,11 @@ def test_speed_quick_reports_every_variant_the_targets_and_appends_to_the_json_f
     assert targets["selective margin 0.5 / robust (module)"] == f"FLOP floor {(2 + 4) / (2 * 2 + 3):.3f}"
     assert targets["ds p_up 0.5 / ds p_up 1 (module)"].startswith("FLOP floor 0.")
     assert json.loads(out.read_text())[0] == {"earlier": "run"} and len(json.loads(out.read_text())) == 2
+    # The selected rows' backward holds less than the whole pool's; a variant measured alone reads the same.
+    peak = {r["variant"]: r["peak_mib"] for r in record["rows"]}
+    assert peak["ds p_up 0.5, module"] < peak["ds p_up 1, module"]
+    alone = speed.main(["--data", "digits", "--quick", "--memory-of", "ds p_up 1, module"])
+    assert alone == {"mib": peak["ds p_up 1, module"]}
     printed = capsys.readouterr().out
     assert "| robust, plain loop | 1 |" in printed
     assert "| comparison | measured (median of per-repeat ratios) |" in printed
