@@ -384,8 +384,13 @@ class AdversarialSelectionModule(L.LightningModule):
         self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_robust = MulticlassAccuracy(num_classes, average="micro")
-        # The accuracies of the second and further validation / test dataloaders, made when first met.
-        self.eval_accuracies = nn.ModuleDict()
+        # The clean loss per row, a metric for the same reason as the training loss: its epoch value is the mean
+        # over every rank's rows. A non-finite loss stays in the mean (a diverged model shows NaN, not a mean of
+        # its finite rows); it is fed one value per row because this strategy ignores weights (torchmetrics 1.9).
+        self.val_loss_clean = MeanMetric(nan_strategy="disable")
+        self.test_loss_clean = MeanMetric(nan_strategy="disable")
+        # The metrics of the second and further validation / test dataloaders, made when first met.
+        self.eval_metrics = nn.ModuleDict()
         # The run's work since it started (checkpointed), and its totals when training ended (for the summary).
         self.work = cost.WorkCounter()
         self.work_totals: dict[str, int] | None = None
@@ -814,37 +819,43 @@ class AdversarialSelectionModule(L.LightningModule):
             return self.test_attack
         return self.eval_attack
 
-    def _accuracies(self, stage: str, dataloader_idx: int) -> tuple[tuple[str, Metric], tuple[str, Metric]]:
-        """The (attribute name, metric) of the clean and robust accuracy of one ``stage`` dataloader.
+    def _eval_metrics(self, stage: str, dataloader_idx: int) -> dict[str, tuple[str, Metric]]:
+        """``{"acc_clean" | "acc_robust" | "loss_clean": (attribute name, metric)}`` of one ``stage`` dataloader.
 
-        Each loader counts in its own metrics, so no loader's rows reach another's accuracy and each is synced
-        over DDP ranks on its own; the first loader's are ``{stage}_acc_clean`` and ``{stage}_acc_robust``.
+        Each loader counts in its own metrics, so no loader's rows reach another's numbers and each is synced
+        over DDP ranks on its own; the first loader's are the attributes ``{stage}_acc_clean``,
+        ``{stage}_acc_robust`` and ``{stage}_loss_clean``.
         """
+        kinds = ("acc_clean", "acc_robust", "loss_clean")
         if dataloader_idx == 0:
-            names = (f"{stage}_acc_clean", f"{stage}_acc_robust")
-            return (names[0], getattr(self, names[0])), (names[1], getattr(self, names[1]))
+            return {kind: (f"{stage}_{kind}", getattr(self, f"{stage}_{kind}")) for kind in kinds}
         key = f"{stage}_dataloader_idx_{dataloader_idx}"
-        if key not in self.eval_accuracies:
-            self.eval_accuracies[key] = nn.ModuleList(
-                [MulticlassAccuracy(self.num_classes, average="micro") for _ in range(2)]).to(self.device)
-        clean, robust = self.eval_accuracies[key]
-        return (f"eval_accuracies.{key}.0", clean), (f"eval_accuracies.{key}.1", robust)
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = nn.ModuleList(
+                [MulticlassAccuracy(self.num_classes, average="micro") for _ in range(2)]
+                + [MeanMetric(nan_strategy="disable")]
+            ).to(self.device)
+        return {kind: (f"eval_metrics.{key}.{i}", metric)
+                for i, (kind, metric) in enumerate(zip(kinds, self.eval_metrics[key], strict=True))}
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
         x, y, _ = self.read_batch(batch)
-        (clean_name, acc_clean), (robust_name, acc_robust) = self._accuracies(stage, dataloader_idx)
+        metrics = self._eval_metrics(stage, dataloader_idx)
         model = self.pixel_model
         self._check_model_output(x)
         y = self._check_batch(y, batch_idx)
         logits = model(x)
+        (loss_name, loss_clean), (clean_name, acc_clean) = metrics["loss_clean"], metrics["acc_clean"]
+        loss_clean(F.cross_entropy(logits, y, reduction="none"))  # per row: the epoch's value is their mean
         acc_clean(logits, y)
         # With several loaders Lightning appends "/dataloader_idx_{i}" to each key (`add_dataloader_idx`).
-        self.log(f"{stage}/loss_clean", F.cross_entropy(logits, y), batch_size=x.shape[0])
+        self.log(f"{stage}/loss_clean", loss_clean, metric_attribute=loss_name)
         self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True, metric_attribute=clean_name)
         attack = self.robust_attack(stage)
         if attack is not None and attack.enabled:
+            name, acc_robust = metrics["acc_robust"]
             acc_robust(self._attacked_logits(attack, x, y, batch_idx), y)
-            self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True, metric_attribute=robust_name)
+            self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True, metric_attribute=name)
 
     def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
         """The model's logits on ``attack``'s examples of ``(x, y)``, seeded by the batch index alone: the same

@@ -1,15 +1,15 @@
-"""Run by tests as ``python tests/ddp_bn_window_worker.py OUT_DIR``: 2 CPU ranks train a BatchNorm network
+"""``run(OUT_DIR)``, called by ``tests/ddp_worker.py`` for its ``bn_window`` run: 2 CPU ranks train a BatchNorm network
 with ``accumulate_grad_batches=2`` and a validation after every training batch, so that every other validation
 falls inside an accumulation window (after a backward under DDP's ``no_sync``), then test it.
 
-Each rank writes ``OUT_DIR/rank{r}.json``: per validation and for the test, the BatchNorm running mean the rank
-evaluated with and whether an accumulation window was open. Lightning relaunches this script once per rank.
+Each rank writes ``OUT_DIR/bn_window.rank{r}.json``: per validation and for the test, the BatchNorm running mean
+the rank evaluated with and whether an accumulation window was open; and the last validation's and the test's
+clean loss as the rank logged them (each rank evaluates half of the held-out rows).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -39,8 +39,7 @@ class RunningStats(L.Callback):
         self.on_validation_batch_end(trainer, module, outputs, batch, batch_idx, dataloader_idx)
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def run(out: Path) -> None:
     torch.manual_seed(0)
     x, y = tiny_batch(32)
     module = AdversarialSelectionModule(
@@ -54,9 +53,8 @@ def main() -> None:
                         callbacks=[stats], default_root_dir=out)
     held_out = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), held_out)
+    losses = {"val": float(trainer.callback_metrics["val/loss_clean"])}
     trainer.test(module, held_out, verbose=False)
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(stats.seen))
-
-
-if __name__ == "__main__":
-    main()
+    losses["test"] = float(trainer.callback_metrics["test/loss_clean"])
+    (out / f"bn_window.rank{trainer.global_rank}.json").write_text(json.dumps({"seen": stats.seen,
+                                                                              "loss_clean": losses}))

@@ -1,11 +1,12 @@
-"""Run by tests as ``python tests/ddp_worker.py OUT.json SCOPE:P_UP:STEPS[:nan][:accN] ...``: two-process DDP on
-CPU (gloo).
+"""Run by tests as ``python tests/ddp_worker.py OUT.json SCOPE:P_UP:STEPS[:nan][:accN] ... [bn_window]``: two-process
+DDP on CPU (gloo).
 
 For each run it trains a fresh copy of the deterministic test setup and writes, per rank, the final parameters,
 the rows each step selected and how many times DDP's gradient all-reduce (its communication hook) fired.
 ``nan`` puts one NaN pixel in the data; ``accN`` accumulates gradients over N batches of 2 rows per rank and
 saves a checkpoint after the first batch (inside a window) as ``OUT_DIR/<run with _ for :>.ckpt``.
-Lightning relaunches this script once per rank.
+``bn_window`` (last) runs ``ddp_bn_window_worker.run`` in OUT.json's folder. Lightning relaunches this script once
+per rank.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import ddp_bn_window_worker
 import lightning as L
 import torch
 from conftest import TinyNet, tiny_batch
@@ -112,8 +114,9 @@ def main() -> None:
     os.environ["PL_GLOBAL_SEED"] = str(SAMPLER_SEED)  # what Lightning seeds its sampler with (set before launch)
     out = Path(sys.argv[1])
     x, y = tiny_batch(ROWS)
+    runs = sys.argv[2:]
     results = {}
-    for run in sys.argv[2:]:
+    for run in (r for r in runs if r != "bn_window"):
         # SCOPE:P_UP:STEPS, then options: nan for one NaN pixel in one row of the data set, which only one rank
         # sees (max_epochs=1), accN for accumulation over N batches.
         scope, p_up, steps, *options = run.split(":")
@@ -152,6 +155,8 @@ def main() -> None:
         }
     rank = trainer.global_rank
     out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps(results))
+    if "bn_window" in runs:
+        ddp_bn_window_worker.run(out.parent)
 
 
 if __name__ == "__main__":

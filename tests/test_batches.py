@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TinyNet, config_args
 from sklearn.datasets import load_digits
 from torch import nn
@@ -220,6 +222,26 @@ def test_each_validation_and_test_loader_has_its_own_accuracies_and_one_loader_k
     tested = validate([clean, shifted], "test")
     assert tested[1]["test/acc_robust/dataloader_idx_1"] == alone[1]["val/acc_robust"]
     assert set(validate(clean, "test")[0]) == {"test/acc_clean", "test/acc_robust", "test/loss_clean"}
+
+
+def test_the_clean_loss_of_an_evaluation_is_the_mean_over_its_rows_whatever_the_batch_sizes(tmp_path):
+    torch.manual_seed(0)
+    x, y = digit_tensors(64)
+    m = module(TinyNet())
+    (result,) = trainer(tmp_path).validate(m, DataLoader(PlainDigits(x, y), batch_size=24), verbose=False)  # 24+24+16
+    with torch.no_grad():
+        expected = F.cross_entropy(m.model.eval()(x), y)
+    assert result["val/loss_clean"] == pytest.approx(float(expected), rel=1e-6)
+
+    class NanOnFirstRow(nn.Module):  # a diverged network: one row's logits are not finite
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            logits = m.model(inputs)
+            return torch.cat([torch.full_like(logits[:1], float("nan")), logits[1:]])
+
+    diverged_module = AdversarialSelectionModule(NanOnFirstRow(), recipe="ds", train_attack=ATTACK, eval_attack=None)
+    (diverged,) = trainer(tmp_path).validate(diverged_module, DataLoader(PlainDigits(x, y), batch_size=24),
+                                             verbose=False)
+    assert math.isnan(diverged["val/loss_clean"])  # shown, not averaged away
 
 
 def test_adaptive_p_up_follows_the_robust_accuracy_of_one_of_several_validation_loaders(tmp_path):
