@@ -52,6 +52,15 @@ def sum_over_ranks(strategy: Any, tensor: Tensor) -> Tensor:
     return tensor
 
 
+def log_rank_wide(module: Any, values: dict[str, float]) -> None:
+    """Log epoch values that are already the same on every rank (computed from counts summed over ranks).
+
+    Lightning asks for ``sync_dist`` on every epoch-level value under DDP (it warns otherwise); a maximum over
+    ranks of equal numbers is each of them exactly, where a mean over three or more ranks could round.
+    """
+    module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+
+
 def average_grads_over_ranks(strategy: Any, params: list[Tensor]) -> None:
     """Replace each parameter's gradient by its mean over ranks, as DDP's own all-reduce would (one all-reduce of
     the flattened gradients; a parameter without a gradient counts as zeros). Nothing with a single process."""

@@ -35,7 +35,8 @@ def main() -> None:
         results[run] = {"global_step": cli.trainer.global_step, "recipe": cli.model.settings.recipe,
                         "objective": cli.model.settings.objective.name,
                         "world_size": cli.trainer.world_size,
-                        "val_acc_clean": float(cli.trainer.callback_metrics["val/acc_clean"])}
+                        "val_acc_clean": float(cli.trainer.callback_metrics["val/acc_clean"]),
+                        "val_loss_clean": float(cli.trainer.callback_metrics["val/loss_clean"])}
     (out / f"rank{rank}.json").write_text(json.dumps(results))
 
 

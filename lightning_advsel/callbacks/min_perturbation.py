@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_advsel import selection
+from lightning_advsel import distributed, selection
 from lightning_advsel.attacks import MODES, NORMS, Mode, Norm, model_mode, pgd
 from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
@@ -330,7 +330,7 @@ class MinimumPerturbation(EpochHistory, Callback):
             values["minperturb/train_unflipped_frac"] = counts["train_unflipped"] / counts["train_rows"]
         if counts["selected"]:
             values["minperturb/selected_min_adv_frac"] = counts["selected_min_adv"] / counts["selected"]
-        pl_module.log_dict(values, on_step=False, on_epoch=True)
+        distributed.log_rank_wide(pl_module, values)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -11,6 +11,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_advsel import distributed
 from lightning_advsel.callbacks.history import EpochHistory
 from lightning_advsel.step import check_selection_module
 
@@ -99,7 +100,7 @@ class SelectionMakeup(EpochHistory, Callback):
             for c in range(self.counts.num_classes):
                 if class_total[c] > 0:
                     values[f"selection/class_{c}/adv_frac"] = float(counts["class_adv"][c] / class_total[c])
-        pl_module.log_dict(values, on_step=False, on_epoch=True)
+        distributed.log_rank_wide(pl_module, values)
         self.record(trainer.current_epoch, {"n_clean": n_clean, "n_adv": n_adv,
                                             "class_clean": counts["class_clean"].tolist(),
                                             "class_adv": counts["class_adv"].tolist()})

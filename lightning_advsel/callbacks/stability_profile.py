@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_advsel import stability
+from lightning_advsel import distributed, stability
 from lightning_advsel.batch import index_of
 from lightning_advsel.checks import check_path
 from lightning_advsel.step import RECIPES, check_selection_module
@@ -195,7 +195,7 @@ class StabilityProfile(_FitClock, Callback):
         self.epochs_seen += seen.long()
         self.epochs += 1
         frac = float(wrong.sum()) / max(int(seen.sum()), 1)
-        pl_module.log("stability/misclassified_frac", frac, on_step=False, on_epoch=True)
+        distributed.log_rank_wide(pl_module, {"stability/misclassified_frac": frac})
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
