@@ -74,8 +74,9 @@ def run(args: list[str], cwd: Path) -> None:
 # The radius warm-up (5 epochs) lasts the whole run: the resumed half must continue its ramp.
 @pytest.mark.parametrize("overlay", [None, "objectives/trades", "schedules/eps_warmup"])
 def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights(tmp_path, overlay):
-    run(command(config(tmp_path, "straight", pause=False), overlay=overlay), tmp_path)
-
+    # The uninterrupted run goes on beside the one to be killed (separate folders; start-up is most of each).
+    straight_run = subprocess.Popen(command(config(tmp_path, "straight", pause=False), overlay=overlay), env=env(),
+                                    cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed_cfg = config(tmp_path, "killed", pause=True)
     proc = subprocess.Popen(command(killed_cfg, overlay=overlay), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,6 +92,8 @@ def test_sigkill_mid_epoch_then_resume_from_last_gives_the_uninterrupted_weights
 
     # Restart without the pause, from `last`, writing into the same checkpoint folder.
     run(command(config(tmp_path, "killed", pause=False), "--ckpt_path", "last", overlay=overlay), tmp_path)
+    _, straight_err = straight_run.communicate(timeout=240)
+    assert straight_run.returncode == 0, straight_err[-3000:]
 
     straight = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
