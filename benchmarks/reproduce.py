@@ -182,6 +182,16 @@ def suites(data_dir: str) -> dict[str, Suite]:
         timing_from="cifar10",  # the ramp changes the radius, not the attack steps or the rows trained
         rows=tuple(run for run in cifar10.rows if run.name in {r.name for r in cifar10.rows if r.seed == 2}),
     )
+    # The warm-up suite with a BatchNorm after each convolution of the SmallCNN. DS at P_up 0.5 kept a constant
+    # prediction there at every seed; the DS paper's network has BatchNorm, ours had none. Robust training and ds
+    # at P_up 1 are the references, as above.
+    cifar10_bn = replace(
+        cifar10_warmup,
+        name="cifar10_bn",
+        overrides=(*cifar10_warmup.overrides, "--model.init_args.model.init_args.batch_norm", "true"),
+        timing_from=None,  # BatchNorm adds work to a step: not the cifar10 suite's timing (FLOPs are counted)
+        rows=tuple(run for run in cifar10_warmup.rows if run.name in ("robust", "ds") or run.run_id == "ds_p1-s0"),
+    )
     # The papers' setting on one GPU (benchmarks/gpu_preset.sh): PreActResNet-18 on CIFAR-10 (JPEG copy), PGD-10
     # training at 8/255, bf16 autocast; a few epochs on part of the training split so that the four rows fit in
     # about 5 minutes on an H100/H200-class GPU. It shows relative cost and early robustness, not the papers'
@@ -221,7 +231,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
             ("stability", "recipes/stability.yaml", (0,), (), "recipes/stability_profile.yaml"),
         ]),
     )
-    return {s.name: s for s in (mnist, cifar10, cifar10_warmup, cifar10_gpu, tiny)}
+    return {s.name: s for s in (mnist, cifar10, cifar10_warmup, cifar10_bn, cifar10_gpu, tiny)}
 
 
 # ------------------------------------------------------------------------------------------------ one run

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_advsel.checks import check_int
+from lightning_advsel.checks import check_bool, check_int
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -68,6 +68,8 @@ class SmallCNN(nn.Module):
         hidden: width of the hidden fully connected layer.
         mean: per-channel mean used by the normalization layer.
         std: per-channel standard deviation used by the normalization layer.
+        batch_norm: a BatchNorm after each convolution (whose bias it replaces); without it (the default) the
+            layers and their parameter names are the network's as before this option existed.
 
     Raises:
         ValueError: for a non-positive size or an ``input_size`` that is not a multiple of 4.
@@ -82,21 +84,25 @@ class SmallCNN(nn.Module):
         hidden: int = 128,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("input_size", input_size),
                             ("width", width), ("hidden", hidden)):
             check_int(name, value, 1)
+        check_bool("batch_norm", batch_norm)
         if input_size % 4:
             raise ValueError(f"`input_size` must be a multiple of 4 (two 2x2 pools), got {input_size}")
         self.normalize = Normalize(mean, std)
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            if batch_norm:
+                return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
+            *conv(in_channels, width), *conv(width, width), nn.MaxPool2d(2),
+            *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
             nn.Flatten(),
         )
         side = input_size // 4

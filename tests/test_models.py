@@ -1,4 +1,5 @@
-"""The normalization layer the models carry: channel statistics broadcast along dimension 1 of any input."""
+"""The models: the normalization layer they carry (channel statistics broadcast along dimension 1 of any input)
+and the small CNN's options."""
 
 from __future__ import annotations
 
@@ -32,3 +33,22 @@ def test_one_statistic_serves_every_channel_or_feature():
 def test_an_input_with_another_channel_count_is_refused_naming_the_shapes():
     with pytest.raises(ValueError, match=r"3 channel statistics; it needs inputs \(B, 3, \.\.\.\), got shape \(5, 4\)"):
         Normalize((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))(torch.rand(5, 4))
+
+
+def test_small_cnn_takes_a_batchnorm_after_each_convolution_only_when_asked():
+    from lightning_advsel.models import SmallCNN
+
+    x = torch.rand(4, 3, 32, 32)
+    plain = SmallCNN(in_channels=3, input_size=32, width=8, hidden=16)
+    normed = SmallCNN(in_channels=3, input_size=32, width=8, hidden=16, batch_norm=True)
+    convs = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.bias is not None for c in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    norms = [m for m in normed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [n.num_features for n in norms] == [8, 8, 16, 16]
+    assert all(c.bias is None for c in normed.modules() if isinstance(c, torch.nn.Conv2d))  # BatchNorm's shift
+    assert plain(x).shape == normed(x).shape == (4, 10)
+    # Without the option the parameter names are the ones checkpoints of this network hold.
+    assert "features.2.weight" in plain.state_dict() and "features.3.weight" in normed.state_dict()
+    with pytest.raises(ValueError, match="batch_norm"):
+        SmallCNN(batch_norm="yes")

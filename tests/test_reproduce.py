@@ -131,3 +131,15 @@ def test_the_warmup_suite_is_the_cifar10_suite_plus_the_ramp_and_borrows_its_ste
     assert {run.name for run in ramped.rows} <= {run.name for run in plain.rows}
     assert timing_suite("cifar10_warmup") == "cifar10" and timing_suite("cifar10") == "cifar10"
     assert timing_suite("not_a_suite") == "not_a_suite"
+
+
+def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timing():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import timing_suite
+    from reproduce import suites
+
+    ramped, normed = suites("data")["cifar10_warmup"], suites("data")["cifar10_bn"]
+    assert normed.overrides == (*ramped.overrides, "--model.init_args.model.init_args.batch_norm", "true")
+    assert {run.run_id for run in normed.rows} == {"robust-s0", "robust-s1", "robust-s2", "ds-s0", "ds-s1", "ds-s2",
+                                                   "ds_p1-s0"}
+    assert timing_suite("cifar10_bn") == "cifar10_bn"  # more work per step: the cifar10 timing does not hold
