@@ -149,6 +149,11 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
                 scores = F.cross_entropy(model(pool_x), pool_y, reduction="none")
             keep = scores.topk(int(p_up * len(pool_y) + 0.5)).indices
             loss = F.cross_entropy(model(pool_x[keep]), pool_y[keep])
+    update(optimizer, loss)
+
+
+def update(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """The end of every step timed here, the module's and the loop's alike: backward and optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -383,13 +388,8 @@ def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
         plain_step(model, optimizer, x, y, settings, 1.0, attack)
         return now(device) - start
     generator = torch.Generator(device).manual_seed(seed)
-    out = adversarial_step(model, x, y, settings, generator)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    optimizer.step()
+    update(optimizer, adversarial_step(model, x, y, settings, generator).loss)
     return now(device) - start
-
-
 
 
 def recipe_of(settings: StepSettings | str) -> tuple[str, float]:
