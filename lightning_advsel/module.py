@@ -773,11 +773,10 @@ class AdversarialSelectionModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.scheduler_interval == "epoch":
             self._step_scheduler()
-        # Totals already summed over ranks (the same on every rank) and each rank's clock: the epoch-level sync
-        # (one all-reduce per value and epoch, mean over ranks) leaves the totals as they are and averages the clocks.
+        # Totals already summed over ranks (the same on every rank), and each rank's clock, averaged over ranks.
         totals = self.work.compute()
-        self.log_dict({tag: float(totals[name]) for tag, name in zip(dashboard.TOTAL_TAGS, cost.COUNTERS, strict=True)},
-                      on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        distributed.log_rank_wide(
+            self, {tag: float(totals[name]) for tag, name in zip(dashboard.TOTAL_TAGS, cost.COUNTERS, strict=True)})
         self.log(dashboard.EPOCH_SECONDS, time.perf_counter() - self._epoch_started, on_step=False, on_epoch=True,
                  batch_size=1, sync_dist=True)
 
