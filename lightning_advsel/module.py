@@ -60,6 +60,7 @@ ClipAlgorithm = Literal["norm", "value"]
 WarmupPick = Literal["all", "random"]
 Auto = Literal["auto"]
 AUTO: Auto = "auto"  # `eval_attack`'s default: PGD-20 at the training attack's radius (see the constructor)
+EVAL_KINDS = ("acc_clean", "acc_robust", "loss_clean")  # what each validation / test loader logs, as {stage}/{kind}
 
 
 def _as_attack(name: str, value: AttackConfig | dict | None) -> AttackConfig | None:
@@ -380,16 +381,10 @@ class AdversarialSelectionModule(L.LightningModule):
         self.train_attacked_frac = MeanMetric()
         self.train_attack_score_selected = MeanMetric()
         self.train_attack_score_unselected = MeanMetric()
-        self.val_acc_clean = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc_robust = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc_clean = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc_robust = MulticlassAccuracy(num_classes, average="micro")
-        # The clean loss per row, a metric for the same reason as the training loss: its epoch value is the mean
-        # over every rank's rows. A non-finite loss stays in the mean (a diverged model shows NaN, not a mean of
-        # its finite rows); it is fed one value per row because this strategy ignores weights (torchmetrics 1.9).
-        self.val_loss_clean = MeanMetric(nan_strategy="disable")
-        self.test_loss_clean = MeanMetric(nan_strategy="disable")
-        # The metrics of the second and further validation / test dataloaders, made when first met.
+        # The first validation and test loader's metrics (see _new_eval_metrics); those of the second and further
+        # loaders are made when first met.
+        self.val_acc_clean, self.val_acc_robust, self.val_loss_clean = self._new_eval_metrics()
+        self.test_acc_clean, self.test_acc_robust, self.test_loss_clean = self._new_eval_metrics()
         self.eval_metrics = nn.ModuleDict()
         # The run's work since it started (checkpointed), and its totals when training ended (for the summary).
         self.work = cost.WorkCounter()
@@ -818,6 +813,16 @@ class AdversarialSelectionModule(L.LightningModule):
             return self.test_attack
         return self.eval_attack
 
+    def _new_eval_metrics(self) -> list[Metric]:
+        """One evaluation loader's clean accuracy, robust accuracy and clean loss (``EVAL_KINDS``' order).
+
+        The clean loss is a metric for the same reason as the training loss: its epoch value is the mean over every
+        rank's rows. A non-finite loss stays in the mean (a diverged model shows NaN, not a mean of its finite
+        rows); it is fed one value per row because this NaN strategy ignores weights (torchmetrics 1.9).
+        """
+        return [MulticlassAccuracy(self.num_classes, average="micro"),
+                MulticlassAccuracy(self.num_classes, average="micro"), MeanMetric(nan_strategy="disable")]
+
     def _eval_metrics(self, stage: str, dataloader_idx: int) -> dict[str, tuple[str, Metric]]:
         """``{"acc_clean" | "acc_robust" | "loss_clean": (attribute name, metric)}`` of one ``stage`` dataloader.
 
@@ -825,17 +830,13 @@ class AdversarialSelectionModule(L.LightningModule):
         over DDP ranks on its own; the first loader's are the attributes ``{stage}_acc_clean``,
         ``{stage}_acc_robust`` and ``{stage}_loss_clean``.
         """
-        kinds = ("acc_clean", "acc_robust", "loss_clean")
         if dataloader_idx == 0:
-            return {kind: (f"{stage}_{kind}", getattr(self, f"{stage}_{kind}")) for kind in kinds}
+            return {kind: (f"{stage}_{kind}", getattr(self, f"{stage}_{kind}")) for kind in EVAL_KINDS}
         key = f"{stage}_dataloader_idx_{dataloader_idx}"
         if key not in self.eval_metrics:
-            self.eval_metrics[key] = nn.ModuleList(
-                [MulticlassAccuracy(self.num_classes, average="micro") for _ in range(2)]
-                + [MeanMetric(nan_strategy="disable")]
-            ).to(self.device)
+            self.eval_metrics[key] = nn.ModuleList(self._new_eval_metrics()).to(self.device)
         return {kind: (f"eval_metrics.{key}.{i}", metric)
-                for i, (kind, metric) in enumerate(zip(kinds, self.eval_metrics[key], strict=True))}
+                for i, (kind, metric) in enumerate(zip(EVAL_KINDS, self.eval_metrics[key], strict=True))}
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
         x, y, _ = self.read_batch(batch)
