@@ -106,7 +106,11 @@ def index_of(batch: Any, keys: tuple[str, str] | None = None) -> Tensor | None:
     They are the third field of a sequence ``(x, y, index, ...)`` or a mapping's :data:`INDEX_KEY` entry, when
     that is a 1-D integer tensor (a float third field, such as sample weights, is not an index).
     """
-    _, _, extra = unpack(batch, keys)
+    return index_in(unpack(batch, keys)[2])
+
+
+def index_in(extra: tuple[Any, ...] | dict[str, Any]) -> Tensor | None:
+    """:func:`index_of` from the fields :func:`unpack` left over (``extra``), without reading the batch again."""
     index = extra.get(INDEX_KEY) if isinstance(extra, dict) else (extra[0] if extra else None)
     if isinstance(index, Tensor) and not index.dtype.is_floating_point and index.ndim == 1:
         return index

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_advsel import checks, cost, dashboard, distributed, schedules, selection
 from lightning_advsel.attacks import AttackConfig, Mode, model_mode
-from lightning_advsel.batch import check_keys, index_of, inputs_and_labels, unpack
+from lightning_advsel.batch import check_keys, index_in, inputs_and_labels, unpack
 from lightning_advsel.checks import check_checkpoint_file
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.models import Normalize
@@ -475,7 +475,7 @@ class AdversarialSelectionModule(L.LightningModule):
         return self.global_step if self.accumulate_grad_batches == 1 else self.batches_trained
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        x, y, _ = self.read_batch(batch)
+        x, y, extra = self.read_batch(batch)
         self._check_model_output(x)
         y = self._labels(y, batch_idx)
         # Both input checks in one agreement, before any work; the non-finite policy decides first, as before.
@@ -489,7 +489,7 @@ class AdversarialSelectionModule(L.LightningModule):
         if trained is None:
             return None
         out, step_work = trained
-        self.last_selection = replace(out.record, index=index_of(batch, self.batch_keys))
+        self.last_selection = replace(out.record, index=index_in(extra))
         self._log_train(out, step_work)
         return out.loss.detach()
 

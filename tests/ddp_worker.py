@@ -153,8 +153,8 @@ def main() -> None:
             "skipped_steps": module.skipped_steps,
             "batches_trained": module.batches_trained,
         }
-    rank = trainer.global_rank
-    out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps(results))
+    if results:  # not when bn_window is the only run
+        out.with_name(f"{out.stem}.rank{trainer.global_rank}.json").write_text(json.dumps(results))
     if "bn_window" in runs:
         ddp_bn_window_worker.run(out.parent)
 
