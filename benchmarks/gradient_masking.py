@@ -42,16 +42,9 @@ import yaml
 from torch import Tensor, nn
 
 from lightning_advsel import AdversarialSelectionModule
-from lightning_advsel.attacks import pgd
+from lightning_advsel.attacks import margin_loss, pgd
 from lightning_advsel.cli import build_cli
 from lightning_advsel.evaluation import require_torchattacks
-
-
-def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Largest wrong logit minus the true one, per row: positive once the row is misclassified."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    wrong = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-    return wrong - true
 
 
 def load(ckpt: Path) -> tuple[nn.Module, Path]:

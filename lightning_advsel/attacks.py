@@ -30,8 +30,23 @@ from lightning_advsel.checks import Pixels, check_choice, check_int, check_linf_
 
 Norm = Literal["linf", "l2"]
 Mode = Literal["eval", "train", "keep"]
+AttackLoss = Literal["ce", "margin"]
 NORMS: tuple[str, ...] = get_args(Norm)
 MODES: tuple[str, ...] = get_args(Mode)
+ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
+
+
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """The largest wrong logit minus the true one, per row ``(B,)``: positive once a row is misclassified.
+
+    Carlini and Wagner's margin (arXiv:1608.04644), an attack loss for :func:`pgd` (``loss=margin_loss``) and
+    ``AttackConfig(loss="margin")``. Against a model whose outputs are near uniform, raising the cross-entropy
+    spreads a perturbation over every wrong class; the margin follows the nearest one, which is what flips the
+    prediction. It needs at least two classes.
+    """
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return wrong - true
 
 
 @contextmanager
@@ -224,6 +239,8 @@ def _pgd_loop(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, gene
     ``check_logits`` checks the model's output shape at the first step (a host sync).
     """
     eps, alpha, steps, norm, restarts = attack.eps, attack.alpha, attack.steps, attack.norm, attack.restarts
+    if loss is None and attack.loss == "margin":  # a caller's loss (a training objective's) wins
+        loss = margin_loss
     if x.shape[0] == 0:
         return x.detach().clone()
     # Lightning runs validation and test under inference mode; the attack needs autograd back.
@@ -311,9 +328,14 @@ class AttackConfig:
         random_start: start from a random point in the eps ball.
         restarts: random restarts; the strongest example per sample is kept.
         mode: model mode during the attack, see :func:`model_mode`.
+        loss: what each step maximises: ``"ce"``, the cross-entropy, or ``"margin"``, the largest wrong logit
+            minus the true one (:func:`margin_loss`). Same cost; the margin is closer to AutoAttack's targeted
+            stage on a model with low-confidence outputs, where the cross-entropy can overrate robustness (a
+            validation attack that picks checkpoints). A training objective's own attack loss (TRADES) replaces
+            it, so that objective refuses ``"margin"``.
 
     Raises:
-        ValueError: as :func:`pgd`, at construction time.
+        ValueError: as :func:`pgd`, and for a ``loss`` other than ``"ce"`` or ``"margin"``, at construction time.
     """
 
     eps: Pixels = 0.1  # L-inf or L2 radius, pixels; "8/255" is read as a fraction
@@ -323,11 +345,13 @@ class AttackConfig:
     random_start: bool = True
     restarts: int = 1
     mode: Mode = "eval"
+    loss: AttackLoss = "ce"
 
     def __post_init__(self) -> None:
         self.eps, self.alpha = plain_pixels(self.eps), plain_pixels(self.alpha)
         _check_attack_args(self.eps, self.alpha, self.steps, self.norm, self.restarts)
         check_choice("mode", self.mode, MODES)
+        check_choice("loss", self.loss, ATTACK_LOSSES)
 
     @property
     def enabled(self) -> bool:
@@ -362,4 +386,5 @@ class AttackConfig:
         _check_inputs(x, y, self.eps, self.norm)
 
     def describe(self) -> str:
-        return f"PGD-{self.steps} {self.norm} eps={self.eps:g} alpha={self.alpha:g} restarts={self.restarts}"
+        loss = "" if self.loss == "ce" else f" loss={self.loss}"
+        return f"PGD-{self.steps} {self.norm} eps={self.eps:g} alpha={self.alpha:g} restarts={self.restarts}{loss}"

@@ -63,7 +63,7 @@ def run_hparams(settings: StepSettings, eps_warmup_epochs: float = 0.0) -> dict[
 
     ``attack_frac`` and ``attack_score`` only for the recipes that choose rows before the attack (elsewhere
     they do nothing and would read as if they did); the objective, and its weight for TRADES and MART; the
-    radius warm-up's epochs when there is one.
+    radius warm-up's epochs when there is one; the training attack's loss when it is the margin.
     """
     attack = settings.train_attack
     params: dict[str, str | float | int] = {"recipe": settings.recipe, "p_up": settings.p_up}
@@ -72,6 +72,8 @@ def run_hparams(settings: StepSettings, eps_warmup_epochs: float = 0.0) -> dict[
     params.update(eps=attack.eps, steps=attack.steps, objective=settings.objective.name)
     if settings.objective.paired:  # beta of TRADES, lambda of MART
         params["objective_weight"] = settings.objective.weight
+    if attack.loss != "ce":  # the training attack's loss, when it is not the cross-entropy
+        params["attack_loss"] = attack.loss
     if eps_warmup_epochs:
         params["eps_warmup_epochs"] = eps_warmup_epochs
     return params

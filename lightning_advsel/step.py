@@ -159,6 +159,9 @@ class StepSettings:
             raise ValueError(f"`clean_rows`='all' trains the selective recipe's whole clean batch next to its attacked "
                              f"rows, so it needs `recipe`='selective', the 'ce' objective and `p_up`=1, got "
                              f"recipe {self.recipe!r}, objective {self.objective.name!r}, p_up {self.p_up}")
+        if self.objective.name == "trades" and self.train_attack.loss != "ce":
+            raise ValueError(f"objective 'trades' attacks its own loss (the KL to the clean prediction), so "
+                             f"`train_attack.loss` must be 'ce' (unused), got {self.train_attack.loss!r}")
         if self.objective.paired and self.recipe in PAIRED_REFUSED:
             raise ValueError(f"`recipe`={self.recipe!r} cannot train objective {self.objective.name!r}: "
                              f"{PAIRED_REFUSED[self.recipe]}")

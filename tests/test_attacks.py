@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import TinyNet, tiny_batch
 from torch import nn
 
-from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, model_mode, pgd
+from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, margin_loss, model_mode, pgd
 
 
 @pytest.fixture
@@ -120,6 +120,41 @@ def test_attack_config_calls_pgd_with_its_settings(net):
     direct = pgd(net, x, y, eps=0.05, alpha=0.01, steps=3, random_start=False)
     assert torch.equal(cfg(net, x, y), direct)
     assert cfg.describe() == "PGD-3 linf eps=0.05 alpha=0.01 restarts=1"
+
+
+def test_margin_loss_is_the_largest_wrong_logit_minus_the_true_one():
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5]])
+    assert torch.equal(margin_loss(logits, torch.tensor([0, 0])), torch.tensor([-2.0, 2.0]))
+
+
+class NearUniform(nn.Module):
+    """Ten classes whose logits differ by little. The true class 0 leads class 1 by 0.05, which rises with the
+    first pixel; classes 2-9 trail by 0.5 and fall with it. The cross-entropy's gradient is dominated by the
+    eight trailing classes and lowers that pixel; the margin's follows class 1 and raises it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1)[:, 0] - 0.5
+        return torch.stack([torch.zeros_like(z), z - 0.05, *[-z - 0.5] * 8], dim=1)
+
+
+def test_margin_loss_breaks_a_near_uniform_model_that_cross_entropy_pgd_rates_robust():
+    x, y = torch.full((8, 1, 1, 2), 0.5), torch.zeros(8, dtype=torch.long)
+    model = NearUniform()
+    settings = {"eps": 0.1, "alpha": 0.05, "steps": 5}
+    ce, margin = AttackConfig(**settings), AttackConfig(**settings, loss="margin")
+    g = torch.Generator().manual_seed(0)
+    assert (model(ce(model, x, y, generator=g)).argmax(1) == y).all()  # PGD on the cross-entropy: all robust
+    broken = margin(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert (model(broken).argmax(1) == 1).all()  # on the margin: every row flipped, to the nearest class
+    # The config's loss is pgd's `loss=margin_loss`, and a caller's own loss replaces it.
+    assert torch.equal(broken, pgd(model, x, y, **settings, loss=margin_loss,
+                                   generator=torch.Generator().manual_seed(0)))
+    own = margin(model, x, y, generator=torch.Generator().manual_seed(0),
+                 loss=lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
+    assert (model(own).argmax(1) == y).all()
+    assert margin.describe() == "PGD-5 linf eps=0.1 alpha=0.05 restarts=1 loss=margin"
+    with pytest.raises(ValueError, match=r"`loss` must be one of \('ce', 'margin'\), got 'cw'"):
+        AttackConfig(loss="cw")
 
 
 @pytest.mark.parametrize(

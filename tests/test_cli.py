@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import MAIN_JOB, REPO, SHARED_DATA, config_args, digits
@@ -180,6 +181,18 @@ def test_eval_attack_null_trains_validates_and_reloads_without_robust_evaluation
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["eval_attack"] is None
     assert AdversarialSelectionModule.load_from_checkpoint(ckpt).eval_attack is None
+
+
+def test_a_margin_validation_attack_is_set_from_the_command_line_and_survives_the_checkpoint(tmp_path):
+    no_log = ["--trainer.logger", "false"]
+    cli = build_cli([*config_args("mnist/base.yaml", "recipes/ds.yaml"), *no_log,
+                     "--model.init_args.eval_attack.loss", "margin"], run=False)
+    assert cli.model.eval_attack.loss == "margin" and cli.model.settings.train_attack.loss == "ce"
+    assert cli.model.eval_attack.describe().endswith("loss=margin")
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    assert AdversarialSelectionModule.load_from_checkpoint(path).eval_attack.loss == "margin"
 
 
 def test_eval_attack_auto_is_the_default_and_fit_help_shows_it(capsys):

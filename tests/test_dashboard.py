@@ -14,7 +14,7 @@ from conftest import TinyNet, config_args, tiny_batch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_advsel import AdversarialSelectionModule, cost, dashboard
+from lightning_advsel import AdversarialSelectionModule, AttackConfig, cost, dashboard
 from lightning_advsel.cli import build_cli
 from lightning_advsel.step import StepCost, StepSettings
 
@@ -137,3 +137,11 @@ def test_the_table_shows_the_eps_warmup_only_for_a_run_that_has_one():
 
     assert "eps_warmup_epochs" not in run_hparams(StepSettings(recipe="robust"))
     assert run_hparams(StepSettings(recipe="robust"), eps_warmup_epochs=2.0)["eps_warmup_epochs"] == 2.0
+
+
+def test_the_table_shows_the_training_attack_loss_only_when_it_is_the_margin():
+    from lightning_advsel.dashboard import run_hparams
+
+    assert "attack_loss" not in run_hparams(StepSettings(recipe="robust"))
+    margin = StepSettings(recipe="robust", train_attack=AttackConfig(loss="margin"))
+    assert run_hparams(margin)["attack_loss"] == "margin"

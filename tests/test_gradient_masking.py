@@ -1,4 +1,4 @@
-"""benchmarks/gradient_masking.py: its margin loss, its gradient statistics and its attacks on tiny models."""
+"""benchmarks/gradient_masking.py: its gradient statistics and its attacks on tiny models."""
 
 from __future__ import annotations
 
@@ -26,12 +26,6 @@ class Rounded(nn.Module):
 def _linear() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
-
-
-def test_margin_loss_is_the_largest_wrong_logit_minus_the_true_one():
-    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5]])
-    y = torch.tensor([0, 0])
-    assert torch.equal(gradient_masking.margin_loss(logits, y), torch.tensor([-2.0, 2.0]))
 
 
 def test_gradient_stats_sees_a_zero_gradient_only_where_there_is_one():

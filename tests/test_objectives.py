@@ -127,6 +127,12 @@ def test_recipes_that_cannot_carry_a_paired_objective_refuse_it_saying_why(recip
         StepSettings(recipe=recipe, objective=Objective("trades"))
 
 
+def test_trades_refuses_a_margin_training_attack_it_would_not_run():
+    with pytest.raises(ValueError, match=r"objective 'trades' attacks its own loss .* got 'margin'"):
+        StepSettings(recipe="robust", objective=Objective("trades"), train_attack=AttackConfig(loss="margin"))
+    StepSettings(recipe="robust", objective=Objective("mart"), train_attack=AttackConfig(loss="margin"))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(name="ce", weight=1.0), r"`objective_weight` is the beta of TRADES or the lambda of MART"),
     (dict(name="trades", weight=-1.0), r"`objective_weight` must be a finite number >= 0"),
