@@ -1,8 +1,10 @@
 """Run by tests as ``python tests/ddp_cli_worker.py OUT_DIR RECIPE:SCOPE ...``: the CLI under 2-process DDP.
 
-Each ``RECIPE:SCOPE[:OBJECTIVE]`` is one ``lightning-advsel fit`` of the main job's configs (``conftest.MAIN_JOB``) with
-``configs/trainer/ddp_cpu.yaml`` on a tiny schedule, in one launch (a launch costs more than the training here).
-Every rank writes the steps it took and the recipe it ran to ``OUT_DIR/rank{R}.json``.
+Each ``RECIPE:SCOPE[:OBJECTIVE]`` is one ``lightning-advsel fit`` of the main job's data set and recipe config with
+``configs/trainer/ddp_cpu.yaml`` on a tiny schedule, in one launch (a launch costs more than the training here);
+with a ``+dashboards`` suffix the main job's third file too (``conftest.MAIN_JOB``: the selection make-up,
+minimum-perturbation and figure callbacks, which double a run's time here). Every rank writes the steps it took
+and the recipe it ran to ``OUT_DIR/rank{R}.json``, keyed by the run without the suffix.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
 def main() -> None:
     out = Path(sys.argv[1])
     results, rank = {}, 0
-    for run in sys.argv[2:]:
+    for arg in sys.argv[2:]:
+        run, dashboards = arg.removesuffix("+dashboards"), arg.endswith("+dashboards")
         recipe, scope, *objective = run.split(":")
-        cli = build_cli(["fit", *config_args(*MAIN_JOB, "trainer/ddp_cpu.yaml"), *TINY,
+        configs = MAIN_JOB if dashboards else MAIN_JOB[:2]
+        cli = build_cli(["fit", *config_args(*configs, "trainer/ddp_cpu.yaml"), *TINY,
                          "--model.init_args.recipe", recipe, "--model.init_args.selection_scope", scope,
                          "--model.init_args.objective", *(objective or ["ce"]),
                          "--trainer.logger.init_args.save_dir", str(out / run.replace(":", "_"))])
