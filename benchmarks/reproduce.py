@@ -195,7 +195,8 @@ def suites(data_dir: str) -> dict[str, Suite]:
         rows=(*(run for run in cifar10_warmup.rows if run.name in ("robust", "ds") or run.run_id == "ds_p1-s0"),
               # The checkpoint kept by a validation PGD on the logit margin instead of the cross-entropy, which
               # overrates DS here (README): does the kept epoch, and what AutoAttack finds in it, change?
-              *_rows([(f"{name}_margin_val", f"recipes/{name}.yaml", (0,), MARGIN_VAL) for name in ("ds", "robust")])),
+              *_rows([("ds_margin_val", "recipes/ds.yaml", seeds3, MARGIN_VAL),
+                      ("robust_margin_val", "recipes/robust.yaml", (0,), MARGIN_VAL)])),
     )
     # The papers' setting on one GPU (benchmarks/gpu_preset.sh): PreActResNet-18 on CIFAR-10 (JPEG copy), PGD-10
     # training at 8/255, bf16 autocast; a few epochs on part of the training split so that the four rows fit in
