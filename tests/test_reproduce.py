@@ -141,5 +141,12 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
     ramped, normed = suites("data")["cifar10_warmup"], suites("data")["cifar10_bn"]
     assert normed.overrides == (*ramped.overrides, "--model.init_args.model.init_args.batch_norm", "true")
     assert {run.run_id for run in normed.rows} == {"robust-s0", "robust-s1", "robust-s2", "ds-s0", "ds-s1", "ds-s2",
-                                                   "ds_p1-s0"}
+                                                   "ds_p1-s0", "ds_margin_val-s0", "ds_margin_val-s1",
+                                                   "ds_margin_val-s2", "robust_margin_val-s0"}
+    # A margin-validation row is its recipe's row with the validation attack on the logit margin, nothing else.
+    by_id = {run.run_id: run for run in normed.rows}
+    for run_id in ("ds_margin_val-s1", "robust_margin_val-s0"):
+        plain = by_id[run_id.replace("_margin_val", "")]
+        assert by_id[run_id].config == plain.config and by_id[run_id].seed == plain.seed
+        assert by_id[run_id].extra == (*plain.extra, "--model.init_args.eval_attack.loss", "margin")
     assert timing_suite("cifar10_bn") == "cifar10_bn"  # more work per step: the cifar10 timing does not hold
