@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from lightning_advsel.attacks import model_mode
+from lightning_advsel.attacks import margin_loss, model_mode
 
 
 def fraction_count(n: int, fraction: float) -> int:
@@ -86,9 +86,7 @@ def margin_true_score(p: ScoringPass) -> Tensor:
 
     Unlike :func:`margin_score` it reads the label: a confidently misclassified sample scores lowest.
     """
-    logits = p.logits.float()
-    true = logits.gather(1, p.y.unsqueeze(1)).squeeze(1)
-    return true - logits.scatter(1, p.y.unsqueeze(1), -torch.inf).amax(dim=1)
+    return -margin_loss(p.logits.float(), p.y)
 
 
 def loss_score(p: ScoringPass) -> Tensor:
