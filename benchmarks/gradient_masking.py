@@ -149,10 +149,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     torch.manual_seed(args.seed)
 
-    _, config = load(args.ckpt[0])
+    models = {ckpt: load(ckpt) for ckpt in args.ckpt}  # each checkpoint read once: (classifier, config.yaml)
+    first, config = models[args.ckpt[0]]
     x, y = test_images(config, args.images)
     with torch.no_grad():
-        num_classes = int(load(args.ckpt[0])[0](x[:1]).shape[1])
+        num_classes = int(first(x[:1]).shape[1])
     table = attacks(args.eps, args.seed, args.apgd_steps, num_classes)
     transferred = None
     if args.source is not None:
@@ -160,8 +161,7 @@ def main() -> None:
         transferred = in_batches(lambda a, b: table["PGD-20, CE, step 0.01 (the records' attack)"](source, a, b),
                                  x, y, args.batch_size)
 
-    for ckpt in args.ckpt:
-        model, _ = load(ckpt)
+    for ckpt, (model, _) in models.items():
         clean = correct(model, x, y, args.batch_size)
         worst = clean.clone()
         rows = [("clean", clean, 0.0)]
