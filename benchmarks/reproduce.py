@@ -77,6 +77,7 @@ def _rows(spec: list[tuple]) -> tuple[Run, ...]:
 
 
 MARGIN_VAL = ("--model.init_args.eval_attack.loss", "margin")  # validation PGD on the logit margin
+MARGIN_TRAIN = ("--model.init_args.train_attack.loss", "margin")  # training PGD on the logit margin
 
 # The paper's dashboards on the DS run (Figs. 7 and 8): selection make-up, minimum perturbation, figures.
 DASHBOARD = ("--trainer.callbacks+=lightning_advsel.callbacks.SelectionMakeup",
@@ -196,7 +197,10 @@ def suites(data_dir: str) -> dict[str, Suite]:
               # The checkpoint kept by a validation PGD on the logit margin instead of the cross-entropy, which
               # overrates DS here (README): does the kept epoch, and what AutoAttack finds in it, change?
               *_rows([("ds_margin_val", "recipes/ds.yaml", seeds3, MARGIN_VAL),
-                      ("robust_margin_val", "recipes/robust.yaml", (0,), MARGIN_VAL)])),
+                      ("robust_margin_val", "recipes/robust.yaml", (0,), MARGIN_VAL),
+                      # And the training attack on the margin too: DS's pool is scored by the cross-entropy of
+                      # examples attacked on the margin. Differs from ds_margin_val only in the training attack.
+                      ("ds_margin", "recipes/ds.yaml", seeds3, (*MARGIN_VAL, *MARGIN_TRAIN))])),
     )
     # The papers' setting on one GPU (benchmarks/gpu_preset.sh): PreActResNet-18 on CIFAR-10 (JPEG copy), PGD-10
     # training at 8/255, bf16 autocast; a few epochs on part of the training split so that the four rows fit in

@@ -142,11 +142,17 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
     assert normed.overrides == (*ramped.overrides, "--model.init_args.model.init_args.batch_norm", "true")
     assert {run.run_id for run in normed.rows} == {"robust-s0", "robust-s1", "robust-s2", "ds-s0", "ds-s1", "ds-s2",
                                                    "ds_p1-s0", "ds_margin_val-s0", "ds_margin_val-s1",
-                                                   "ds_margin_val-s2", "robust_margin_val-s0"}
+                                                   "ds_margin_val-s2", "robust_margin_val-s0", "ds_margin-s0",
+                                                   "ds_margin-s1", "ds_margin-s2"}
     # A margin-validation row is its recipe's row with the validation attack on the logit margin, nothing else.
     by_id = {run.run_id: run for run in normed.rows}
     for run_id in ("ds_margin_val-s1", "robust_margin_val-s0"):
         plain = by_id[run_id.replace("_margin_val", "")]
         assert by_id[run_id].config == plain.config and by_id[run_id].seed == plain.seed
         assert by_id[run_id].extra == (*plain.extra, "--model.init_args.eval_attack.loss", "margin")
+    # The margin-training row is the margin-validation row with the training attack on the margin too.
+    for seed in (0, 1, 2):
+        both, val_only = by_id[f"ds_margin-s{seed}"], by_id[f"ds_margin_val-s{seed}"]
+        assert both.config == val_only.config and both.seed == val_only.seed
+        assert both.extra == (*val_only.extra, "--model.init_args.train_attack.loss", "margin")
     assert timing_suite("cifar10_bn") == "cifar10_bn"  # more work per step: the cifar10 timing does not hold
