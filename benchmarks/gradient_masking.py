@@ -14,8 +14,11 @@ the table says *which* change breaks the model:
 * transfer (``--source``): PGD-20 examples made on another model; if they break more than white-box PGD-20,
   the model's own gradient is worse than a stranger's.
 
-It also prints, per model, the median logit margin of the correctly classified clean images and the share of
-images whose cross-entropy input gradient is exactly zero (a saturated softmax in float32).
+It also prints, per model, the median logit margin of the correctly classified clean images, the share of
+images whose cross-entropy input gradient is exactly zero (a saturated softmax in float32), and the median
+minimum perturbation of the correct images (the DS paper's Fig. 8 measure, :func:`minimum_eps` on a grid of
+eps/4 up to 4x eps) as a cross-entropy search and as a margin search finds it: a large gap says the
+cross-entropy overstates how far the decision boundary is.
 
 Each checkpoint is one the command line wrote: its run folder (two levels up, as Lightning lays it out) holds
 the ``config.yaml`` whose data module gives the test split; the first ``--images`` test images are used, in
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 
 from lightning_advsel import AdversarialSelectionModule
 from lightning_advsel.attacks import margin_loss, pgd
+from lightning_advsel.callbacks import minimum_eps
 from lightning_advsel.cli import build_cli
 from lightning_advsel.evaluation import require_torchattacks
 
@@ -134,6 +138,21 @@ def gradient_stats(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float
     return median, float((grad.flatten(1).abs().sum(1) == 0).float().mean())
 
 
+def median_minimum_eps(model: nn.Module, x: Tensor, y: Tensor, eps: float, size: int) -> dict[str, float]:
+    """Per search loss (``"ce"``, ``"margin"``), the median minimum perturbation of the correctly classified rows
+    on the grid ``eps / 4, eps / 2, ..., 4 eps`` (PGD-5 per radius), pixels; a row no radius flips counts as 4 eps."""
+    right = correct(model, x, y, size)
+    if not right.any():
+        return {"ce": float("nan"), "margin": float("nan")}
+    radii = torch.arange(1, 17, dtype=torch.float64) * (eps / 4)
+    medians = {}
+    for loss in ("ce", "margin"):
+        found = in_batches(lambda a, b: minimum_eps(model, a, b, radii, loss=loss)[0],  # noqa: B023
+                           x[right], y[right], size)
+        medians[loss] = float(found.clamp(max=float(radii[-1])).median())
+    return medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", type=Path, nargs="+", help="checkpoints the command line wrote")
@@ -179,8 +198,11 @@ def main() -> None:
                          f"{args.source.parent.parent.name}", ok, 0.0))
         rows.append(("worst case over the attacks within eps (per image)", worst, 0.0))
         median, zero = gradient_stats(model, x, y)
+        radius = median_minimum_eps(model, x, y, args.eps, args.batch_size)
         print(f"\n{ckpt}: {len(y)} test images, eps {args.eps:.5f}; median clean logit margin of the correct rows "
-              f"{median:.2f}; CE input gradient exactly zero on {100 * zero:.1f}% of the images\n")
+              f"{median:.2f}; CE input gradient exactly zero on {100 * zero:.1f}% of the images; median minimum "
+              f"perturbation of the correct rows {255 * radius['ce']:.1f}/255 by a CE search, "
+              f"{255 * radius['margin']:.1f}/255 by a margin search\n")
         print("| attack | accuracy % | wall s |")
         print("| --- | ---: | ---: |")
         for name, ok, seconds in rows:

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet, tiny_batch
+from conftest import NearUniform, TinyNet, tiny_batch
 from torch import nn
 
 from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, margin_loss, model_mode, pgd
@@ -125,16 +125,6 @@ def test_attack_config_calls_pgd_with_its_settings(net):
 def test_margin_loss_is_the_largest_wrong_logit_minus_the_true_one():
     logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5]])
     assert torch.equal(margin_loss(logits, torch.tensor([0, 0])), torch.tensor([-2.0, 2.0]))
-
-
-class NearUniform(nn.Module):
-    """Ten classes whose logits differ by little. The true class 0 leads class 1 by 0.05, which rises with the
-    first pixel; classes 2-9 trail by 0.5 and fall with it. The cross-entropy's gradient is dominated by the
-    eight trailing classes and lowers that pixel; the margin's follows class 1 and raises it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1)[:, 0] - 0.5
-        return torch.stack([torch.zeros_like(z), z - 0.05, *[-z - 0.5] * 8], dim=1)
 
 
 def test_margin_loss_breaks_a_near_uniform_model_that_cross_entropy_pgd_rates_robust():

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TinyNet, config_args, tiny_batch
+from conftest import NearUniform, TinyNet, config_args, tiny_batch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -88,6 +88,7 @@ def test_schedule_rejects_values_outside_their_range(kwargs, match):
     (lambda: MinimumPerturbation(max_eps=-0.1), r"`max_eps` must be a finite number > 0, got -0.1"),
     (lambda: MinimumPerturbation(norm="l1"), r"`norm` must be one of .*'l1'"),
     (lambda: MinimumPerturbation(max_train_rows=0), r"`max_train_rows` must be an integer >= 1 or None, got 0"),
+    (lambda: MinimumPerturbation(loss="cw"), r"`loss` must be one of \('ce', 'margin', None\), got 'cw'"),
     (lambda: PaperFigures(dpi=0), r"`dpi` must be an integer >= 10, got 0"),
 ])
 def test_callbacks_reject_bad_arguments_naming_them(factory, match):
@@ -223,6 +224,40 @@ def test_minimum_eps_of_a_linear_model_matches_the_closed_form_within_the_grid_r
     with torch.no_grad():
         assert (model(x_min[flipped]).argmax(1) != y[flipped]).all()
     assert (x_min > 0).all() and (x_min < 1).all()
+
+
+def test_minimum_eps_on_the_margin_finds_the_radius_the_cross_entropy_misses():
+    # NearUniform: class 1 overtakes the true class 0 once the first pixel passes 0.55; PGD on the cross-entropy
+    # walks the other way (towards the eight trailing classes), and nothing flips within 0.09.
+    model, x, y = NearUniform(), torch.full((4, 1, 1, 2), 0.5), torch.zeros(4, dtype=torch.long)
+    radii = torch.tensor([0.03, 0.06, 0.09])
+    ce, _ = minimum_eps(model, x, y, radii, steps=3)
+    margin, x_min = minimum_eps(model, x, y, radii, steps=3, loss="margin")
+    assert torch.isinf(ce).all()
+    assert margin.tolist() == pytest.approx([0.06] * 4)
+    assert (model(x_min).argmax(1) == 1).all()
+    with pytest.raises(ValueError, match=r"`loss` must be one of \('ce', 'margin'\), got 'cw'"):
+        minimum_eps(model, x, y, radii, loss="cw")
+
+
+@pytest.mark.parametrize("train_loss,given,used", [("ce", None, "ce"), ("margin", None, "margin"),
+                                                    ("margin", "ce", "ce")])
+def test_minimum_perturbation_searches_with_the_training_attack_loss_unless_told(tmp_path, train_loss, given, used):
+    # The radii on NearUniform's probe tell which loss the callback's PGD maximised (see the test above).
+    x, y = torch.full((4, 1, 1, 2), 0.5), torch.zeros(4, dtype=torch.long)
+    model = nn.Sequential(NearUniform(), nn.Linear(10, 10))  # a trainable identity, for the optimizer
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(10))
+        model[1].bias.zero_()
+    module = AdversarialSelectionModule(model, recipe="ds", num_classes=10,
+                                        train_attack=AttackConfig(eps=0.045, alpha=0.02, steps=1, loss=train_loss),
+                                        optimizer=functools.partial(torch.optim.SGD, lr=0.0))  # no weights
+    probe = MinimumPerturbation(probe_size=4, max_eps=0.09, num_eps=3, steps=3, loss=given)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    trainer(tmp_path, [probe], max_epochs=1).fit(module, loader, loader)
+    assert probe.loss == used
+    assert probe.history[-1]["eps"] == pytest.approx([0.09] * 4 if used == "ce" else [0.06] * 4)
+    assert probe.history[-1]["minperturb/unflipped_frac"] == (1.0 if used == "ce" else 0.0)
 
 
 # ------------------------------------------------------------------------------ Fig. 8 on a training batch

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, NearUniform
 from torch import nn
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -56,3 +57,12 @@ def test_every_attack_stays_in_its_radius_and_only_transfer_breaks_a_model_witho
     white_box = gradient_masking.correct(rounded, pgd20(rounded, x, y_rounded), y_rounded, size=8)
     transferred = gradient_masking.correct(rounded, pgd20(linear, x, y_rounded), y_rounded, size=8)
     assert transferred.float().mean() < white_box.float().mean()
+
+
+def test_the_margin_search_finds_the_minimum_perturbation_that_the_cross_entropy_search_overstates():
+    # NearUniform flips to class 1 past 0.05 along its first pixel, the way the margin's gradient goes; the
+    # cross-entropy's goes the other way, where nothing flips before 0.5. Grid: 0.0075 steps up to 0.12.
+    x, y = torch.full((6, 1, 1, 2), 0.5), torch.zeros(6, dtype=torch.long)
+    medians = gradient_masking.median_minimum_eps(NearUniform(), x, y, eps=0.03, size=4)
+    assert medians["ce"] == pytest.approx(0.12)  # censored at 4x eps
+    assert medians["margin"] == pytest.approx(0.0525)  # the first grid radius past 0.05

@@ -122,8 +122,9 @@ class PaperFigures(EpochHistory, Callback):
         for i, h in enumerate(history):
             color = cmap(i / max(len(history) - 1, 1))
             ax.hist(h["eps"], bins=bins, histtype="step", color=color, label=f"epoch {h['epoch']}")
+        on_margin = " on the margin" if history[-1].get("loss") == "margin" else ""  # the search's PGD loss
         ax.set(xlabel="minimum eps (pixels; max = not flipped)", ylabel="probe samples",
-               title="Minimum perturbation (Fig. 8)")
+               title=f"Minimum perturbation (Fig. 8){on_margin}")
         ax.legend(fontsize="small")
         epochs = [h["epoch"] for h in history]
         share = [h.get("minperturb/selected_min_adv_frac", math.nan) for h in history]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_advsel import distributed, selection
-from lightning_advsel.attacks import MODES, NORMS, Mode, Norm, model_mode, pgd
+from lightning_advsel.attacks import ATTACK_LOSSES, MODES, NORMS, AttackLoss, Mode, Norm, margin_loss, model_mode, pgd
 from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
 from lightning_advsel.checks import check_choice, check_fraction, check_int, check_linf_eps, check_number
@@ -51,7 +51,7 @@ def _validation_loader(trainer: L.Trainer) -> DataLoader | None:
 
 
 def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: Norm = "linf", steps: int = 5,
-                step_factor: float = 2.5, mode: Mode = "eval") -> tuple[Tensor, Tensor]:
+                step_factor: float = 2.5, mode: Mode = "eval", loss: AttackLoss = "ce") -> tuple[Tensor, Tensor]:
     """Per sample, the smallest radius of ``radii`` at which PGD makes the model misclassify it.
 
     At each radius ``r`` (ascending) PGD (``steps`` steps of size ``step_factor * r / steps``, no random start,
@@ -68,11 +68,16 @@ def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: 
         steps: PGD steps per radius.
         step_factor: total travel of PGD in units of the radius.
         mode: model mode of the clean pass and the attack (see :func:`~lightning_advsel.attacks.model_mode`).
+        loss: what PGD maximises: ``"ce"``, the cross-entropy, or ``"margin"``, the largest wrong logit minus the
+            true one (:func:`~lightning_advsel.attacks.margin_loss`). On a model with near-uniform outputs the
+            cross-entropy's gradient is a poor guide to the nearest wrong class, and the radii it finds are
+            larger than the weights deserve; the margin finds smaller ones at the same cost.
 
     Returns:
         ``(min_eps, x_min)``: shape ``(N,)`` radii (0, a radius of ``radii``, or ``inf``) and, shape of ``x``,
         the adversarial example found at that radius (the clean input for radius 0 and for ``inf``).
     """
+    check_choice("loss", loss, ATTACK_LOSSES)
     with torch.no_grad(), model_mode(model, mode):
         wrong = model(x).argmax(1) != y
     min_eps = torch.full((x.shape[0],), math.inf, device=x.device)
@@ -83,7 +88,7 @@ def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: 
         if todo.numel() == 0:
             break
         x_adv = pgd(model, x[todo], y[todo], eps=r, alpha=step_factor * r / steps, steps=steps, norm=norm,
-                    random_start=False, mode=mode)
+                    random_start=False, mode=mode, loss=margin_loss if loss == "margin" else None)
         with torch.no_grad(), model_mode(model, mode):
             flipped = model(x_adv).argmax(1) != y[todo]
         min_eps[todo[flipped]] = r
@@ -116,7 +121,7 @@ class MinimumAdversarialPool:
 
 def minimum_adversarial_pool(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, p_up: float, *,
                              norm: Norm = "linf", steps: int = 5, step_factor: float = 2.5, mode: Mode = "eval",
-                             scoring_mode: Mode = "train") -> MinimumAdversarialPool:
+                             scoring_mode: Mode = "train", loss: AttackLoss = "ce") -> MinimumAdversarialPool:
     """Would the data-selection rule select the minimally perturbed examples of a clean batch (DS paper, Fig. 8)?
 
     :func:`minimum_eps` finds each row's minimum-radius adversarial example on the grid ``radii``. The rows
@@ -146,16 +151,19 @@ def minimum_adversarial_pool(model: nn.Module, x: Tensor, y: Tensor, radii: Tens
         mode: model mode of the search (see :func:`~lightning_advsel.attacks.model_mode`). An example flipped
             in this mode may be classified correctly in a different ``scoring_mode``.
         scoring_mode: model mode of the scoring pass, as the module's ``scoring_mode``.
+        loss: what the search's PGD maximises (see :func:`minimum_eps`). The pool is scored by the cross-entropy
+            whatever this is, as DS scores its pool.
 
     Returns:
         The pool, its losses and the selected pool indices; empty tensors when no row is in the pool.
 
     Raises:
-        ValueError: for ``p_up`` outside (0, 1] or an unknown ``scoring_mode``.
+        ValueError: for ``p_up`` outside (0, 1], an unknown ``scoring_mode`` or ``loss``.
     """
     check_fraction("p_up", p_up)
     check_choice("scoring_mode", scoring_mode, MODES)
-    min_eps, x_min = minimum_eps(model, x, y, radii, norm=norm, steps=steps, step_factor=step_factor, mode=mode)
+    min_eps, x_min = minimum_eps(model, x, y, radii, norm=norm, steps=steps, step_factor=step_factor, mode=mode,
+                                 loss=loss)
     rows = ((min_eps > 0) & torch.isfinite(min_eps)).nonzero().squeeze(1)
     if rows.numel() == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -214,17 +222,20 @@ class MinimumPerturbation(EpochHistory, Callback):
         mode: model mode during the search.
         max_train_rows: training rows searched per rank for the Fig. 8 statistics (the first ones of the
             epoch's last batch); ``None``: the whole batch.
+        loss: what the search's PGD maximises, ``"ce"`` or ``"margin"`` (see :func:`minimum_eps`); ``None``: the
+            loss of the module's ``train_attack``, so that the radii are measured with the attack the model is
+            trained against.
 
     Raises:
         ValueError: for a non-positive ``probe_size``, ``every_n_epochs``, ``num_eps``, ``steps``,
-            ``max_train_rows``, ``max_eps`` or ``step_factor``, an unknown ``norm`` or ``mode``; at fit start,
+            ``max_train_rows``, ``max_eps`` or ``step_factor``, an unknown ``norm``, ``mode`` or ``loss``; at fit start,
             no ``max_eps`` with a zero training eps; when training starts (before the first batch), a
             ``probe_size`` larger than the validation set or no validation data.
     """
 
     def __init__(self, probe_size: int = 64, every_n_epochs: int = 1, max_eps: float | None = None,
                  num_eps: int = 12, norm: Norm | None = None, steps: int = 5, step_factor: float = 2.5,
-                 mode: Mode = "eval", max_train_rows: int | None = None) -> None:
+                 mode: Mode = "eval", max_train_rows: int | None = None, loss: AttackLoss | None = None) -> None:
         for name, value in (("probe_size", probe_size), ("every_n_epochs", every_n_epochs), ("num_eps", num_eps),
                             ("steps", steps)):
             check_int(name, value, 1)
@@ -234,6 +245,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         check_int("max_train_rows", max_train_rows, 1, optional=True)
         check_choice("norm", norm, (*NORMS, None))
         check_choice("mode", mode, MODES)
+        check_choice("loss", loss, (*ATTACK_LOSSES, None))
         self.probe_size = probe_size
         self.every_n_epochs = every_n_epochs
         self.max_eps = max_eps
@@ -243,6 +255,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         self.step_factor = float(step_factor)
         self.mode = mode
         self.max_train_rows = max_train_rows
+        self.loss = loss
         self.history: list[dict[str, Any]] = []
         self._probe: tuple[Tensor, Tensor] | None = None
         self._last_batch: tuple[Tensor, Tensor] | None = None
@@ -264,6 +277,7 @@ class MinimumPerturbation(EpochHistory, Callback):
                 raise ValueError("MinimumPerturbation: set `max_eps`; the module's training eps is 0")
             self.max_eps = 2 * attack.eps
         self.norm = self.norm or attack.norm
+        self.loss = self.loss or attack.loss
         check_linf_eps("max_eps", self.max_eps, self.norm)
 
     @override
@@ -292,8 +306,8 @@ class MinimumPerturbation(EpochHistory, Callback):
         per_row = self.num_eps * self.steps
         rank_zero_info(
             f"MinimumPerturbation: probe {self.probe_size} validation samples, {self.num_eps} radii up to "
-            f"{self.max_eps:g} ({self.norm}, resolution {self.max_eps / self.num_eps:g}), PGD-{self.steps} per "
-            f"radius: at most {self.probe_size * per_row} sample gradient steps every "
+            f"{self.max_eps:g} ({self.norm}, resolution {self.max_eps / self.num_eps:g}), PGD-{self.steps} "
+            f"({self.loss}) per radius: at most {self.probe_size * per_row} sample gradient steps every "
             f"{self.every_n_epochs} epoch(s), split over {trainer.world_size} rank(s); plus, on each rank, "
             + (f"{rows} rows of the epoch's last training batch: at most {rows * per_row} more" if rows else
                f"every row of the epoch's last training batch: at most {per_row} more per row")
@@ -314,7 +328,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         model = _pixel_model(pl_module)
         x, y = self._probe
         local, _ = minimum_eps(model, x, y, self.radii.to(x.device), norm=self.norm, steps=self.steps,
-                               step_factor=self.step_factor, mode=self.mode)
+                               step_factor=self.step_factor, mode=self.mode, loss=self.loss)
         eps = self._gather(trainer, pl_module, local)
         censored = eps.clamp(max=self.max_eps)
         train_eps = float(pl_module.settings.train_attack.eps)
@@ -335,7 +349,8 @@ class MinimumPerturbation(EpochHistory, Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_histogram("minperturb/eps", censored.cpu(), trainer.global_step)
-        self.record(epoch, {"max_eps": self.max_eps, "num_eps": self.num_eps, "eps": censored.cpu().tolist(),
+        self.record(epoch, {"max_eps": self.max_eps, "num_eps": self.num_eps, "loss": self.loss,
+                            "eps": censored.cpu().tolist(),
                             **values, **counts})
 
     def _train_batch_counts(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
@@ -346,7 +361,8 @@ class MinimumPerturbation(EpochHistory, Callback):
             x, y = self._last_batch
             pool = minimum_adversarial_pool(_pixel_model(pl_module), x, y, self.radii.to(x.device), pl_module.p_up,
                                             norm=self.norm, steps=self.steps, step_factor=self.step_factor,
-                                            mode=self.mode, scoring_mode=pl_module.settings.scoring_mode)
+                                            mode=self.mode, scoring_mode=pl_module.settings.scoring_mode,
+                                            loss=self.loss)
             local = torch.tensor([y.numel(), int((pool.min_eps == 0).sum()), int(torch.isinf(pool.min_eps).sum()),
                                   pool.loss.numel(), pool.selected.numel(), pool.n_selected_min_adv],
                                  dtype=torch.float64, device=pl_module.device)
