@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_advsel import distributed, selection
-from lightning_advsel.attacks import ATTACK_LOSSES, MODES, NORMS, AttackLoss, Mode, Norm, margin_loss, model_mode, pgd
+from lightning_advsel.attacks import ATTACK_LOSSES, MODES, NORMS, AttackConfig, AttackLoss, Mode, Norm, model_mode
 from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.history import EpochHistory
 from lightning_advsel.checks import check_choice, check_fraction, check_int, check_linf_eps, check_number
@@ -87,8 +87,9 @@ def minimum_eps(model: nn.Module, x: Tensor, y: Tensor, radii: Tensor, *, norm: 
         todo = torch.isinf(min_eps).nonzero().squeeze(1)
         if todo.numel() == 0:
             break
-        x_adv = pgd(model, x[todo], y[todo], eps=r, alpha=step_factor * r / steps, steps=steps, norm=norm,
-                    random_start=False, mode=mode, loss=margin_loss if loss == "margin" else None)
+        attack = AttackConfig(eps=r, alpha=step_factor * r / steps, steps=steps, norm=norm, random_start=False,
+                              mode=mode, loss=loss)
+        x_adv = attack(model, x[todo], y[todo])
         with torch.no_grad(), model_mode(model, mode):
             flipped = model(x_adv).argmax(1) != y[todo]
         min_eps[todo[flipped]] = r
