@@ -139,16 +139,16 @@ def gradient_stats(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float
 
 
 def median_minimum_eps(model: nn.Module, x: Tensor, y: Tensor, eps: float, size: int) -> dict[str, float]:
-    """Per search loss (``"ce"``, ``"margin"``), the median minimum perturbation of the correctly classified rows
-    on the grid ``eps / 4, eps / 2, ..., 4 eps`` (PGD-5 per radius), pixels; a row no radius flips counts as 4 eps."""
-    right = correct(model, x, y, size)
-    if not right.any():
+    """Per search loss (``"ce"``, ``"margin"``), the median minimum perturbation of rows ``x`` (the correctly
+    classified ones) on the grid ``eps / 4, eps / 2, ..., 4 eps`` (PGD-5 per radius), pixels; a row no radius
+    flips counts as 4 eps; NaN without rows."""
+    if len(y) == 0:
         return {"ce": float("nan"), "margin": float("nan")}
     radii = torch.arange(1, 17, dtype=torch.float64) * (eps / 4)
     medians = {}
     for loss in ("ce", "margin"):
         found = in_batches(lambda a, b: minimum_eps(model, a, b, radii, loss=loss)[0],  # noqa: B023
-                           x[right], y[right], size)
+                           x, y, size)
         medians[loss] = float(found.clamp(max=float(radii[-1])).median())
     return medians
 
@@ -198,7 +198,7 @@ def main() -> None:
                          f"{args.source.parent.parent.name}", ok, 0.0))
         rows.append(("worst case over the attacks within eps (per image)", worst, 0.0))
         median, zero = gradient_stats(model, x, y)
-        radius = median_minimum_eps(model, x, y, args.eps, args.batch_size)
+        radius = median_minimum_eps(model, x[clean], y[clean], args.eps, args.batch_size)
         print(f"\n{ckpt}: {len(y)} test images, eps {args.eps:.5f}; median clean logit margin of the correct rows "
               f"{median:.2f}; CE input gradient exactly zero on {100 * zero:.1f}% of the images; median minimum "
               f"perturbation of the correct rows {255 * radius['ce']:.1f}/255 by a CE search, "
