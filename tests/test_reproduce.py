@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
@@ -143,7 +144,8 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
     assert {run.run_id for run in normed.rows} == {"robust-s0", "robust-s1", "robust-s2", "ds-s0", "ds-s1", "ds-s2",
                                                    "ds_p1-s0", "ds_margin_val-s0", "ds_margin_val-s1",
                                                    "ds_margin_val-s2", "robust_margin_val-s0", "ds_margin-s0",
-                                                   "ds_margin-s1", "ds_margin-s2"}
+                                                   "ds_margin-s1", "ds_margin-s2", "ds_20ep-s0", "ds_20ep-s1",
+                                                   "ds_20ep-s2", "robust_20ep-s0"}
     # A margin-validation row is its recipe's row with the validation attack on the logit margin, nothing else.
     by_id = {run.run_id: run for run in normed.rows}
     for run_id in ("ds_margin_val-s1", "robust_margin_val-s0"):
@@ -155,4 +157,13 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
         both, val_only = by_id[f"ds_margin-s{seed}"], by_id[f"ds_margin_val-s{seed}"]
         assert both.config == val_only.config and both.seed == val_only.seed
         assert both.extra == (*val_only.extra, "--model.init_args.train_attack.loss", "margin")
+    # A 20-epoch row is its recipe's row trained twice as long, nothing else; the suite's lr schedule is constant
+    # over both budgets (its milestones lie past epoch 20), so the first 10 epochs are the 10-epoch run's.
+    for run_id in ("ds_20ep-s0", "ds_20ep-s2", "robust_20ep-s0"):
+        plain = by_id[run_id.replace("_20ep", "")]
+        assert by_id[run_id].config == plain.config and by_id[run_id].extra == (*plain.extra, "--trainer.max_epochs",
+                                                                                   "20")
+    base = yaml.safe_load((REPO / "configs" / normed.base).read_text())
+    assert "milestones" not in " ".join(normed.overrides)
+    assert min(base["model"]["init_args"]["lr_scheduler"]["init_args"]["milestones"]) > 20
     assert timing_suite("cifar10_bn") == "cifar10_bn"  # more work per step: the cifar10 timing does not hold
