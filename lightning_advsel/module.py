@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -671,8 +672,29 @@ class AdversarialSelectionModule(L.LightningModule):
                 "SyncBatchNorm's contract of equal per-rank batches; use `selection_scope`='local' or train "
                 "without `sync_batchnorm`"
             )
+        self._check_weight_averaging()
         self._check_training_batches()
         dashboard.describe_run(self.loggers, self.settings, self.eps_warmup_epochs)
+
+    def _check_weight_averaging(self) -> None:
+        """Refuse Lightning's ``StochasticWeightAveraging`` on a network with BatchNorm, before the first step.
+
+        Its extra last epoch recomputes the BatchNorm statistics of the averaged weights by a pass whose backward
+        Lightning skips, which only automatic optimization honours: here that epoch would train the averaged
+        weights one more adversarial epoch. Without BatchNorm there is no such epoch, and it is allowed.
+
+        Raises:
+            ValueError: for a ``StochasticWeightAveraging`` callback and a network with BatchNorm layers.
+        """
+        swa = [type(c).__name__ for c in self.trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
+        if swa and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            raise ValueError(
+                f"`{swa[0]}` recomputes BatchNorm statistics in an extra epoch whose backward only automatic "
+                f"optimization skips; {type(self).__name__} optimizes manually, so that epoch would train the "
+                "averaged weights further. Use `lightning.pytorch.callbacks.EMAWeightAveraging` (or "
+                "`WeightAveraging`), which averages the BatchNorm statistics with the weights, or a network without "
+                "BatchNorm"
+            )
 
     def _check_training_batches(self) -> None:
         """Refuse, before the sanity check and the first step, a training loader that yields no batch.
