@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -152,7 +153,8 @@ class AdversarialSelectionModule(L.LightningModule):
             :class:`~lightning_advsel.evaluation.AutoAttackConfig` (torchattacks' AutoAttack, seeded per
             batch). ``None`` (default) uses ``eval_attack`` (and so skips robust testing when that is ``None``).
         num_classes: classes of the task.
-        optimizer: optimizer factory, called with the model parameters.
+        optimizer: optimizer factory, called with the model parameters; its learning rate is :attr:`lr` unless
+            that is set (``Tuner(trainer).lr_find(module)`` sets it).
         lr_scheduler: optional scheduler factory, called with the optimizer.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         scoring_mode: model mode of the no-grad scoring passes (see :func:`~lightning_advsel.attacks.model_mode`).
@@ -348,6 +350,7 @@ class AdversarialSelectionModule(L.LightningModule):
         self._compiled = False
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
+        self._lr: float | None = None  # the optimizer's learning rate when set (`lr`), else the factory's
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.seed = seed
@@ -560,8 +563,7 @@ class AdversarialSelectionModule(L.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
                                     gradient_clip_algorithm=self.gradient_clip_algorithm)
             opt.step()
-            if self.scheduler_interval == "step":
-                self._step_scheduler()
+            self._step_scheduler("step")
         self._window_batches, self._window_has_grads = 0, False
 
     @override
@@ -670,8 +672,29 @@ class AdversarialSelectionModule(L.LightningModule):
                 "SyncBatchNorm's contract of equal per-rank batches; use `selection_scope`='local' or train "
                 "without `sync_batchnorm`"
             )
+        self._check_weight_averaging()
         self._check_training_batches()
         dashboard.describe_run(self.loggers, self.settings, self.eps_warmup_epochs)
+
+    def _check_weight_averaging(self) -> None:
+        """Refuse Lightning's ``StochasticWeightAveraging`` on a network with BatchNorm, before the first step.
+
+        Its extra last epoch recomputes the BatchNorm statistics of the averaged weights by a pass whose backward
+        Lightning skips, which only automatic optimization honours: here that epoch would train the averaged
+        weights one more adversarial epoch. Without BatchNorm there is no such epoch, and it is allowed.
+
+        Raises:
+            ValueError: for a ``StochasticWeightAveraging`` callback and a network with BatchNorm layers.
+        """
+        swa = [type(c).__name__ for c in self.trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
+        if swa and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            raise ValueError(
+                f"`{swa[0]}` recomputes BatchNorm statistics in an extra epoch whose backward only automatic "
+                f"optimization skips; {type(self).__name__} optimizes manually, so that epoch would train the "
+                "averaged weights further. Use `lightning.pytorch.callbacks.EMAWeightAveraging` (or "
+                "`WeightAveraging`), which averages the BatchNorm statistics with the weights, or a network without "
+                "BatchNorm"
+            )
 
     def _check_training_batches(self) -> None:
         """Refuse, before the sanity check and the first step, a training loader that yields no batch.
@@ -755,10 +778,12 @@ class AdversarialSelectionModule(L.LightningModule):
             self.log("train/attack_score_unselected", self.train_attack_score_unselected, on_step=False,
                      on_epoch=True)
 
-    def _step_scheduler(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+    def _step_scheduler(self, interval: str) -> None:
+        """Step the scheduler the Trainer holds if it runs every ``interval``: this module's (``scheduler_interval``)
+        or the one ``Tuner.lr_find`` puts in its place for its search, which runs every step."""
+        configs = self.trainer.lr_scheduler_configs
+        if configs and configs[0].interval == interval:
+            configs[0].scheduler.step()
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -766,8 +791,7 @@ class AdversarialSelectionModule(L.LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
-        if self.scheduler_interval == "epoch":
-            self._step_scheduler()
+        self._step_scheduler("epoch")
         # Totals already summed over ranks (the same on every rank), and each rank's clock, averaged over ranks.
         totals = self.work.compute()
         distributed.log_rank_wide(
@@ -903,8 +927,31 @@ class AdversarialSelectionModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------------------------------- optimization
+    @property
+    def lr(self) -> float:
+        """The learning rate the optimizer starts from: the one set here, else the ``optimizer`` factory's.
+
+        ``Tuner(trainer).lr_find(module, datamodule=dm)`` sets it to its suggestion, and the next ``fit`` builds
+        the optimizer with it (before the scheduler reads its base rate). A checkpoint keeps it, so a resumed run
+        and ``load_from_checkpoint`` go on with it; a module built anew from its config does not: put the value in
+        the config (``model.init_args.optimizer.init_args.lr``).
+
+        Raises:
+            ValueError: when set to anything but a finite number > 0.
+        """
+        if self._lr is not None:
+            return self._lr
+        return float(self.optimizer_factory([nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = checks.check_number("lr", value, 0.0, strict=True)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.model.parameters())
+        if self._lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self._lr
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -949,7 +996,7 @@ class AdversarialSelectionModule(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps,
+        checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps, "lr": self._lr,
                                 "train_metrics": self._train_metric_states(),
                                 "work": self._work_so_far(),
                                 "accumulation": self._window_state()}
@@ -958,6 +1005,8 @@ class AdversarialSelectionModule(L.LightningModule):
         self._check_architecture(checkpoint.get("state_dict", {}))
         state = checkpoint.get("advsel", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if "lr" in state:  # a learning rate set on the module (`lr`), or None: the factory's
+            self._lr = None if state["lr"] is None else checks.check_number("lr", state["lr"], 0.0, strict=True)
         self._load_train_metric_states(state.get("train_metrics", {}))
         self._load_window_state(state.get("accumulation", {}), int(checkpoint.get("global_step", 0)))
         # Summed over ranks when saved: rank 0 continues from them, so the sum stays right for any world size.

@@ -1,0 +1,105 @@
+"""Lightning's own tools on the module: the learning-rate and batch-size finders, and weight averaging."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import TinyNet, fit_steps, tiny_batch
+from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+from lightning.pytorch.tuner import Tuner
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel.data import DigitsDataModule
+
+ATTACK = AttackConfig(eps=0.1, alpha=0.05, steps=2, random_start=False, mode="train")
+
+
+def make(recipe="ds", net=None, **kwargs):
+    torch.manual_seed(0)
+    return AdversarialSelectionModule(net or TinyNet(), recipe=recipe, train_attack=ATTACK, eval_attack=None,
+                                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **kwargs)
+
+
+def trainer_for(tmp_path, **kwargs) -> L.Trainer:
+    kwargs.setdefault("max_epochs", 1)
+    return L.Trainer(default_root_dir=tmp_path, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_lr_find_sweeps_the_rate_and_the_next_fit_starts_from_its_suggestion(tmp_path):
+    # The module optimizes manually, so it steps the scheduler the Trainer holds: the finder's per-step one during
+    # the search (this module's own schedule runs per epoch), its own again afterwards.
+    x, y = tiny_batch(80)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # 20 batches
+    module = make("ds", lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+    assert module.lr == 0.1  # the optimizer factory's until set
+    trainer = trainer_for(tmp_path)
+    finder = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-4, max_lr=1.0, num_training=20,
+                                    early_stop_threshold=None)
+    lrs = finder.results["lr"]
+    assert len(lrs) == 20 and lrs[0] == pytest.approx(1e-4) and lrs[-1] > 0.5
+    assert all(later > earlier for earlier, later in zip(lrs[:-1], lrs[1:], strict=True))
+    assert finder.suggestion() is not None and module.lr == finder.suggestion()
+    trainer.fit(module, loader)
+    # Built with the suggestion, then one epoch of the module's own schedule: one halving.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(finder.suggestion() * 0.5)
+
+
+def test_scale_batch_size_sets_the_data_modules_batch_and_the_next_fit_runs_whole_epochs(tmp_path):
+    # The finder restores a checkpoint taken before its trials; the data module's resumable position in it must
+    # not make the next fit skip batches.
+    dm = DigitsDataModule(batch_size=2, val_size=800, test_size=800)  # 197 training images
+    module = make("ds")
+    trainer = trainer_for(tmp_path)
+    found = Tuner(trainer).scale_batch_size(module, datamodule=dm, mode="power", steps_per_trial=1, max_trials=3)
+    assert found == dm.batch_size == 8  # 2, 4, 8: every trial fits on this machine
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == trainer.num_training_batches == math.ceil(len(dm.train_set) / 8)
+
+
+def test_a_learning_rate_set_on_the_module_is_checked_and_kept_by_its_checkpoint(tmp_path):
+    module = make("ds")
+    for bad in (0, -0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=r"`lr` must be a finite number > 0.0, got"):
+            module.lr = bad
+    assert module.lr == 0.1
+    module.lr = 0.02
+    trainer = fit_steps(module, *tiny_batch(16), tmp_path)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.02
+    trainer.save_checkpoint(tmp_path / "set.ckpt")
+    # Built from Python, the optimizer factory is not in the checkpoint: the reloaded one would use Adam's 0.001.
+    assert AdversarialSelectionModule(TinyNet()).lr == 0.001
+    assert AdversarialSelectionModule.load_from_checkpoint(tmp_path / "set.ckpt", model=TinyNet()).lr == 0.02
+
+
+def test_ema_weight_averaging_updates_once_per_optimizer_step_and_the_module_ends_with_the_average(tmp_path):
+    x, y = tiny_batch(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 4 batches
+    module = make("ds", accumulate_grad_batches=2)  # 2 optimizer steps an epoch
+    ema = EMAWeightAveraging(decay=0.5)
+    trainer = trainer_for(tmp_path, max_epochs=2, callbacks=[ema])
+    trainer.fit(module, loader)
+    assert trainer.global_step == 4 and int(ema._average_model.n_averaged) == 4
+    for averaged, trained in zip(ema._average_model.module.parameters(), module.parameters(), strict=True):
+        assert torch.equal(averaged, trained)
+
+
+def test_stochastic_weight_averaging_is_refused_with_batchnorm_and_trains_no_extra_epoch_without(tmp_path):
+    x, y = tiny_batch(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 4 batches
+    plain = make("ds")
+    trainer = trainer_for(tmp_path, max_epochs=3, callbacks=[StochasticWeightAveraging(0.05, swa_epoch_start=1)])
+    trainer.fit(plain, loader)
+    assert trainer.global_step == 12 and plain.batches_trained == 12
+    # With BatchNorm its extra statistics epoch would train the averaged weights: refused before any step.
+    normed = make("ds", net=TinyNet(batchnorm=True))
+    before = [p.detach().clone() for p in normed.parameters()]
+    trainer = trainer_for(tmp_path, max_epochs=3, callbacks=[StochasticWeightAveraging(0.05, swa_epoch_start=1)])
+    with pytest.raises(ValueError, match=r"`StochasticWeightAveraging` recomputes BatchNorm .*EMAWeightAveraging"):
+        trainer.fit(normed, loader)
+    assert trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, normed.parameters(), strict=True))
