@@ -8,11 +8,12 @@ import lightning as L
 import pytest
 import torch
 from conftest import TinyNet, fit_steps, tiny_batch
-from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel.callbacks import MinimumPerturbation
 from lightning_advsel.data import DigitsDataModule
 
 ATTACK = AttackConfig(eps=0.1, alpha=0.05, steps=2, random_start=False, mode="train")
@@ -103,3 +104,45 @@ def test_stochastic_weight_averaging_is_refused_with_batchnorm_and_trains_no_ext
         trainer.fit(normed, loader)
     assert trainer.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, normed.parameters(), strict=True))
+
+
+def test_a_run_with_ema_weight_averaging_resumes_exactly(tmp_path):
+    # The checkpoint holds the average as `state_dict` and the trained weights apart: the resumed run must go on
+    # from the trained ones, with the average and the module's own state (selection counts) where they were.
+    x, y = tiny_batch(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 4 batches
+
+    def run(ckpt_path=None):
+        module, ema = make("ds"), EMAWeightAveraging(decay=0.5)
+        every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+        trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, limit_val_batches=0, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[ema, every_epoch])
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return module, ema
+
+    straight, straight_ema = run()
+    resumed, resumed_ema = run(tmp_path / "ckpt" / "epoch=0.ckpt")  # saved after the first of two epochs
+    assert int(resumed_ema._average_model.n_averaged) == int(straight_ema._average_model.n_averaged) == 8
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):  # both hold the average now
+        assert torch.equal(a, b)
+    assert resumed.batches_trained == straight.batches_trained == 8
+
+
+def test_minimum_perturbation_probes_the_trained_weights_while_validation_sees_the_average(tmp_path):
+    # Averaging does not change training, so the radii measured at epoch end equal a run without it; the
+    # validation accuracy does change, because Lightning swaps the average in for the validation loop.
+    x, y = tiny_batch(32)
+    train = DataLoader(TensorDataset(x, y), batch_size=8)
+    val = DataLoader(TensorDataset(*tiny_batch(16, seed=1)), batch_size=16)
+
+    def run(*callbacks):
+        module, probe = make("ds"), MinimumPerturbation(probe_size=16, num_eps=4, steps=2, max_train_rows=8)
+        trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, probe])
+        trainer.fit(module, train, val)
+        return probe.history, trainer.callback_metrics["val/loss_clean"]
+
+    plain_history, plain_val_loss = run()
+    averaged_history, averaged_val_loss = run(EMAWeightAveraging(decay=0.9))
+    assert len(plain_history) == 2 and averaged_history == plain_history
+    assert averaged_val_loss != plain_val_loss
