@@ -194,7 +194,9 @@ def suites(data_dir: str) -> dict[str, Suite]:
         name="cifar10_bn",
         overrides=(*cifar10_warmup.overrides, "--model.init_args.model.init_args.batch_norm", "true"),
         timing_from=None,  # BatchNorm adds work to a step: not the cifar10 suite's timing (FLOPs are counted)
-        rows=(*(run for run in cifar10_warmup.rows if run.name in ("robust", "ds") or run.run_id == "ds_p1-s0"),
+        # selective_margin: the recipe level with robust training without BatchNorm; does it stay level with it?
+        rows=(*(run for run in cifar10_warmup.rows
+                if run.name in ("robust", "ds", "selective_margin") or run.run_id == "ds_p1-s0"),
               # The checkpoint kept by a validation PGD on the logit margin instead of the cross-entropy, which
               # overrates DS here (README): does the kept epoch, and what AutoAttack finds in it, change?
               *_rows([("ds_margin_val", "recipes/ds.yaml", seeds3, MARGIN_VAL),
