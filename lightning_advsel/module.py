@@ -155,7 +155,9 @@ class AdversarialSelectionModule(L.LightningModule):
         num_classes: classes of the task.
         optimizer: optimizer factory, called with the model parameters; its learning rate is :attr:`lr` unless
             that is set (``Tuner(trainer).lr_find(module)`` sets it).
-        lr_scheduler: optional scheduler factory, called with the optimizer.
+        lr_scheduler: optional scheduler factory, called with the optimizer. A ``ReduceLROnPlateau`` follows its
+            ``monitor`` (``lightning.pytorch.cli.ReduceLROnPlateau``), stepped at the end of each training epoch
+            with the value logged last (the epoch's validation where it ran one).
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         scoring_mode: model mode of the no-grad scoring passes (see :func:`~lightning_advsel.attacks.model_mode`).
         seed: seed of the per-step random generator (PGD starts, random selection). The generator is
@@ -782,8 +784,18 @@ class AdversarialSelectionModule(L.LightningModule):
         """Step the scheduler the Trainer holds if it runs every ``interval``: this module's (``scheduler_interval``)
         or the one ``Tuner.lr_find`` puts in its place for its search, which runs every step."""
         configs = self.trainer.lr_scheduler_configs
-        if configs and configs[0].interval == interval:
-            configs[0].scheduler.step()
+        if not configs or configs[0].interval != interval:
+            return
+        scheduler = configs[0].scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+            return
+        # At the epoch's end, after its validation: the value every rank logged (synced), so all ranks agree.
+        value = self.trainer.callback_metrics.get(scheduler.monitor)
+        if value is None:
+            raise ValueError(f"`lr_scheduler` ReduceLROnPlateau follows monitor={scheduler.monitor!r}, which this "
+                             f"run does not log; logged: {sorted(self.trainer.callback_metrics)}")
+        scheduler.step(float(value))
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -956,13 +968,31 @@ class AdversarialSelectionModule(L.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError(
-                "`lr_scheduler` ReduceLROnPlateau is not supported (it needs a monitored value); use a schedule "
-                "of the epoch or step, e.g. MultiStepLR or OneCycleLR"
-            )
+            self._check_plateau(scheduler)
         if isinstance(scheduler, schedules.RunLengthSchedule):
             scheduler.set_length(self._schedule_length())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def _check_plateau(self, scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
+        """Check that a ``ReduceLROnPlateau`` names the metric it follows (``monitor``, which Lightning's CLI
+        subclass has) and that this fit logs it at the end of each epoch.
+
+        Raises:
+            ValueError: for torch's class (no ``monitor``), a ``scheduler_interval`` other than ``"epoch"``, or a
+                validation metric when this fit runs no validation (``limit_val_batches`` 0).
+        """
+        monitor = getattr(scheduler, "monitor", None)
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                f"`lr_scheduler` {type(scheduler).__name__} needs the metric it follows, got monitor={monitor!r}: use "
+                "lightning.pytorch.cli.ReduceLROnPlateau with `monitor`, e.g. monitor='val/acc_robust', mode='max'"
+            )
+        if self.scheduler_interval != "epoch":
+            raise ValueError(f"`scheduler_interval` must be 'epoch' for ReduceLROnPlateau (it follows an epoch's "
+                             f"metric), got {self.scheduler_interval!r}")
+        if monitor.startswith("val/") and self._trainer is not None and self._trainer.limit_val_batches == 0:
+            raise ValueError(f"`lr_scheduler` ReduceLROnPlateau follows monitor={monitor!r}, but this fit runs no "
+                             "validation (`limit_val_batches` is 0)")
 
     def _schedule_length(self) -> int:
         """The ``step()`` calls of this fit's scheduler: optimizer steps, or epochs (``scheduler_interval``).

@@ -6,6 +6,8 @@ import lightning as L
 import pytest
 import torch
 from conftest import TinyNet, config_args, tiny_batch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ReduceLROnPlateau
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
@@ -65,6 +67,11 @@ def test_the_schedule_overlays_parse_over_a_base_with_its_own_scheduler(tmp_path
                          "--trainer.logger", "false"], run=False)
         assert cli.model.scheduler_interval == "step"
         assert isinstance(cli.model.lr_scheduler_factory(torch.optim.SGD(cli.model.parameters(), lr=LR)), cls)
+    cli = build_cli([*config_args("digits/base.yaml", "recipes/ds.yaml", "schedules/plateau.yaml"),
+                     "--trainer.logger", "false"], run=False)
+    plateau = cli.model.lr_scheduler_factory(torch.optim.SGD(cli.model.parameters(), lr=LR))
+    assert isinstance(plateau, ReduceLROnPlateau) and cli.model.scheduler_interval == "epoch"
+    assert (plateau.monitor, plateau.mode, plateau.factor, plateau.patience) == ("val/acc_robust", "max", 0.5, 3)
 
 
 def test_the_warmup_factor_rises_linearly_to_one_and_stays_there():
@@ -128,3 +135,78 @@ def test_the_eps_warmup_overlay_parses_over_a_base_and_a_recipe(tmp_path, monkey
 def test_a_bad_eps_warmup_is_refused_by_name(bad):
     with pytest.raises(ValueError, match=r"`eps_warmup_epochs` must be a finite number >= 0.0 \(epochs\)"):
         AdversarialSelectionModule(TinyNet(), eps_warmup_epochs=bad)
+
+
+def _plateau(**kwargs) -> AdversarialSelectionModule:
+    torch.manual_seed(0)
+    return AdversarialSelectionModule(
+        TinyNet(), recipe="ds", train_attack=AttackConfig(eps=0.1, alpha=0.05, steps=1, mode="train"),
+        eval_attack=AttackConfig(eps=0.1, alpha=0.05, steps=1), optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+        **kwargs)
+
+
+def _plateau_fit(tmp_path, module, ckpt_path=None, **trainer_kwargs) -> L.Trainer:
+    trainer_kwargs.setdefault("max_epochs", 2)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, **trainer_kwargs)
+    train = DataLoader(TensorDataset(*tiny_batch(32)), batch_size=8)
+    trainer.fit(module, train, DataLoader(TensorDataset(*tiny_batch(16, seed=1)), batch_size=16),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_reduce_lr_on_plateau_follows_its_monitored_metric_each_epoch_and_resumes(tmp_path):
+    # Patience 0: the lr halves after each epoch whose validation loss is not below the best one before it.
+    def plateau(optimizer):
+        return ReduceLROnPlateau(optimizer, monitor="val/loss_clean", mode="min", factor=0.5, patience=0,
+                                 threshold=0.0, threshold_mode="abs")
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.values.append(float(trainer.callback_metrics["val/loss_clean"]))
+
+    record, module = Record(), _plateau(lr_scheduler=plateau)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    _plateau_fit(tmp_path, module, callbacks=[record, every_epoch], max_epochs=4)
+    values, scheduler = record.values, module.lr_schedulers()
+    worse = sum(value >= min(values[:i]) for i, value in enumerate(values) if i > 0)
+    assert len(values) == 4 and scheduler.best == min(values)
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(LR * 0.5**worse)
+    # A run resumed after its first epoch goes on with the scheduler's state (best value, bad epochs).
+    resumed = _plateau(lr_scheduler=plateau)
+    _plateau_fit(tmp_path / "again", resumed, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt", max_epochs=4)
+    assert resumed.optimizers().param_groups[0]["lr"] == module.optimizers().param_groups[0]["lr"]
+    assert resumed.lr_schedulers().state_dict() == scheduler.state_dict()
+    for a, b in zip(module.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scheduler,kwargs,message", [
+    (lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o), {},
+     r"`lr_scheduler` ReduceLROnPlateau needs the metric it follows, got monitor=None: use "
+     r"lightning.pytorch.cli.ReduceLROnPlateau"),
+    (lambda o: ReduceLROnPlateau(o, monitor="val/acc_robust"), {"scheduler_interval": "step"},
+     r"`scheduler_interval` must be 'epoch' for ReduceLROnPlateau .*got 'step'"),
+])
+def test_a_plateau_schedule_without_its_metric_or_per_step_is_refused_before_training(tmp_path, scheduler, kwargs,
+                                                                                      message):
+    module = _plateau(lr_scheduler=scheduler, **kwargs)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=message):
+        _plateau_fit(tmp_path, module)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_a_plateau_schedule_on_validation_without_validation_or_on_an_unlogged_metric_is_refused(tmp_path):
+    module = _plateau(lr_scheduler=lambda o: ReduceLROnPlateau(o, monitor="val/acc_robust"))
+    with pytest.raises(ValueError, match=r"follows monitor='val/acc_robust', but this fit runs no validation"):
+        _plateau_fit(tmp_path, module, limit_val_batches=0)
+    assert module.trainer.global_step == 0
+    module = _plateau(lr_scheduler=lambda o: ReduceLROnPlateau(o, monitor="val/acc_robustt"))
+    with pytest.raises(ValueError, match=r"follows monitor='val/acc_robustt', which this run does not log; logged: "
+                                         r"\[.*'val/acc_robust'"):
+        _plateau_fit(tmp_path, module)
