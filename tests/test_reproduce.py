@@ -146,7 +146,8 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
                                                    "selective_margin-s2", "ds_margin_val-s0", "ds_margin_val-s1",
                                                    "ds_margin_val-s2", "robust_margin_val-s0", "ds_margin-s0",
                                                    "ds_margin-s1", "ds_margin-s2", "ds_20ep-s0", "ds_20ep-s1",
-                                                   "ds_20ep-s2", "robust_20ep-s0"}
+                                                   "ds_20ep-s2", "robust_20ep-s0", "robust_6ep-s0", "robust_6ep-s1",
+                                                   "robust_6ep-s2"}
     # A margin-validation row is its recipe's row with the validation attack on the logit margin, nothing else.
     by_id = {run.run_id: run for run in normed.rows}
     for run_id in ("ds_margin_val-s1", "robust_margin_val-s0"):
@@ -164,6 +165,10 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
         plain = by_id[run_id.replace("_20ep", "")]
         assert by_id[run_id].config == plain.config and by_id[run_id].extra == (*plain.extra, "--trainer.max_epochs",
                                                                                    "20")
+    # The 6-epoch row: robust training stopped at selective margin's FLOPs (0.65 of 10 epochs), just under them.
+    for seed in (0, 1, 2):
+        plain = by_id[f"robust-s{seed}"]
+        assert by_id[f"robust_6ep-s{seed}"].extra == (*plain.extra, "--trainer.max_epochs", "6")
     base = yaml.safe_load((REPO / "configs" / normed.base).read_text())
     assert "milestones" not in " ".join(normed.overrides)
     assert min(base["model"]["init_args"]["lr_scheduler"]["init_args"]["milestones"]) > 20
