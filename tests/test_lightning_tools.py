@@ -1,4 +1,5 @@
-"""Lightning's own tools on the module: the learning-rate and batch-size finders, and weight averaging."""
+"""Lightning's own tools on the module: the learning-rate and batch-size finders, weight averaging, the
+learning-rate monitor and early stopping."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import lightning as L
 import pytest
 import torch
 from conftest import TinyNet, fit_steps, tiny_batch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+)
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.tuner import Tuner
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -146,3 +154,30 @@ def test_minimum_perturbation_probes_the_trained_weights_while_validation_sees_t
     averaged_history, averaged_val_loss = run(EMAWeightAveraging(decay=0.9))
     assert len(plain_history) == 2 and averaged_history == plain_history
     assert averaged_val_loss != plain_val_loss
+
+
+def test_learning_rate_monitor_logs_the_module_schedule_and_early_stopping_ends_the_fit(tmp_path):
+    # Under manual optimization Lightning steps nothing itself: the monitor reads the scheduler the module steps.
+    class Rates(DummyLogger):
+        def __init__(self):
+            super().__init__()
+            self.rates = []
+
+        def log_metrics(self, metrics, step=None):
+            self.rates += [value for name, value in metrics.items() if name == "lr-SGD"]
+
+    x, y = tiny_batch(32)
+    module = make("ds", lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+    rates = Rates()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=3, logger=rates, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[LearningRateMonitor(logging_interval="epoch")])
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert rates.rates == [0.1, 0.05, 0.025]
+    # Patience 0 and an improvement no epoch can make: the fit stops after its second epoch of 20.
+    stop = EarlyStopping("val/loss_clean", mode="min", patience=0, min_delta=10.0)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=20, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[stop])
+    trainer.fit(make("ds"), DataLoader(TensorDataset(x, y), batch_size=8),
+                DataLoader(TensorDataset(*tiny_batch(16, seed=1)), batch_size=16))
+    assert trainer.current_epoch == 2 and stop.stopped_epoch == 1
