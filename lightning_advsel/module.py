@@ -688,12 +688,12 @@ class AdversarialSelectionModule(L.LightningModule):
         Raises:
             ValueError: for a ``StochasticWeightAveraging`` callback and a network with BatchNorm layers.
         """
-        swa = [type(c).__name__ for c in self.trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
-        if swa and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        swa = next((c for c in self.trainer.callbacks if isinstance(c, StochasticWeightAveraging)), None)
+        if swa is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             raise ValueError(
-                f"`{swa[0]}` recomputes BatchNorm statistics in an extra epoch whose backward only automatic "
-                f"optimization skips; {type(self).__name__} optimizes manually, so that epoch would train the "
-                "averaged weights further. Use `lightning.pytorch.callbacks.EMAWeightAveraging` (or "
+                f"`{type(swa).__name__}` recomputes BatchNorm statistics in an extra epoch whose backward only "
+                f"automatic optimization skips; {type(self).__name__} optimizes manually, so that epoch would "
+                "train the averaged weights further. Use `lightning.pytorch.callbacks.EMAWeightAveraging` (or "
                 "`WeightAveraging`), which averages the BatchNorm statistics with the weights, or a network without "
                 "BatchNorm"
             )
@@ -1035,8 +1035,8 @@ class AdversarialSelectionModule(L.LightningModule):
         self._check_architecture(checkpoint.get("state_dict", {}))
         state = checkpoint.get("advsel", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        if "lr" in state:  # a learning rate set on the module (`lr`), or None: the factory's
-            self._lr = None if state["lr"] is None else checks.check_number("lr", state["lr"], 0.0, strict=True)
+        if state.get("lr") is not None:  # a learning rate set on the module (`lr`); None: the factory's
+            self.lr = state["lr"]
         self._load_train_metric_states(state.get("train_metrics", {}))
         self._load_window_state(state.get("accumulation", {}), int(checkpoint.get("global_step", 0)))
         # Summed over ranks when saved: rank 0 continues from them, so the sum stays right for any world size.
