@@ -209,7 +209,7 @@ def suites(data_dir: str) -> dict[str, Suite]:
                       # Twice the epochs (the learning rate is constant over both budgets, the ramp the same 2
                       # epochs): is DS at P_up 0.5 slower to learn, or does it stay behind robust training?
                       ("ds_20ep", "recipes/ds.yaml", seeds3, TWICE_THE_EPOCHS),
-                      ("robust_20ep", "recipes/robust.yaml", (0,), TWICE_THE_EPOCHS),
+                      ("robust_20ep", "recipes/robust.yaml", seeds3, TWICE_THE_EPOCHS),
                       # Robust training stopped at selective margin's compute: is the cheaper recipe worth it?
                       ("robust_6ep", "recipes/robust.yaml", seeds3, SELECTIVE_BUDGET_EPOCHS)])),
     )

@@ -146,8 +146,8 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
                                                    "selective_margin-s2", "ds_margin_val-s0", "ds_margin_val-s1",
                                                    "ds_margin_val-s2", "robust_margin_val-s0", "ds_margin-s0",
                                                    "ds_margin-s1", "ds_margin-s2", "ds_20ep-s0", "ds_20ep-s1",
-                                                   "ds_20ep-s2", "robust_20ep-s0", "robust_6ep-s0", "robust_6ep-s1",
-                                                   "robust_6ep-s2"}
+                                                   "ds_20ep-s2", "robust_20ep-s0", "robust_20ep-s1", "robust_20ep-s2",
+                                                   "robust_6ep-s0", "robust_6ep-s1", "robust_6ep-s2"}
     # A margin-validation row is its recipe's row with the validation attack on the logit margin, nothing else.
     by_id = {run.run_id: run for run in normed.rows}
     for run_id in ("ds_margin_val-s1", "robust_margin_val-s0"):
@@ -161,7 +161,7 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
         assert both.extra == (*val_only.extra, "--model.init_args.train_attack.loss", "margin")
     # A 20-epoch row is its recipe's row trained twice as long, nothing else; the suite's lr schedule is constant
     # over both budgets (its milestones lie past epoch 20), so the first 10 epochs are the 10-epoch run's.
-    for run_id in ("ds_20ep-s0", "ds_20ep-s2", "robust_20ep-s0"):
+    for run_id in ("ds_20ep-s0", "ds_20ep-s2", "robust_20ep-s0", "robust_20ep-s2"):
         plain = by_id[run_id.replace("_20ep", "")]
         assert by_id[run_id].config == plain.config and by_id[run_id].extra == (*plain.extra, "--trainer.max_epochs",
                                                                                    "20")
