@@ -22,6 +22,8 @@ RUNS = {"standard": "local", "robust": "global", "ds": "global", "random": "glob
         "selective_ds": "global"}
 # TRADES and MART on pairs, under both scopes.
 OBJECTIVE_RUNS = ["ds:global:trades", "selective:local:mart", "robust:local:trades", "random:global:mart"]
+# ReduceLROnPlateau (configs/schedules/plateau.yaml) following the validation robust accuracy.
+PLATEAU_RUN = "ds:global:ce"
 
 
 def env() -> dict[str, str]:
@@ -34,7 +36,7 @@ def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_cli")
     # The main job's dashboard callbacks on the main job's recipe, the part of every run they would double.
     runs = [f"{recipe}:{scope}" + ("+dashboards" if recipe == "ds" else "") for recipe, scope in RUNS.items()]
-    runs += OBJECTIVE_RUNS
+    runs += [*OBJECTIVE_RUNS, f"{PLATEAU_RUN}+plateau"]
     result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_cli_worker.py"), str(out), *runs],
                             env=env(), capture_output=True, text=True, timeout=240, cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -75,6 +77,18 @@ def test_paired_objectives_train_on_two_ranks(recipe_runs, run):
         assert rank[run]["recipe"] == recipe and rank[run]["objective"] == objective
         assert rank[run]["global_step"] == 2 and rank[run]["world_size"] == 2
     assert recipe_runs[0][run]["val_acc_clean"] == recipe_runs[1][run]["val_acc_clean"]
+
+
+def test_plateau_schedule_follows_the_synced_metric_so_every_rank_keeps_the_same_learning_rate(recipe_runs):
+    """Each rank steps its own ReduceLROnPlateau with the value it logged: the ranks validate on different
+    shards, so unless the value is synced their schedulers' bests, and in time their learning rates, drift apart."""
+    ranks = [rank[PLATEAU_RUN] for rank in recipe_runs]
+    for rank in ranks:
+        assert rank["global_step"] == 4
+        # The first epoch set the best, the second cannot beat it by the threshold (1) and halved the rate.
+        assert rank["lr"] == pytest.approx(rank["start_lr"] / 2)
+        assert rank["plateau"]["num_bad_epochs"] == 0  # reset by the reduction
+    assert ranks[0]["plateau"] == ranks[1]["plateau"] and ranks[0]["lr"] == ranks[1]["lr"]
 
 
 def test_console_cli_with_the_ddp_trainer_config_trains_checkpoints_and_draws_the_figures(tmp_path):
