@@ -197,8 +197,10 @@ def suites(data_dir: str) -> dict[str, Suite]:
         overrides=(*cifar10_warmup.overrides, "--model.init_args.model.init_args.batch_norm", "true"),
         timing_from=None,  # BatchNorm adds work to a step: not the cifar10 suite's timing (FLOPs are counted)
         # selective_margin: the recipe level with robust training without BatchNorm; does it stay level with it?
+        # random: the same half of the pool, drawn at random instead of by loss; is it the loss-ranking that
+        # costs DS its robustness here, or backpropagating half the pool?
         rows=(*(run for run in cifar10_warmup.rows
-                if run.name in ("robust", "ds", "selective_margin") or run.run_id == "ds_p1-s0"),
+                if run.name in ("robust", "ds", "selective_margin", "random") or run.run_id == "ds_p1-s0"),
               # The checkpoint kept by a validation PGD on the logit margin instead of the cross-entropy, which
               # overrates DS here (README): does the kept epoch, and what AutoAttack finds in it, change?
               *_rows([("ds_margin_val", "recipes/ds.yaml", seeds3, MARGIN_VAL),

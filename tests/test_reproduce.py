@@ -142,6 +142,7 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
     ramped, normed = suites("data")["cifar10_warmup"], suites("data")["cifar10_bn"]
     assert normed.overrides == (*ramped.overrides, "--model.init_args.model.init_args.batch_norm", "true")
     assert {run.run_id for run in normed.rows} == {"robust-s0", "robust-s1", "robust-s2", "ds-s0", "ds-s1", "ds-s2",
+                                                   "random-s0", "random-s1", "random-s2",
                                                    "ds_p1-s0", "selective_margin-s0", "selective_margin-s1",
                                                    "selective_margin-s2", "ds_margin_val-s0", "ds_margin_val-s1",
                                                    "ds_margin_val-s2", "robust_margin_val-s0", "ds_margin-s0",
