@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,14 +27,19 @@ class Normalize(nn.Module):
     ``(B, C, L)`` or feature vectors ``(B, D)`` (one statistic per feature, or one for all).
 
     Raises:
-        ValueError: if ``mean`` and ``std`` differ in length or a ``std`` entry is not positive; in ``forward``,
-            for an input whose dimension 1 is neither 1 nor the number of statistics.
+        ValueError: unless ``mean`` and ``std`` are equally long, non-empty sequences of finite numbers with every
+            ``std`` entry positive; in ``forward``, for an input whose dimension 1 is neither 1 nor the number of
+            statistics.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"`mean` and `std` must have one entry per channel, got {list(mean)} and {list(std)}")
+        if not mean or len(mean) != len(std):
+            raise ValueError(f"`mean` and `std` must have one entry per channel, got {len(mean)} means {list(mean)} "
+                             f"and {len(std)} stds {list(std)}")
+        for name, stats in (("mean", mean), ("std", std)):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
+                raise ValueError(f"`{name}` must be finite numbers, got {list(stats)}")
         if any(s <= 0 for s in std):
             raise ValueError(f"`std` entries must be > 0, got {list(std)}")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))

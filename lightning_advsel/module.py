@@ -94,11 +94,10 @@ def _as_test_attack(value: AttackConfig | AutoAttackConfig | dict | None,
 
 
 def _as_normalization(value: Any) -> Normalize | None:
-    """``input_normalization`` as a :class:`Normalize`; its checks, naming the argument.
+    """``input_normalization`` as a :class:`Normalize`, whose checks on the statistics it reports under its name.
 
     Raises:
-        ValueError: unless ``value`` is ``None`` or a pair ``(mean, std)`` of equally long, non-empty lists of
-            finite numbers with every ``std`` entry positive.
+        ValueError: unless ``value`` is ``None`` or a pair ``(mean, std)`` of lists that :class:`Normalize` takes.
     """
     if value is None:
         return None
@@ -107,15 +106,11 @@ def _as_normalization(value: Any) -> Normalize | None:
             or not all(isinstance(v, Sequence) and not isinstance(v, (str, bytes)) for v in value)):
         raise ValueError(f"`input_normalization` must be {expected}, got {value!r}")
     mean, std = value
-    if not mean or len(mean) != len(std):
-        raise ValueError(f"`input_normalization` must have one mean and one std per channel, got {len(mean)} means "
-                         f"{list(mean)} and {len(std)} stds {list(std)}")
-    for name, stats in (("mean", mean), ("std", std)):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
-            raise ValueError(f"`input_normalization` {name} must be finite numbers, got {list(stats)}")
-    if any(v <= 0 for v in std):
-        raise ValueError(f"`input_normalization` std entries must be > 0, got {list(std)}")
-    return Normalize([float(v) for v in mean], [float(v) for v in std])
+    try:
+        normalize = Normalize(mean, std)
+    except ValueError as err:
+        raise ValueError(f"`input_normalization` (mean, std): {err}") from err
+    return normalize
 
 
 class AdversarialSelectionModule(L.LightningModule):

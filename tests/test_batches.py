@@ -130,9 +130,12 @@ def test_a_mapping_batch_without_the_named_keys_is_refused_naming_batch_keys_and
 @pytest.mark.parametrize("kwargs,match", [
     ({"batch_keys": ("image",)}, r"`batch_keys` must be two different keys .*got \('image',\)"),
     ({"batch_keys": ("x", "x")}, r"`batch_keys` must be two different keys .*got \('x', 'x'\)"),
-    ({"input_normalization": ([0.5, 0.5], [0.2])}, r"one mean and one std per channel, got 2 means .* 1 stds"),
-    ({"input_normalization": ([0.5], [0.0])}, r"`input_normalization` std entries must be > 0, got \[0.0\]"),
-    ({"input_normalization": ([0.5], [float("nan")])}, r"`input_normalization` std must be finite numbers"),
+    ({"input_normalization": ([0.5, 0.5], [0.2])}, r"`input_normalization` \(mean, std\): `mean` and `std` must "
+                                                r"have one entry per channel, got 2 means .* 1 stds"),
+    ({"input_normalization": ([0.5], [0.0])}, r"`input_normalization` \(mean, std\): `std` entries must be > 0, got "
+                                             r"\[0.0\]"),
+    ({"input_normalization": ([0.5], [float("nan")])}, r"`input_normalization` \(mean, std\): `std` must be finite "
+                                                       r"numbers"),
     ({"input_normalization": [0.5, 0.2]}, r"`input_normalization` must be a pair \(mean, std\).*got \[0.5, 0.2\]"),
 ])
 def test_bad_batch_keys_and_input_normalization_fail_at_construction(kwargs, match):

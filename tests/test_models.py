@@ -35,6 +35,19 @@ def test_an_input_with_another_channel_count_is_refused_naming_the_shapes():
         Normalize((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))(torch.rand(5, 4))
 
 
+@pytest.mark.parametrize("mean,std,match", [
+    ((), (), r"one entry per channel, got 0 means \[\] and 0 stds \[\]"),
+    ((0.5, 0.5), (0.2,), r"one entry per channel, got 2 means \[0.5, 0.5\] and 1 stds \[0.2\]"),
+    ((float("nan"),), (0.2,), r"`mean` must be finite numbers, got \[nan\]"),
+    ((0.5,), (float("inf"),), r"`std` must be finite numbers, got \[inf\]"),
+    ((0.5,), (True,), r"`std` must be finite numbers, got \[True\]"),
+    ((0.5, 0.5), (0.2, -0.1), r"`std` entries must be > 0, got \[0.2, -0.1\]"),
+])
+def test_statistics_that_cannot_normalize_are_refused_naming_the_values(mean, std, match):
+    with pytest.raises(ValueError, match=match):
+        Normalize(mean, std)
+
+
 def test_small_cnn_takes_a_batchnorm_after_each_convolution_only_when_asked():
     from lightning_advsel.models import SmallCNN
 
