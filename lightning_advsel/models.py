@@ -20,6 +20,17 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
+def _finite_floats(name: str, values: Sequence[float]) -> list[float]:
+    """``values`` (a list, tuple, array or 1-D tensor of numbers) as floats; bools and strings are refused."""
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        floats = None
+    if floats is None or any(isinstance(v, (bool, str, bytes)) for v in values) or not all(map(math.isfinite, floats)):
+        raise ValueError(f"`{name}` must be finite numbers, got {list(values)}")
+    return floats
+
+
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, with the statistics stored as (non-trainable) buffers.
 
@@ -34,16 +45,14 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
+        mean, std = _finite_floats("mean", mean), _finite_floats("std", std)
         if not mean or len(mean) != len(std):
-            raise ValueError(f"`mean` and `std` must have one entry per channel, got {len(mean)} means {list(mean)} "
-                             f"and {len(std)} stds {list(std)}")
-        for name, stats in (("mean", mean), ("std", std)):
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
-                raise ValueError(f"`{name}` must be finite numbers, got {list(stats)}")
+            raise ValueError(f"`mean` and `std` must have one entry per channel, got {len(mean)} means {mean} "
+                             f"and {len(std)} stds {std}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"`std` entries must be > 0, got {list(std)}")
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+            raise ValueError(f"`std` entries must be > 0, got {std}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         mean, std = self._stats_for(x)

@@ -48,6 +48,18 @@ def test_statistics_that_cannot_normalize_are_refused_naming_the_values(mean, st
         Normalize(mean, std)
 
 
+def test_statistics_from_arrays_and_tensors_are_taken_as_numbers():
+    import numpy as np
+
+    x = torch.rand(2, 3, 4, 4)
+    reference = Normalize((0.1, 0.2, 0.3), (0.5, 0.25, 2.0))(x)
+    for mean, std in ((np.array([0.1, 0.2, 0.3], dtype=np.float32), np.array([0.5, 0.25, 2.0], dtype=np.float32)),
+                      (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.25, 2.0]))):
+        assert torch.allclose(Normalize(mean, std)(x), reference)
+    with pytest.raises(ValueError, match=r"`std` must be finite numbers"):
+        Normalize(torch.tensor([0.1]), torch.tensor([float("nan")]))
+
+
 def test_small_cnn_takes_a_batchnorm_after_each_convolution_only_when_asked():
     from lightning_advsel.models import SmallCNN
 
