@@ -81,6 +81,9 @@ MARGIN_TRAIN = ("--model.init_args.train_attack.loss", "margin")  # training PGD
 TWICE_THE_EPOCHS = ("--trainer.max_epochs", "20")  # epochs: twice the CPU CIFAR-10 suites' 10, same constant lr
 # Epochs: 0.6 of the 10-epoch robust training's FLOPs, just under selective margin at 0.5 (0.65 of them).
 SELECTIVE_BUDGET_EPOCHS = ("--trainer.max_epochs", "6")
+# One forward with gradients over the whole pool, the loss over the selected rows: BatchNorm normalizes the
+# selected rows by the pool's statistics and its running statistics follow the pool, not the selected rows.
+SHARED_FORWARD = ("--model.init_args.selection_forward", "shared")
 
 # The paper's dashboards on the DS run (Figs. 7 and 8): selection make-up, minimum perturbation, figures.
 DASHBOARD = ("--trainer.callbacks+=lightning_advsel.callbacks.SelectionMakeup",
@@ -213,7 +216,10 @@ def suites(data_dir: str) -> dict[str, Suite]:
                       ("ds_20ep", "recipes/ds.yaml", seeds3, TWICE_THE_EPOCHS),
                       ("robust_20ep", "recipes/robust.yaml", seeds3, TWICE_THE_EPOCHS),
                       # Robust training stopped at selective margin's compute: is the cheaper recipe worth it?
-                      ("robust_6ep", "recipes/robust.yaml", seeds3, SELECTIVE_BUDGET_EPOCHS)])),
+                      ("robust_6ep", "recipes/robust.yaml", seeds3, SELECTIVE_BUDGET_EPOCHS),
+                      # The same selection with BatchNorm seeing the whole pool (the DS paper's accounting): is
+                      # it the statistics of the high-loss rows alone that cost DS against random selection?
+                      ("ds_shared", "recipes/ds.yaml", seeds3, SHARED_FORWARD)])),
     )
     # The papers' setting on one GPU (benchmarks/gpu_preset.sh): PreActResNet-18 on CIFAR-10 (JPEG copy), PGD-10
     # training at 8/255, bf16 autocast; a few epochs on part of the training split so that the four rows fit in
