@@ -34,21 +34,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
-import yaml
-from gradient_masking import correct, in_batches, test_images
+from gradient_masking import correct, in_batches, run_cli, test_images
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_advsel import AdversarialSelectionModule
 from lightning_advsel.attacks import AttackConfig, margin_loss, model_mode, pgd
 from lightning_advsel.augment import augment_generator, random_crop_flip
-from lightning_advsel.cli import build_cli
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.selection import per_sample_loss
 
@@ -61,11 +58,7 @@ def batch_norms(model: nn.Module) -> list[_BatchNorm]:
 
 def training_batches(config: Path, batches: int) -> list[tuple[Tensor, Tensor]]:
     """The run's first ``batches`` training batches (pixels in [0, 1], labels), augmented as in epoch 0."""
-    resolved = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k in ("model", "data")}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(resolved, f)
-        f.flush()
-        cli = build_cli(["--config", f.name, "--trainer.logger", "false"], run=False)
+    cli = run_cli(config)
     datamodule = cli.datamodule
     datamodule.setup("fit")
     out = []

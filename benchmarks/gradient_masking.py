@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 
 from lightning_advsel import AdversarialSelectionModule
@@ -60,14 +61,19 @@ def load(ckpt: Path) -> tuple[nn.Module, Path]:
     return module.pixel_model.eval(), config
 
 
-def test_images(config: Path, images: int) -> tuple[Tensor, Tensor]:
-    """The first ``images`` test images (pixels) and labels of the run's data module."""
+def run_cli(config: Path) -> LightningCLI:
+    """The command line of a run's ``config.yaml``, built without running: its model and data module."""
     # Only the model and the data: the file's other keys belong to the fit subcommand (ckpt_path, ...).
     resolved = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k in ("model", "data")}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(resolved, f)
         f.flush()
-        cli = build_cli(["--config", f.name, "--trainer.logger", "false"], run=False)
+        return build_cli(["--config", f.name, "--trainer.logger", "false"], run=False)
+
+
+def test_images(config: Path, images: int) -> tuple[Tensor, Tensor]:
+    """The first ``images`` test images (pixels) and labels of the run's data module."""
+    cli = run_cli(config)
     datamodule = cli.datamodule
     datamodule.setup("test")
     xs, ys, n = [], [], 0
