@@ -18,6 +18,11 @@ commit, the machine, the FLOPs of the training (counted per step with ``FlopCoun
 steps of every epoch and scaled by the epoch's batch count), the wall time of the fit (informative only:
 accuracy records are made on a possibly busy machine; cost comparisons use FLOPs and the separate timing
 run), and clean, PGD-20 and AutoAttack accuracy on the test images.
+
+A run's seed is ``--seed_everything``: it draws the initial weights. The training order and augmentation (the
+data module's ``shuffle_seed``) and the per-step draws (PGD's random starts, random selection: the module's
+``seed``) keep their configured values, 0, at every seed, so the spread over seeds is that of the initial weights
+with the data, the starts and random selection's draws held fixed.
 """
 
 from __future__ import annotations
