@@ -80,10 +80,11 @@ def test_the_script_prints_one_row_per_statistics_variant_for_a_checkpoint_the_c
                           "--batches", "2", "--images", "40", "--no-autoattack"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == ["as trained", "clean", "pool", "selected"]
-    clean_row = rows[2].split(" | ")
-    assert clean_row[5:7] == ["0.000", "0.000"]  # the clean statistics' distance from themselves
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0] for row in rows[1:]] == ["as trained", "clean", "pool", "selected"]
+    assert all(len(row) == len(rows[0]) == 7 for row in rows)
+    assert rows[2][5:7] == ["0.000", "0.000"]  # the clean statistics' distance from themselves
     assert "40 test images" in out.stdout and "statistics over 2 training batches" in out.stdout
     # A bad argument is refused by name before any checkpoint is read.
     refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "batchnorm_statistics.py"), str(ckpt),
