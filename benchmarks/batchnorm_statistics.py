@@ -44,7 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_advsel import AdversarialSelectionModule
 from lightning_advsel.attacks import AttackConfig, margin_loss, model_mode, pgd
-from lightning_advsel.augment import augment_generator, random_crop_flip
+from lightning_advsel.data import CIFAR10DataModule
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.selection import per_sample_loss
 
@@ -64,11 +64,9 @@ def training_batches(config: Path, batches: int) -> list[tuple[Tensor, Tensor]]:
     for i, batch in enumerate(datamodule.train_dataloader()):
         if i == batches:
             break
+        if isinstance(datamodule, CIFAR10DataModule):  # uint8 images, augmented and scaled after transfer
+            batch = datamodule.training_batch(batch, epoch=0, position=i)
         x, y, _ = cli.model.read_batch(batch)
-        if x.dtype == torch.uint8:
-            if getattr(datamodule, "augment", False):
-                x = random_crop_flip(x, augment_generator(datamodule.shuffle_seed, 0, i), padding=4)
-            x = x.float().div(255)
         out.append((x, y))
     if len(out) < batches:
         raise SystemExit(f"--batches {batches}: the training loader of {config} has only {len(out)}")

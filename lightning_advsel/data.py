@@ -567,15 +567,28 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment (training only) and scale uint8 batches to float in [0, 1], on the device the batch is on."""
-        x, y, extra = unpack(batch)
-        if x.dtype != torch.uint8:
+        if unpack(batch)[0].dtype != torch.uint8:
             return batch
         trainer = self.trainer
-        if self.augment and trainer is not None and trainer.training:
+        if trainer is not None and trainer.training:
             # The index of this batch in the epoch: Lightning counts a batch as ready only after this hook,
             # and restores the count on resume, so the seed does not depend on an interruption.
             position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            gen = augment_generator(self.shuffle_seed, trainer.current_epoch, position, trainer.global_rank)
-            x = random_crop_flip(x, gen, padding=4)
+            return self.training_batch(batch, trainer.current_epoch, position, trainer.global_rank)
+        return self._scaled(batch, None)
+
+    def training_batch(self, batch: Any, epoch: int, position: int, rank: int = 0) -> Any:
+        """A uint8 training batch as the training step at ``position`` of ``epoch`` on ``rank`` receives it:
+        augmented (with ``augment``) and scaled to float in [0, 1]. For a script that reads the training loader
+        without a Trainer."""
+        generator = augment_generator(self.shuffle_seed, epoch, position, rank) if self.augment else None
+        return self._scaled(batch, generator)
+
+    @staticmethod
+    def _scaled(batch: Any, generator: torch.Generator | None) -> Any:
+        """``batch`` with its uint8 images cropped and flipped by ``generator`` (unless ``None``), as floats."""
+        x, y, extra = unpack(batch)
+        if generator is not None:
+            x = random_crop_flip(x, generator, padding=4)
         out = [x.float().div_(255), y, *extra]
         return tuple(out) if isinstance(batch, tuple) else out

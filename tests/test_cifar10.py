@@ -389,6 +389,25 @@ def test_the_batch_hook_scales_evaluation_batches_and_leaves_float_batches_alone
     assert dm.on_after_batch_transfer(floats, 0) is floats
 
 
+def test_a_training_batch_outside_a_trainer_is_the_one_the_training_step_at_that_position_receives(tmp_path):
+    from types import SimpleNamespace
+
+    write_batches(tmp_path / "data")
+    dm = CIFAR10DataModule(data_dir=str(tmp_path / "data"), val_size=8, batch_size=4, shuffle_seed=3)
+    dm.setup()
+    x, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    out = dm.training_batch((x, y), epoch=1, position=2, rank=1)
+    assert torch.equal(out[0], random_crop_flip(x, augment_generator(3, 1, 2, 1), padding=4).float() / 255)
+    assert not torch.equal(out[0], dm.training_batch((x, y), epoch=1, position=3, rank=1)[0])
+    # The hook during training: the same batch at the same (epoch, position, rank).
+    progress = SimpleNamespace(current=SimpleNamespace(ready=2))
+    dm.trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=1,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    assert torch.equal(dm.on_after_batch_transfer((x, y), 0)[0], out[0])
+    plain = CIFAR10DataModule(data_dir=str(tmp_path / "data"), val_size=8, batch_size=4, augment=False)
+    assert torch.equal(plain.training_batch((x, y), epoch=1, position=2)[0], x.float() / 255)
+
+
 def test_cache_benchmark_times_a_decoding_setup_then_a_cached_one(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from cifar10_cache_time import main
