@@ -38,11 +38,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from gradient_masking import correct, in_batches, run_cli, test_images
+from gradient_masking import correct, in_batches, load_module, run_cli, test_images
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_advsel import AdversarialSelectionModule
 from lightning_advsel.attacks import AttackConfig, margin_loss, model_mode, pgd
 from lightning_advsel.data import CIFAR10DataModule
 from lightning_advsel.evaluation import AutoAttackConfig
@@ -153,10 +152,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     for ckpt in args.ckpt:
-        config = ckpt.resolve().parent.parent / "config.yaml"
-        if not config.is_file():
-            raise SystemExit(f"no config.yaml in {config.parent} (the run folder of {ckpt})")
-        module = AdversarialSelectionModule.load_from_checkpoint(ckpt, map_location="cpu")
+        module, config = load_module(ckpt)
         model = module.pixel_model.eval()
         if not batch_norms(model):
             raise SystemExit(f"{ckpt}: the model has no BatchNorm layer with running statistics")

@@ -52,12 +52,17 @@ from lightning_advsel.cli import build_cli
 from lightning_advsel.evaluation import require_torchattacks
 
 
-def load(ckpt: Path) -> tuple[nn.Module, Path]:
-    """The checkpoint's classifier on pixels, in eval mode, and its run's ``config.yaml``."""
+def load_module(ckpt: Path) -> tuple[AdversarialSelectionModule, Path]:
+    """The checkpoint's module, on the CPU, and its run's ``config.yaml``."""
     config = ckpt.resolve().parent.parent / "config.yaml"
     if not config.is_file():
         raise SystemExit(f"no config.yaml in {config.parent} (the run folder of --ckpt {ckpt})")
-    module = AdversarialSelectionModule.load_from_checkpoint(ckpt, map_location="cpu")
+    return AdversarialSelectionModule.load_from_checkpoint(ckpt, map_location="cpu"), config
+
+
+def load(ckpt: Path) -> tuple[nn.Module, Path]:
+    """The checkpoint's classifier on pixels, in eval mode, and its run's ``config.yaml``."""
+    module, config = load_module(ckpt)
     return module.pixel_model.eval(), config
 
 
