@@ -6,7 +6,7 @@
 #   benchmarks/gpu_preset.sh stage /path/to/data     # wheels + CIFAR-10 archive into .gpu/ (git-ignored, ~21 MB)
 #
 # then, on the GPU machine, with a copy of the repository and .gpu/ (torch, torchvision, lightning, torchmetrics,
-# tensorboard, scikit-learn and matplotlib installed there):
+# tensorboard, scikit-learn and matplotlib installed there; PYTHON names the interpreter, python3 by default):
 #
 #   benchmarks/gpu_preset.sh run [RECORDS_DIR]        # one JSON record per recipe, then the report's table
 set -euo pipefail
@@ -29,13 +29,16 @@ case "${1:-}" in
     ;;
   run)
     records="${2:-benchmarks/records}"
-    python -m pip install -q --no-index --no-deps --find-links "$STAGE/wheels" jsonargparse docstring-parser \
-      typeshed-client torchattacks
-    python -m pip install -q --no-deps --no-build-isolation -e .
+    python="${PYTHON:-python3}"
+    # The staged wheels into a folder of their own, and this checkout itself, on the path: no install into the
+    # machine's environment (which may lack a setuptools recent enough to build this package).
+    site="${SITE_DIR:-/tmp/advsel_site}"
+    "$python" -m pip install -q --no-index --no-deps --upgrade --target "$site" "$STAGE"/wheels/*.whl
+    export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    PYTHONUNBUFFERED=1 python benchmarks/reproduce.py run cifar10_gpu --data-dir "$STAGE/data" \
+    PYTHONUNBUFFERED=1 "$python" benchmarks/reproduce.py run cifar10_gpu --data-dir "$STAGE/data" \
       --records "$records" --runs "${RUNS_DIR:-/tmp/advsel_gpu_runs}"
-    python benchmarks/reproduce.py report --records "$records" --out "${REPORT:-/tmp/advsel_gpu_RESULTS.md}"
+    "$python" benchmarks/reproduce.py report --records "$records" --out "${REPORT:-/tmp/advsel_gpu_RESULTS.md}"
     cat "${REPORT:-/tmp/advsel_gpu_RESULTS.md}"
     ;;
   *)

@@ -422,7 +422,9 @@ def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Pat
         print(f"[run ] {suite.name}/{run.run_id}", flush=True)
         cmd = [sys.executable, __file__, "_one", suite.name, run.run_id, "--records", str(records),
                "--runs", str(runs_dir), "--data-dir", data_dir]
-        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{REPO}"})
+        # This checkout first, then the caller's path (packages installed with pip --target, say).
+        path_dirs = [str(HERE), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(path_dirs)})
         if proc.returncode:
             print(f"[fail] {suite.name}/{run.run_id}: exit {proc.returncode}", flush=True)
 
