@@ -49,6 +49,11 @@ def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
     return wrong - true
 
 
+# BatchNorm forwards that read ``track_running_stats`` at each call (torch's own layers and their subclasses
+# that keep the forward), which model_mode can switch off for a block instead of saving the buffers.
+_TORCH_BATCHNORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
 @contextmanager
 def model_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
     """Run a block with ``model`` in a given mode and restore every submodule's mode afterwards.
@@ -64,17 +69,27 @@ def model_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
     """
     check_choice("mode", mode, MODES)
     flags = [(m, m.training) for m in model.modules()]
+    untracked: list[_BatchNorm] = []
     saved: list[tuple[_BatchNorm, Tensor, Tensor, Tensor]] = []
     if mode == "eval":
         model.eval()
     elif mode == "train":
         model.train()
         for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            if not (isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None):
+                continue
+            if type(m).forward in _TORCH_BATCHNORM_FORWARDS:
+                # torch's BatchNorm in training mode with tracking off normalizes by the batch's statistics, as
+                # with it on, and leaves the buffers alone: no copy of them, and no kernel to restore them.
+                m.track_running_stats = False
+                untracked.append(m)
+            else:  # a forward of its own: keep the buffers' values and put them back afterwards
                 saved.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
     try:
         yield model
     finally:
+        for m in untracked:
+            m.track_running_stats = True
         with torch.no_grad():
             for m, mean, var, count in saved:
                 m.running_mean.copy_(mean)

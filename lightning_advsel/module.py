@@ -35,6 +35,7 @@ from lightning_advsel.attacks import AttackConfig, Mode, model_mode
 from lightning_advsel.batch import check_keys, index_in, inputs_and_labels, unpack
 from lightning_advsel.checks import check_checkpoint_file
 from lightning_advsel.evaluation import AutoAttackConfig
+from lightning_advsel.metrics import SyncFreeMean
 from lightning_advsel.models import Normalize
 from lightning_advsel.objectives import Objective, ObjectiveName
 from lightning_advsel.step import (
@@ -373,14 +374,15 @@ class AdversarialSelectionModule(L.LightningModule):
 
         # The mean training loss over the selected rows: a metric so that its epoch value is the mean over ranks
         # (synced once, at the epoch's end) while its step value stays this rank's (no per-step collective).
-        self.train_loss = MeanMetric()
+        # No training metric makes the host wait for the device (see lightning_advsel.metrics).
+        self.train_loss = SyncFreeMean()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc_selected = MulticlassAccuracy(num_classes, average="micro")
-        self.train_adv_frac = MeanMetric()
-        self.train_clean_frac = MeanMetric()
-        self.train_attacked_frac = MeanMetric()
-        self.train_attack_score_selected = MeanMetric()
-        self.train_attack_score_unselected = MeanMetric()
+        self.train_adv_frac = SyncFreeMean()
+        self.train_clean_frac = SyncFreeMean()
+        self.train_attacked_frac = SyncFreeMean()
+        self.train_attack_score_selected = SyncFreeMean()
+        self.train_attack_score_unselected = SyncFreeMean()
         # The first validation and test loader's metrics (see _new_eval_metrics); those of the second and further
         # loaders are made when first met.
         self.val_acc_clean, self.val_acc_robust, self.val_loss_clean = self._new_eval_metrics()
@@ -442,8 +444,9 @@ class AdversarialSelectionModule(L.LightningModule):
 
     def _agree(self, flags: Tensor, counts: Sequence[int] = ()) -> tuple[list[bool], list[bool], list[int]]:
         """This rank's flags, whether any rank raised each, and ``counts`` summed over ranks: one all-reduce and
-        one copy to the host."""
-        mine = torch.cat([flags.long(), torch.tensor(counts, dtype=torch.long, device=flags.device)])
+        one copy to the host, the step's only wait for the device (the counts reach it as kernel arguments, not as
+        a copy from the host, which would be a second wait)."""
+        mine = torch.cat([flags.long(), *(flags.new_full((1,), c, dtype=torch.long) for c in counts)])
         anyone = distributed.sum_over_ranks(self.trainer.strategy, mine.clone())
         local, total = torch.stack([mine, anyone]).tolist()
         n = flags.numel()
@@ -503,7 +506,7 @@ class AdversarialSelectionModule(L.LightningModule):
                         else replace(settings, attack_score="random", attack_sampling="top"))
         if self.eps_warmup_epochs:  # the radius ramp: a smaller ball early in training
             settings = replace(settings, train_attack=settings.train_attack.scaled(self._eps_factor(batch_idx)))
-            self.log("train/eps", settings.train_attack.eps, on_step=True, on_epoch=False)
+            self.log("train/eps", self._scalar(settings.train_attack.eps), on_step=True, on_epoch=False)
         out = adversarial_step(self.pixel_model, x, y, settings, self._generator(x.device, self._step_offset()), scope)
         # One all-reduce decides the finite-loss policy and sums the step's work over ranks for the cost log.
         work = [getattr(out.cost, name) for name in cost.COUNTERS]
@@ -726,16 +729,17 @@ class AdversarialSelectionModule(L.LightningModule):
             shown = F.cross_entropy(r.logits, y)
         # Accuracy over the pool: from the scoring pass when there was one; otherwise the trained rows are
         # the whole pool or a uniform sample of it.
+        # update, not forward: only epoch values are logged, so no step value is computed.
         if out.pool_logits is not None:
-            self.train_acc(out.pool_logits, r.y)
+            self.train_acc.update(out.pool_logits, r.y)
         elif selected.numel():
-            self.train_acc(r.logits, y)
+            self.train_acc.update(r.logits, y)
         if selected.numel():
-            self.train_acc_selected(r.logits, y)
+            self.train_acc_selected.update(r.logits, y)
             self.train_adv_frac.update(r.is_adv[selected].float())
             self.train_clean_frac.update((~r.is_adv[selected]).float())
         n = r.batch_size
-        self.train_attacked_frac.update(torch.tensor(r.attacked.numel() / n, device=r.y.device), weight=n)
+        self.train_attacked_frac.update(r.y.new_full((), r.attacked.numel() / n, dtype=torch.float), weight=n)
         # Every rank logs the same keys every step: the epoch-end sync of a metric is a collective.
         s = selected.numel()
         if s:
@@ -744,7 +748,7 @@ class AdversarialSelectionModule(L.LightningModule):
             self.train_loss.update(shown, weight=0)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         # The same on every rank: the epoch-end sync (one all-reduce per epoch) only keeps DDP's logging uniform.
-        self.log("train/p_up", self.p_up, on_step=False, on_epoch=True, batch_size=s, sync_dist=True)
+        self.log("train/p_up", self._scalar(self.p_up), on_step=False, on_epoch=True, batch_size=s, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc_selected", self.train_acc_selected, on_step=False, on_epoch=True)
         self.log("train/selected_adv_frac", self.train_adv_frac, on_step=False, on_epoch=True)
@@ -762,16 +766,21 @@ class AdversarialSelectionModule(L.LightningModule):
         """
         self.work.update(out.cost, cost.robust_cost(self.settings, batch_rows))
         for tag, value in zip(dashboard.STEP_TAGS, step_work, strict=True):
-            self.log(tag, float(value), on_step=True, on_epoch=False, batch_size=1)
+            self.log(tag, self._scalar(value), on_step=True, on_epoch=False, batch_size=1)
+
+    def _scalar(self, value: float) -> Tensor:
+        """A number to log every step, made on the module's device by a kernel: ``self.log`` turns a Python
+        number into a tensor by a copy from the host, which on a GPU waits for all the work queued before it."""
+        return torch.full((), float(value), device=self.device)
 
     def _log_attack_scores(self, scores: Tensor, attacked: Tensor) -> None:
         """Epoch means of the pre-attack score (margin, cosine, ...) over the attacked and the other rows."""
-        rest = torch.ones_like(scores, dtype=torch.bool)
-        rest[attacked] = False
         self.train_attack_score_selected.update(scores[attacked])
         self.log("train/attack_score_selected", self.train_attack_score_selected, on_step=False, on_epoch=True)
-        if rest.any():  # attack_frac = 1 leaves no unattacked rows
-            self.train_attack_score_unselected.update(scores[rest])
+        if attacked.numel() < scores.numel():  # attack_frac = 1 leaves no unattacked rows
+            rest = torch.ones_like(scores)  # weights: 1 for the rows not attacked (no boolean mask: that syncs)
+            rest[attacked] = 0
+            self.train_attack_score_unselected.update(scores, weight=rest)
             self.log("train/attack_score_unselected", self.train_attack_score_unselected, on_step=False,
                      on_epoch=True)
 

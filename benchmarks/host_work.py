@@ -1,0 +1,233 @@
+"""What the host does in one training step: operators dispatched and waits for the device, module against the
+plain loop, per recipe.
+
+On a GPU a ResNet-18 PGD-10 step at batch 256 is limited by its host (``gpu_speed.py --profile``: the device
+busy about half of the step, some 3,600 kernel launches per step). Two things then set the step's time: how many
+operators the host dispatches (each one or more kernel launches) and how often it waits for the device to
+finish what is queued, so that it cannot queue ahead. Both counts are the same on any device, so this script
+counts them on the CPU, in seconds:
+
+* operators: every ATen operator dispatched between the start and the end of the training batch
+  (``TorchDispatchMode``; views and other operators without a kernel count too);
+* host waits: the calls that need a device value on the host (``item``, ``tolist``, ``bool``/``int``/
+  ``float`` of a tensor, ``cpu``/``numpy``, ``nonzero``, ``masked_select``, ``unique``, indexing with a
+  boolean tensor) or copy Python data onto the device (``torch.tensor``/``as_tensor`` with a ``device``):
+  on a GPU each waits for the queued work (torch copies from pageable host memory synchronously). Caught with
+  ``TorchFunctionMode``, with the line of the package (or Lightning, torchmetrics) that made each.
+
+The module's step runs under a ``Trainer`` (counted from ``on_train_batch_start`` to ``on_train_batch_end``:
+its training step, logging and metrics); the plain loop's is ``speed.plain_step``. Same network, images, attack
+and optimizer; the third step of each is counted (after the first steps' lazy initialization)::
+
+    python benchmarks/host_work.py                   # ResNet-18, PGD-10, robust / ds / selective recipes
+    python benchmarks/host_work.py --json host.json  # and append the results
+    python benchmarks/host_work.py --timed-steps 40  # and each step's time on tiny images (an idle machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import logging
+import statistics
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from gpu_speed import RECIPES, make_module, sgd, train_attack
+from lightning.pytorch.callbacks import Callback
+from speed import append_json, machine, make_trainer, plain_step
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_advsel.models import ResNet18
+
+PLAIN = {"robust", "ds p_up 0.5"}  # the recipes the plain loop also runs
+COUNTED_STEP = 2  # the third training step (batch index 2)
+# Tensor methods and torch functions that read a device value on the host.
+READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
+         "masked_select", "unique", "unique_consecutive"}
+FROM_HOST = {"tensor", "as_tensor"}  # with a device: a copy from the host
+# Where a wait is attributed: the innermost frame in one of these (else the innermost frame of all).
+SITE_ROOTS = ("lightning_advsel", "lightning/pytorch", "torchmetrics", "benchmarks")
+
+
+class Operators(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostWaits(TorchFunctionMode):
+    """Records the calls inside the block that would make the host wait for a GPU, with the line that made
+    each (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self._waits(name, args, kwargs):
+            self.sites[f"{name} at {_site()}"] += 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _waits(name: str, args: tuple, kwargs: dict) -> bool:
+        if name in READS:
+            return True
+        if name in FROM_HOST:
+            return kwargs.get("device") is not None and not (args and isinstance(args[0], Tensor))
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:  # a boolean mask: nonzero inside
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in index)
+        return False
+
+
+def _site() -> str:
+    frames = traceback.extract_stack()[:-2]  # leave out _site and __torch_function__
+    for frame in reversed(frames):
+        if any(root in frame.filename for root in SITE_ROOTS) and not frame.filename.endswith("host_work.py"):
+            return f"{_short(frame.filename)}:{frame.lineno} ({frame.name})"
+    return f"{_short(frames[-1].filename)}:{frames[-1].lineno}"
+
+
+def _short(filename: str) -> str:
+    for root in SITE_ROOTS:
+        if root in filename:
+            return root + filename.split(root, 1)[1]
+    return Path(filename).name
+
+
+class CountStep(Callback):
+    """Counts operators and host waits of the training batch ``COUNTED_STEP``, and notes the time at the end of
+    every batch (the host's time: on the CPU nothing is queued)."""
+
+    def __init__(self) -> None:
+        self.ops, self.waits = Operators(), HostWaits()
+        self.marks: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx == COUNTED_STEP:
+            self.waits.__enter__()
+            self.ops.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx == COUNTED_STEP:
+            self.ops.__exit__(None, None, None)
+            self.waits.__exit__(None, None, None)
+        self.marks.append(time.perf_counter())
+
+
+def images(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    torch.manual_seed(0)
+    n = args.batch_size * (COUNTED_STEP + 1 + args.timed_steps)
+    return torch.rand(n, 3, args.image_size, args.image_size), torch.randint(0, 10, (n,))
+
+
+def count_module(label: str, args: argparse.Namespace) -> dict:
+    recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
+    x, y = images(args)
+    counter = CountStep()
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as root:
+        make_trainer("cpu", COUNTED_STEP + 1 + args.timed_steps, [counter], root, precision=args.precision).fit(
+            make_module(recipe, p_up, args), loader)
+    return {"recipe": label, "operators": counter.ops.count, "host_waits": sum(counter.waits.sites.values()),
+            "sites": dict(counter.waits.sites), **_step_ms(counter.marks[COUNTED_STEP:])}
+
+
+def count_plain(label: str, args: argparse.Namespace) -> dict:
+    recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
+    x, y = images(args)
+    torch.manual_seed(0)
+    model = ResNet18()
+    optimizer, attack = sgd(model.parameters()), train_attack(args)
+    model.train()
+    autocast = torch.bfloat16 if args.precision == "bf16-mixed" else None
+    ops, waits, marks = Operators(), HostWaits(), []
+    for i, (xb, yb) in enumerate(DataLoader(TensorDataset(x, y), batch_size=args.batch_size)):
+        if i == COUNTED_STEP:
+            with waits, ops:
+                plain_step(model, optimizer, xb, yb, recipe, p_up, attack, autocast)
+        else:
+            plain_step(model, optimizer, xb, yb, recipe, p_up, attack, autocast)
+        marks.append(time.perf_counter())
+    return {"recipe": f"{label}, plain loop", "operators": ops.count, "host_waits": sum(waits.sites.values()),
+            "sites": dict(waits.sites), **_step_ms(marks[COUNTED_STEP:])}
+
+
+def _step_ms(marks: list[float]) -> dict:
+    """Median and spread of the step times after the counted step, from the step-end times ``marks`` (the
+    counted step's end first)."""
+    steps = [1000 * (b - a) for a, b in itertools.pairwise(marks)]
+    if not steps:
+        return {}
+    return {"median_ms": statistics.median(steps), "min_ms": min(steps), "max_ms": max(steps)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    parser.add_argument("--batch-size", type=int, default=8, help="clean images per batch (counts do not grow "
+                        "with it; selective recipes need >= 4 so that their half keeps 2 rows per BatchNorm)")
+    parser.add_argument("--image-size", type=int, default=8, help="pixels per side (counts do not grow with it)")
+    parser.add_argument("--pgd-steps", type=int, default=10, help="steps of the training attack")
+    parser.add_argument("--timed-steps", type=int, default=0, metavar="N",
+                        help="after the counted step, N more steps timed end to end (median ms per step): on tiny "
+                        "images the host's own time, the part a GPU does not shorten")
+    parser.add_argument("--json", type=Path, default=None, help="append the results to this JSON list")
+    args = parser.parse_args(argv)
+    if args.timed_steps < 0:
+        parser.error(f"--timed-steps must be >= 0, got {args.timed_steps}")
+    for name in ("batch_size", "image_size", "pgd_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size < 4:
+        parser.error(f"--batch-size must be >= 4 (selective recipes attack half of it), got {args.batch_size}")
+    args.channels_last, args.compile = False, False  # what gpu_speed.make_module reads
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    rows = []
+    for label, _, _ in RECIPES:
+        rows.append(count_module(label, args))
+        if label in PLAIN:
+            rows.append(count_plain(label, args))
+    print(f"ResNet-18, PGD-{args.pgd_steps}, {args.precision}, one training step; {machine('cpu')}\n")
+    timed = f" | host ms / step, median of {args.timed_steps} (min - max)" if args.timed_steps else ""
+    print(f"| recipe | operators / step | host waits / step{timed} |")
+    print(f"| --- | ---: | ---:{' | ---:' if timed else ''} |")
+    for r in rows:
+        ms = f" | {r['median_ms']:.1f} ({r['min_ms']:.1f} - {r['max_ms']:.1f})" if timed else ""
+        print(f"| {r['recipe']} | {r['operators']} | {r['host_waits']}{ms} |")
+    print("\nWhere the waits are:\n")
+    for r in rows:
+        for site, n in sorted(r["sites"].items()):
+            print(f"- {r['recipe']}: {n} x {site}")
+    record = {"machine": machine("cpu"), "precision": args.precision, "pgd_steps": args.pgd_steps,
+              "batch_size": args.batch_size, "image_size": args.image_size, "timed_steps": args.timed_steps,
+              "rows": rows}
+    if args.json is not None:
+        append_json(args.json, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
