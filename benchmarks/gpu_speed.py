@@ -12,9 +12,11 @@ step come from ``torch.utils.flop_counter.FlopCounterMode`` around the second tr
 run as the hand-written loop of ``speed.py`` (``speed.plain_step``: the same network, images, optimizer,
 channels-last weights and, for ``bf16-mixed``, ``torch.autocast`` around the forwards), right after the module's
 run, for the module's overhead in images per second (target: >= 0.95 of the loop's; no loop under ``16-mixed``,
-which would need a GradScaler). The whole script is meant to finish within 5 minutes on an H100-class GPU (it
-prints its wall time; ``--compile`` adds a compilation per recipe); it needs torch, lightning and this package
-only::
+which would need a GradScaler). Every recipe runs ``--rounds`` times, the module and the loop in turn (the loop
+first every other round): a table row is the median over rounds, and a comparison the median of the rounds'
+ratios, so that a drift of the machine between runs (19% between two runs on an H200) touches both sides. The
+whole script is meant to finish within 5 minutes on an H100-class GPU (it prints its wall time; ``--compile``
+adds a compilation per recipe and round); it needs torch, lightning and this package only::
 
     python benchmarks/gpu_speed.py                          # CUDA, bf16-mixed, channels_last
     python benchmarks/gpu_speed.py --compile --json gpu.json
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import tempfile
 import time
 import warnings
@@ -116,6 +119,16 @@ def throughput(marks: list[float], args: argparse.Namespace, step_flops: float) 
             "flops_per_step": step_flops, "flops_per_s": step_flops * timed / seconds}
 
 
+def median_run(runs: list[dict], peak: float) -> dict:
+    """One recipe's throughput over rounds: the median round's figures (by images per second), the spread of the
+    images per second, and the share of the bf16 ``peak``."""
+    ranked = sorted(runs, key=lambda r: r["images_per_s"])
+    mid = ranked[(len(ranked) - 1) // 2]
+    return {**mid, "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+            "min_images_per_s": ranked[0]["images_per_s"], "max_images_per_s": ranked[-1]["images_per_s"],
+            "peak_share": statistics.median(r["flops_per_s"] for r in runs) / peak}
+
+
 def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
     """The plain loop's ``warmup + steps`` steps on the same images, network, optimizer and precision."""
     device = torch.device(args.device)
@@ -189,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     parser.add_argument("--batch-size", type=int, default=256, help="clean images per batch")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per recipe")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per recipe and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every recipe; each round runs the module and the plain loop in turn (the "
+                        "loop first every other round), and a comparison is the median of the rounds' ratios")
     parser.add_argument("--pgd-steps", type=int, default=10, help="steps of the training attack")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true", help="compile the model (torch.compile)")
@@ -201,16 +217,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32,
                         help="pixels per side of the random images (CIFAR-10's 32; the network pools adaptively)")
     parser.add_argument("--quick", action="store_true",
-                        help="batch 4, 8x8 images, PGD-2, 1 + 2 steps, a small matmul: checks that it runs")
+                        help="batch 4, 8x8 images, PGD-2, 1 + 2 steps, 2 rounds, a small matmul: checks that it runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.warmup, args.steps, args.matmul_size, args.pgd_steps = 4, 1, 2, 256, 2
+        args.rounds = 2  # the second runs the plain loop first
         # 8x8 pixels: the same layers at an eighth of batch 2's work at 32x32; batch 4, so that the half of a
         # batch that selective training attacks still has 2 rows for BatchNorm's last 1x1 feature maps.
         args.image_size = 8
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu --quick to check the code path")
-    for name in ("batch_size", "steps", "matmul_size", "pgd_steps", "profile_steps", "image_size"):
+    for name in ("batch_size", "steps", "rounds", "matmul_size", "pgd_steps", "profile_steps", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup == 0 and args.steps < 2:
@@ -221,31 +238,41 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no info lines for every fit
     started = time.perf_counter()
     peak = matmul_peak(torch.device(args.device), args.matmul_size)
-    rows = []
+    rounds: list[dict[str, dict]] = []  # per round: label -> that run's throughput
     with tempfile.TemporaryDirectory() as root:
-        for label, recipe, p_up in RECIPES:
-            rows.append({"recipe": label, **run_recipe(recipe, p_up, args, root)})
-            for plain_label, _, _ in (p for p in PLAIN if p[1:] == (recipe, p_up) and args.precision in AUTOCAST):
-                rows.append({"recipe": plain_label, **run_plain(recipe, p_up, args)})
-    for row in rows:
-        row["peak_share"] = row["flops_per_s"] / peak
-    by_label = {r["recipe"]: r for r in rows}
-    overhead = [{"comparison": f"{label}: module / plain loop, images per second",
-                 "measured": by_label[label]["images_per_s"] / by_label[plain]["images_per_s"],
-                 "target": f">= {TARGET_THROUGHPUT}"}
-                for plain, recipe, p_up in PLAIN for label, r, q in RECIPES if (r, q) == (recipe, p_up)
-                and plain in by_label]
+        for i in range(args.rounds):
+            runs: dict[str, dict] = {}
+            for label, recipe, p_up in RECIPES:
+                order = [(label, lambda r=recipe, q=p_up: run_recipe(r, q, args, root))]
+                order += [(plain, lambda r=recipe, q=p_up: run_plain(r, q, args)) for plain, r2, q2 in PLAIN
+                          if (r2, q2) == (recipe, p_up) and args.precision in AUTOCAST]
+                for name, run in order[::-1] if i % 2 else order:  # the loop first every other round
+                    runs[name] = run()
+            rounds.append(runs)
+    rows = [{"recipe": label, **median_run([runs[label] for runs in rounds], peak)} for label in rounds[0]]
+    overhead = []
+    for plain, recipe, p_up in PLAIN:
+        label = next(name for name, r, q in RECIPES if (r, q) == (recipe, p_up))
+        if plain not in rounds[0]:
+            continue
+        ratios = sorted(runs[label]["images_per_s"] / runs[plain]["images_per_s"] for runs in rounds)
+        overhead.append({"comparison": f"{label}: module / plain loop, images per second",
+                         "measured": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
+                         "rounds": len(ratios), "target": f">= {TARGET_THROUGHPUT}"})
     print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
           f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
-    print("| recipe | images / s | ms / step | GFLOP / step | share of the bf16 peak |\n"
-          "| --- | ---: | ---: | ---: | ---: |")
+    print(f"{args.rounds} round(s) of every recipe, the module and the plain loop in turn; medians over rounds\n")
+    print("| recipe | images / s | spread (min - max) | ms / step | GFLOP / step | share of the bf16 peak |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['recipe']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
-              f"{r['peak_share']:.1%} |")
+        print(f"| {r['recipe']} | {r['images_per_s']:.0f} | {r['min_images_per_s']:.0f} - {r['max_images_per_s']:.0f} "
+              f"| {r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | {r['peak_share']:.1%} |")
     if overhead:
-        print("\n| comparison | measured | target |\n| --- | ---: | --- |")
-        print("\n".join(f"| {c['comparison']} | {c['measured']:.3f} | {c['target']} |" for c in overhead))
+        print("\n| comparison | median of the rounds' ratios | spread (min - max) | target |\n"
+              "| --- | ---: | ---: | --- |")
+        print("\n".join(f"| {c['comparison']} | {c['measured']:.3f} | {c['min']:.3f} - {c['max']:.3f} | "
+                        f"{c['target']} |" for c in overhead))
     else:
         print(f"\n(no plain loop under {args.precision}: it would need a GradScaler)")
     with tempfile.TemporaryDirectory() as root:
@@ -253,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
     record = {"machine": machine(args.device), "precision": args.precision, "batch_size": args.batch_size,
               "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
-              "steps": args.steps, "peak_flops": peak, "quick": args.quick, "rows": rows, "comparisons": overhead,
-              "profile": profiles}
+              "steps": args.steps, "rounds": args.rounds, "peak_flops": peak, "quick": args.quick, "rows": rows,
+              "comparisons": overhead, "profile": profiles}
     if args.json is not None:
         append_json(args.json, record)
     return record

@@ -36,6 +36,6 @@ stage() {  # stage NAME ARGS...: one run of gpu_speed.py, its printout in OUT/NA
 stage bf16_channels_last --profile robust "selective margin"
 stage bf16_nchw --no-channels-last
 if [ "${COMPILE:-1}" = 1 ]; then
-  stage bf16_channels_last_compile --compile
+  stage bf16_channels_last_compile --compile --rounds 1  # a compilation per recipe and round
 fi
 exit "$failed"

@@ -80,6 +80,10 @@ def check_gpu_rows(record: dict) -> None:
     assert list(comparisons) == ["robust: module / plain loop, images per second",
                                  "ds p_up 0.5: module / plain loop, images per second"]
     assert all(c["measured"] > 0 and c["target"] == ">= 0.95" for c in comparisons.values())
+    # Rounds: each comparison is the median of the rounds' ratios, each row the median of its runs.
+    assert record["rounds"] >= 2 and all(c["rounds"] == record["rounds"] for c in comparisons.values())
+    assert all(c["min"] <= c["measured"] <= c["max"] for c in comparisons.values())
+    assert all(r["min_images_per_s"] <= r["images_per_s"] <= r["max_images_per_s"] for r in rows.values())
 
 
 @pytest.mark.slow
