@@ -27,6 +27,7 @@ adds a compilation per recipe and round); it needs torch, lightning and this pac
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import statistics
 import tempfile
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         profiles = [profile_recipe(label, args, root) for label in args.profile]
     print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
-    record = {"machine": machine(args.device), "precision": args.precision, "batch_size": args.batch_size,
+    record = {"machine": machine(args.device), "date": datetime.date.today().isoformat(),
+              "precision": args.precision, "batch_size": args.batch_size,
               "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
               "steps": args.steps, "rounds": args.rounds, "peak_flops": peak, "quick": args.quick, "rows": rows,
               "comparisons": overhead, "profile": profiles}

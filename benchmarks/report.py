@@ -43,7 +43,7 @@ def speed_section(folder: Path, top: int = 5) -> list[str]:
     from speed import format_profile, format_step_pairs, format_tables
 
     results = [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text())
-               if not r.get("quick")]
+               if not r.get("quick") and "peak_flops" not in r]  # gpu_speed.py's results: gpu_speed_section
     newest = {kind: max((r for r in results if kind in r), key=lambda r: r.get("date", ""), default=None)
               for kind in ("comparisons", "step_pairs", "profile")}
     if not any(newest.values()):
@@ -71,6 +71,41 @@ def speed_section(folder: Path, top: int = 5) -> list[str]:
         lines += [f"| {row['variant']} | `{op['operator']}` | {op['ms_per_step']:.1f} | {op['share']:.0%} |"
                   for row in r["profile"] for op in row.get("top", [])[:top]]
         lines.append("")
+    return lines
+
+
+def gpu_speed_section(folder: Path, top: int = 3) -> list[str]:
+    """Every full (not ``--quick``) result that ``gpu_speed.py`` wrote under ``folder``, in the order written:
+    images per second and share of the bf16 peak per recipe, the module against the plain loop, and the
+    profiles' busy share, launches and top operators, as markdown."""
+    results = [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text())
+               if not r.get("quick") and "peak_flops" in r]
+    if not results:
+        return []
+    lines = ["## Speed on a GPU", "", "From `benchmarks/gpu_speed.py` (ResNet-18, PGD-10, random CIFAR-10-shaped "
+             "images; commands and analysis in [SPEED.md](SPEED.md)), every result under "
+             f"`{folder.parent.name}/{folder.name}/`.", ""]
+    for r in results:
+        rounds = r.get("rounds", 1)
+        lines += [f"{r['machine']}; {r.get('date', 'undated')}; {r['precision']}, batch {r['batch_size']}, "
+                  f"channels_last {r['channels_last']}, compile {r['compile']}, {r['steps']} timed steps x "
+                  f"{rounds} round(s); bf16 matmul peak {r['peak_flops'] / 1e12:.1f} TFLOP/s:", "",
+                  "| recipe | images / s | ms / step | GFLOP / step | share of the bf16 peak |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {row['recipe']} | {row['images_per_s']:.0f} | {row['ms_per_step']:.1f} | "
+                  f"{row['flops_per_step'] / 1e9:.0f} | {row['peak_share']:.1%} |" for row in r["rows"]]
+        lines += ["", "| comparison | measured (spread over rounds) | target |", "| --- | ---: | --- |"]
+        lines += [f"| {c['comparison']} | {c['measured']:.3f}"
+                  + (f" ({c['min']:.3f} - {c['max']:.3f})" if "min" in c else "") + f" | {c['target']} |"
+                  for c in r["comparisons"]]
+        lines.append("")
+        if r["profile"]:
+            lines += [f"| profiled recipe | GPU busy | kernel launches / step | top {top} operators (ms / step) |",
+                      "| --- | ---: | ---: | --- |"]
+            lines += [f"| {p['recipe']} | {p['busy_share']:.0%} | {p['launches_per_step']:.0f} | "
+                      + ", ".join(f"`{op['operator']}` {op['ms_per_step']:.1f}" for op in p["top"][:top]) + " |"
+                      for p in r["profile"]]
+            lines.append("")
     return lines
 
 
@@ -261,5 +296,6 @@ def write_report(records: Path, out: Path) -> None:
             lines += ["Figures drawn by the runs' `PaperFigures` callback (selection make-up, minimum "
                       "perturbation, P_up, accuracy):", "", *shown]
     lines += speed_section(records / SPEED)
+    lines += gpu_speed_section(records / SPEED)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -143,6 +143,21 @@ def test_a_comparison_is_the_median_of_per_repeat_ratios_not_a_ratio_of_medians(
     assert speed.paired(runs, "a", "b") == {"measured": 2.0, "min": 1.0, "max": 3.0}
 
 
+def test_gpu_results_get_a_section_of_their_own_in_the_report(tmp_path):
+    from report import gpu_speed_section, speed_section
+
+    folder = tmp_path / "records" / "speed"
+    folder.mkdir(parents=True)
+    record = gpu_speed.main(["--device", "cpu", "--quick", "--profile", "robust", "--profile-steps", "1"])
+    assert gpu_speed_section(folder) == []
+    (folder / "gpu.json").write_text(json.dumps([record, {**record, "quick": False, "compile": True}]))
+    lines = "\n".join(gpu_speed_section(folder))  # the quick check left out, the full result shown
+    assert lines.count("| robust, plain loop | ") == 1 and "compile True, 2 timed steps x 2 round(s)" in lines
+    assert "| robust: module / plain loop, images per second | " in lines
+    assert "| robust | " in lines.split("| profiled recipe |")[1]  # the profile's busy share and launches
+    assert speed_section(folder) == []  # the CPU section reads speed.py's results only
+
+
 def test_the_report_ends_with_the_newest_full_speed_results_and_skips_quick_checks(tmp_path):
     from report import load, speed_section
 
