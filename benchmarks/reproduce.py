@@ -89,6 +89,8 @@ SELECTIVE_BUDGET_EPOCHS = ("--trainer.max_epochs", "6")
 # One forward with gradients over the whole pool, the loss over the selected rows: BatchNorm normalizes the
 # selected rows by the pool's statistics and its running statistics follow the pool, not the selected rows.
 SHARED_FORWARD = ("--model.init_args.selection_forward", "shared")
+# Three quarters of the pool backpropagated, between DS's half and the whole pool.
+THREE_QUARTERS = ("--model.init_args.p_up", "0.75")
 
 # The paper's dashboards on the DS run (Figs. 7 and 8): selection make-up, minimum perturbation, figures.
 DASHBOARD = ("--trainer.callbacks+=lightning_advsel.callbacks.SelectionMakeup",
@@ -224,7 +226,10 @@ def suites(data_dir: str) -> dict[str, Suite]:
                       ("robust_6ep", "recipes/robust.yaml", seeds3, SELECTIVE_BUDGET_EPOCHS),
                       # The same selection with BatchNorm seeing the whole pool (the DS paper's accounting): is
                       # it the statistics of the high-loss rows alone that cost DS against random selection?
-                      ("ds_shared", "recipes/ds.yaml", seeds3, SHARED_FORWARD)])),
+                      ("ds_shared", "recipes/ds.yaml", seeds3, SHARED_FORWARD),
+                      # P_up 0.75: DS at 0.5 stays near chance here, at 1 it matches robust training (seed 0);
+                      # does the robustness come back gradually with P_up, or only with the whole pool?
+                      ("ds_p075", "recipes/ds.yaml", seeds3, THREE_QUARTERS)])),
     )
     # The papers' setting on one GPU (benchmarks/gpu_preset.sh): PreActResNet-18 on CIFAR-10 (JPEG copy), PGD-10
     # training at 8/255, bf16 autocast; a few epochs on part of the training split so that the four rows fit in

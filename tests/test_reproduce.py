@@ -149,7 +149,8 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
                                                    "ds_margin-s1", "ds_margin-s2", "ds_20ep-s0", "ds_20ep-s1",
                                                    "ds_20ep-s2", "robust_20ep-s0", "robust_20ep-s1", "robust_20ep-s2",
                                                    "robust_6ep-s0", "robust_6ep-s1", "robust_6ep-s2",
-                                                   "ds_shared-s0", "ds_shared-s1", "ds_shared-s2"}
+                                                   "ds_shared-s0", "ds_shared-s1", "ds_shared-s2",
+                                                   "ds_p075-s0", "ds_p075-s1", "ds_p075-s2"}
     # A margin-validation row is its recipe's row with the validation attack on the logit margin, nothing else.
     by_id = {run.run_id: run for run in normed.rows}
     for run_id in ("ds_margin_val-s1", "robust_margin_val-s0"):
@@ -176,6 +177,9 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
         plain = by_id[f"ds-s{seed}"]
         assert by_id[f"ds_shared-s{seed}"].config == plain.config
         assert by_id[f"ds_shared-s{seed}"].extra == (*plain.extra, "--model.init_args.selection_forward", "shared")
+        # ... and the P_up 0.75 row: DS's row with three quarters of the pool backpropagated.
+        assert by_id[f"ds_p075-s{seed}"].config == plain.config
+        assert by_id[f"ds_p075-s{seed}"].extra == (*plain.extra, "--model.init_args.p_up", "0.75")
     base = yaml.safe_load((REPO / "configs" / normed.base).read_text())
     assert "milestones" not in " ".join(normed.overrides)
     assert min(base["model"]["init_args"]["lr_scheduler"]["init_args"]["milestones"]) > 20
