@@ -3,9 +3,9 @@
 torchmetrics' :class:`~torchmetrics.MeanMetric` checks every update for NaN with a Python ``if`` on a device
 tensor, and turns a Python number into a device tensor by a copy from the host: on a GPU each waits until the
 device has finished all the work queued before it, which stalls the host that queues a step's kernels (ten
-such waits per robust training step before this class). Its ``nan_strategy`` ``"disable"``, which skips the check, also
-drops the weights (torchmetrics 1.9). The training step decides on non-finite losses before anything is logged,
-so its means need no check.
+such waits per robust training step before this class). Its ``nan_strategy`` ``"disable"``, which skips the
+check, also drops the weights (torchmetrics 1.9). The training step decides on non-finite losses before anything
+is logged, so its means need no check.
 """
 
 from __future__ import annotations

@@ -777,10 +777,12 @@ class AdversarialSelectionModule(L.LightningModule):
         """Epoch means of the pre-attack score (margin, cosine, ...) over the attacked and the other rows."""
         self.train_attack_score_selected.update(scores[attacked])
         self.log("train/attack_score_selected", self.train_attack_score_selected, on_step=False, on_epoch=True)
-        if attacked.numel() < scores.numel():  # attack_frac = 1 leaves no unattacked rows
-            rest = torch.ones_like(scores)  # weights: 1 for the rows not attacked (no boolean mask: that syncs)
-            rest[attacked] = 0
-            self.train_attack_score_unselected.update(scores, weight=rest)
+        others = scores.numel() - attacked.numel()  # attacked holds distinct rows
+        if others:  # attack_frac = 1 leaves no unattacked rows
+            # The other rows' indices without a boolean mask (selecting by one makes the host wait for the
+            # device): a stable sort puts the rows not attacked first.
+            rest = torch.ones_like(scores, dtype=torch.int).index_fill_(0, attacked, 0)
+            self.train_attack_score_unselected.update(scores[rest.argsort(descending=True, stable=True)[:others]])
             self.log("train/attack_score_unselected", self.train_attack_score_unselected, on_step=False,
                      on_epoch=True)
 
