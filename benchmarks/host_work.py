@@ -15,9 +15,10 @@ counts them on the CPU, in seconds:
   on a GPU each waits for the queued work (torch copies from pageable host memory synchronously). Caught with
   ``TorchFunctionMode``, with the line of the package (or Lightning, torchmetrics) that made each.
 
-The module's step runs under a ``Trainer`` (counted from ``on_train_batch_start`` to ``on_train_batch_end``:
-its training step, logging and metrics); the plain loop's is ``speed.plain_step``. Same network, images, attack
-and optimizer; the third step of each is counted (after the first steps' lazy initialization)::
+The module's step runs under a ``Trainer``, counted from one ``on_train_batch_start`` to the next: its training
+step, logging and metrics, and what Lightning does between batches (its loggers' bookkeeping, fetching the next
+batch); the plain loop's is ``speed.plain_step`` and the fetch of its next batch. Same network, images, attack and
+optimizer; the third step of each is counted (after the first steps' lazy initialization)::
 
     python benchmarks/host_work.py                   # ResNet-18, PGD-10, robust / ds / selective recipes
     python benchmarks/host_work.py --json host.json  # and append the results
@@ -115,7 +116,8 @@ def _short(filename: str) -> str:
 
 
 class CountStep(Callback):
-    """Counts operators and host waits of the training batch ``COUNTED_STEP``."""
+    """Counts operators and host waits from the start of training batch ``COUNTED_STEP`` to the start of the
+    next one."""
 
     def __init__(self) -> None:
         self.ops, self.waits = Operators(), HostWaits()
@@ -125,17 +127,14 @@ class CountStep(Callback):
         if batch_idx == COUNTED_STEP:
             self.waits.__enter__()
             self.ops.__enter__()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if batch_idx == COUNTED_STEP:
+        elif batch_idx == COUNTED_STEP + 1:
             self.ops.__exit__(None, None, None)
             self.waits.__exit__(None, None, None)
 
 
 def images(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
     torch.manual_seed(0)
-    n = args.batch_size * (COUNTED_STEP + 1)
+    n = args.batch_size * (COUNTED_STEP + 2)  # the counted step's next batch too
     return torch.rand(n, 3, args.image_size, args.image_size), torch.randint(0, 10, (n,))
 
 
@@ -145,7 +144,7 @@ def count_module(label: str, args: argparse.Namespace) -> dict:
     counter = CountStep()
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as root:
-        make_trainer("cpu", COUNTED_STEP + 1, [counter], root, precision=args.precision).fit(
+        make_trainer("cpu", COUNTED_STEP + 2, [counter], root, precision=args.precision).fit(
             make_module(recipe, p_up, args), loader)
     return {"recipe": label, "operators": counter.ops.count, "host_waits": sum(counter.waits.sites.values()),
             "sites": dict(counter.waits.sites)}
@@ -160,12 +159,16 @@ def count_plain(label: str, args: argparse.Namespace) -> dict:
     model.train()
     autocast = torch.bfloat16 if args.precision == "bf16-mixed" else None
     ops, waits = Operators(), HostWaits()
-    for i, (xb, yb) in enumerate(DataLoader(TensorDataset(x, y), batch_size=args.batch_size)):
-        if i == COUNTED_STEP:
+    batches = iter(DataLoader(TensorDataset(x, y), batch_size=args.batch_size))
+    xb, yb = next(batches)
+    for i in range(COUNTED_STEP + 1):
+        if i == COUNTED_STEP:  # the step and the fetch of the next batch, as the module's count
             with waits, ops:
                 plain_step(model, optimizer, xb, yb, recipe, p_up, attack, autocast)
+                xb, yb = next(batches)
         else:
             plain_step(model, optimizer, xb, yb, recipe, p_up, attack, autocast)
+            xb, yb = next(batches)
     return {"recipe": f"{label}, plain loop", "operators": ops.count, "host_waits": sum(waits.sites.values()),
             "sites": dict(waits.sites)}
 
