@@ -444,7 +444,7 @@ class AdversarialSelectionModule(L.LightningModule):
 
     def _agree(self, flags: Tensor, counts: Sequence[int] = ()) -> tuple[list[bool], list[bool], list[int]]:
         """This rank's flags, whether any rank raised each, and ``counts`` summed over ranks: one all-reduce and
-        one copy to the host, the step's only wait for the device (the counts reach it as kernel arguments, not as
+        one copy to the host, the call's only wait for the device (the counts reach it as kernel arguments, not as
         a copy from the host, which would be a second wait)."""
         mine = torch.cat([flags.long(), *(flags.new_full((1,), c, dtype=torch.long) for c in counts)])
         anyone = distributed.sum_over_ranks(self.trainer.strategy, mine.clone())
