@@ -4,19 +4,20 @@ machine's bf16 dense peak the training reaches.
 Per recipe (robust, ds at p_up 0.5, selective margin and selective_ds at attack_frac 0.5), the module trains
 ``--warmup`` + ``--steps`` batches of random 3x32x32 images (``--image-size`` pixels per side; generated on the
 device, so no data loading is timed) under the Trainer's ``--precision`` (``bf16-mixed`` by default) with
-``channels_last`` weights (and ``torch.compile`` with ``--compile``). The timed steps are read after a device
-sync; the first ``--warmup`` steps (cuDNN autotuning, lazy initialization, compilation) are left out. FLOPs per
-step come from ``torch.utils.flop_counter.FlopCounterMode`` around the second training step
-(``flop_count.CountFlops``); the peak is measured on the machine itself with a large bf16 matmul
-(``--matmul-size``), so the share is ``FLOPs per step x steps per second / measured peak``. Robust and ds also
-run as the hand-written loop of ``speed.py`` (``speed.plain_step``: the same network, images, optimizer,
-channels-last weights and, for ``bf16-mixed``, ``torch.autocast`` around the forwards), right after the module's
-run, for the module's overhead in images per second (target: >= 0.95 of the loop's; no loop under ``16-mixed``,
-which would need a GradScaler). Every recipe runs ``--rounds`` times, the module and the loop in turn (the loop
-first every other round): a table row is the median over rounds, and a comparison the median of the rounds'
-ratios, so that a drift of the machine between runs (19% between two runs on an H200) touches both sides. The
-whole script is meant to finish within 5 minutes on an H100-class GPU (it prints its wall time; ``--compile``
-adds a compilation per recipe and round); it needs torch, lightning and this package only::
+``channels_last`` weights (and ``torch.compile`` with ``--compile``). The clock is read after a device sync at the
+two ends of the timed steps only, so that they queue their work ahead as in a real run; the first ``--warmup`` steps
+(cuDNN autotuning, lazy initialization, compilation) are left out. FLOPs per step come from
+``torch.utils.flop_counter.FlopCounterMode`` around the second training step (``flop_count.CountFlops``); the peak
+is measured on the machine itself with a large bf16 matmul (``--matmul-size``), so the share is ``FLOPs per step x
+steps per second / measured peak``. Robust and ds also run as the hand-written loop of ``speed.py``
+(``speed.plain_step``: the same network, images, optimizer, channels-last weights and, for ``bf16-mixed``,
+``torch.autocast`` around the forwards), right after the module's run, for the module's overhead in images per
+second (target: >= 0.95 of the loop's; no loop under ``16-mixed``, which would need a GradScaler). Every recipe runs
+``--rounds`` times, the module and the loop in turn (the loop first every other round): a table row is the median
+over rounds, and a comparison the median of the rounds' ratios, so that a drift of the machine between runs (19%
+between two runs on an H200) touches both sides. The whole script is meant to finish within 5 minutes on an
+H100-class GPU (it prints its wall time; ``--compile`` adds a compilation per recipe and round); it needs torch,
+lightning and this package only::
 
     python benchmarks/gpu_speed.py                          # CUDA, bf16-mixed, channels_last
     python benchmarks/gpu_speed.py --compile --json gpu.json
@@ -69,14 +70,24 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "32-true": None}  # plain loop: 16-mix
 
 
 class StepClock(Callback):
-    """The time at the end of every training batch, after a device sync."""
+    """The time at the end of the training batches ``at`` (batch indices), after a device sync: the ends of a
+    timed window only, so that the steps inside it queue their work ahead as in a real run (a sync after every
+    step would make each wait for the device, the plain loop's too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, at: tuple[int, int]) -> None:
+        self.at = at
         self.marks: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.marks.append(now(trainer.strategy.root_device))
+        if batch_idx in self.at:
+            self.marks.append(now(trainer.strategy.root_device))
+
+
+def window(warmup: int, steps: int) -> tuple[int, int]:
+    """The batch indices whose ends start and stop the clock: the last warm-up step and the last step (without a
+    warm-up, the first step starts it)."""
+    return (warmup - 1 if warmup else 0), warmup + steps - 1
 
 
 def matmul_peak(device: torch.device, size: int, repeats: int = 20) -> float:
@@ -113,9 +124,9 @@ def sgd(params: Any) -> torch.optim.Optimizer:
 
 
 def throughput(marks: list[float], args: argparse.Namespace, step_flops: float) -> dict:
-    """Images per second and FLOP/s over the steps after the warm-up, from the step-end times ``marks``."""
-    seconds = marks[-1] - marks[args.warmup - 1] if args.warmup else marks[-1] - marks[0]
-    timed = args.steps if args.warmup else args.steps - 1
+    """Images per second and FLOP/s over the timed window, from the times ``marks`` at its two ends."""
+    first, last = window(args.warmup, args.steps)
+    seconds, timed = marks[1] - marks[0], last - first
     return {"images_per_s": timed * args.batch_size / seconds, "ms_per_step": 1000 * seconds / timed,
             "flops_per_step": step_flops, "flops_per_s": step_flops * timed / seconds}
 
@@ -141,7 +152,7 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
         model.compile()
     model.train()
     optimizer, attack, marks = sgd(model.parameters()), train_attack(args), []
-    step_flops = 0.0
+    step_flops, at = 0.0, window(args.warmup, args.steps)
     for i, (x, y) in enumerate(random_images(args)):
         if i == 1:  # FLOPs of the second step, as CountFlops counts the module's
             with FlopCounterMode(display=False) as counter:
@@ -149,7 +160,8 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
             step_flops = float(counter.get_total_flops())
         else:
             plain_step(model, optimizer, x, y, recipe, p_up, attack, AUTOCAST[args.precision])
-        marks.append(now(device))
+        if i in at:
+            marks.append(now(device))
     return throughput(marks, args, step_flops)
 
 
@@ -169,11 +181,11 @@ def profile_recipe(label: str, args: argparse.Namespace, root: str, top: int = 1
     recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
     device = torch.device(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    steps, clock = ProfileSteps(activities, start=args.warmup), StepClock()
+    steps, clock = ProfileSteps(activities, start=args.warmup), StepClock(window(args.warmup, args.profile_steps))
     trainer = make_trainer(args.device, args.warmup + args.profile_steps, [steps, clock], root,
                            precision=args.precision, max_steps=args.warmup + args.profile_steps)
     trainer.fit(make_module(recipe, p_up, args), random_images(args, args.warmup + args.profile_steps))
-    wall = clock.marks[-1] - clock.marks[args.warmup - 1]  # the profiled steps (main asks for a warm-up)
+    wall = clock.marks[1] - clock.marks[0]  # the profiled steps (main asks for a warm-up)
     events, attr = operator_events(steps.prof), self_time_key(args.device)
     busy = sum(getattr(e, attr) for e in events) / 1e6 / wall
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
@@ -190,7 +202,7 @@ def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) ->
     """Train ``warmup + steps`` batches of ``recipe``; images per second over the timed steps, FLOPs per step."""
     data = random_images(args)
     module = make_module(recipe, p_up, args)
-    clock, flops = StepClock(), CountFlops(steps_per_epoch=1, skip=1)
+    clock, flops = StepClock(window(args.warmup, args.steps)), CountFlops(steps_per_epoch=1, skip=1)
     trainer = make_trainer(args.device, args.warmup + args.steps, [flops, clock], root, precision=args.precision,
                            max_steps=args.warmup + args.steps)
     trainer.fit(module, data)

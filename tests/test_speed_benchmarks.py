@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -209,3 +211,16 @@ def test_the_gpu_script_runs_its_stages_and_keeps_each_result(tmp_path):
                          env={**env, "PYTHON": str(failing)}, capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1 and bad.stdout.count("failed or out of its 180 s") == 2
     assert bad.stdout.count("stage broke: benchmarks/gpu_speed.py") == 2 and "--no-channels-last" in bad.stdout
+
+
+def test_the_gpu_clock_is_read_at_the_two_ends_of_the_timed_steps_only():
+    """No sync between timed steps: they queue ahead as in a real run, the plain loop's as the module's."""
+    assert gpu_speed.window(5, 20) == (4, 24) and gpu_speed.window(0, 3) == (0, 2)
+    args = argparse.Namespace(warmup=5, steps=20, batch_size=256)
+    rate = gpu_speed.throughput([10.0, 12.0], args, step_flops=1e12)
+    assert rate["images_per_s"] == 20 * 256 / 2 and rate["ms_per_step"] == 100 and rate["flops_per_s"] == 1e13
+    clock = gpu_speed.StepClock(gpu_speed.window(1, 3))
+    for batch_idx in range(4):
+        clock.on_train_batch_end(argparse.Namespace(strategy=argparse.Namespace(root_device=torch.device("cpu"))),
+                                 None, None, None, batch_idx)
+    assert len(clock.marks) == 2
