@@ -131,6 +131,36 @@ def throughput(marks: list[float], args: argparse.Namespace, step_flops: float) 
             "flops_per_step": step_flops, "flops_per_s": step_flops * timed / seconds}
 
 
+def recipe_of(label: str) -> tuple[str, float]:
+    """The recipe and p_up of the row ``label`` of :data:`RECIPES`."""
+    return next((r, q) for name, r, q in RECIPES if name == label)
+
+
+def plain_label(recipe: str, p_up: float) -> str | None:
+    """The plain loop's row for ``recipe`` at ``p_up`` (:data:`PLAIN`), ``None`` where the loop does not run it."""
+    return next((name for name, r, q in PLAIN if (r, q) == (recipe, p_up)), None)
+
+
+def format_tables(rows: list[dict], comparisons: list[dict]) -> str:
+    """A result's throughput table and its module / plain loop comparisons, as markdown. The spreads over rounds
+    are left blank in results made before rounds existed."""
+
+    def spread(lo: float | None, hi: float | None, fmt: str) -> str:
+        return "" if lo is None else f"{lo:{fmt}} - {hi:{fmt}}"
+
+    lines = ["| recipe | images / s | spread (min - max) | ms / step | GFLOP / step | share of the bf16 peak |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['recipe']} | {r['images_per_s']:.0f} | "
+              f"{spread(r.get('min_images_per_s'), r.get('max_images_per_s'), '.0f')} | {r['ms_per_step']:.1f} | "
+              f"{r['flops_per_step'] / 1e9:.1f} | {r['peak_share']:.1%} |" for r in rows]
+    if comparisons:
+        lines += ["", "| comparison | median of the rounds' ratios | spread (min - max) | target |",
+                  "| --- | ---: | ---: | --- |"]
+        lines += [f"| {c['comparison']} | {c['measured']:.3f} | {spread(c.get('min'), c.get('max'), '.3f')} | "
+                  f"{c['target']} |" for c in comparisons]
+    return "\n".join(lines)
+
+
 def median_run(runs: list[dict], peak: float) -> dict:
     """One recipe's throughput over rounds: the median round's figures (by images per second), the spread of the
     images per second, and the share of the bf16 ``peak``."""
@@ -178,7 +208,7 @@ def profile_recipe(label: str, args: argparse.Namespace, root: str, top: int = 1
     busy with them (the profiler's own overhead lowers it a little), and the kernel launches per step. A low
     busy share with many launches per step says the host (Python, the framework, the launches) limits the step;
     a high one, the kernels themselves."""
-    recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
+    recipe, p_up = recipe_of(label)
     device = torch.device(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     steps, clock = ProfileSteps(activities, start=args.warmup), StepClock(window(args.warmup, args.profile_steps))
@@ -256,17 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.rounds):
             runs: dict[str, dict] = {}
             for label, recipe, p_up in RECIPES:
-                order = [(label, lambda r=recipe, q=p_up: run_recipe(r, q, args, root))]
-                order += [(plain, lambda r=recipe, q=p_up: run_plain(r, q, args)) for plain, r2, q2 in PLAIN
-                          if (r2, q2) == (recipe, p_up) and args.precision in AUTOCAST]
-                for name, run in order[::-1] if i % 2 else order:  # the loop first every other round
-                    runs[name] = run()
+                plain = plain_label(recipe, p_up) if args.precision in AUTOCAST else None
+                pair = [label, plain] if plain else [label]
+                for name in pair[::-1] if i % 2 else pair:  # the loop first every other round
+                    runs[name] = (run_plain(recipe, p_up, args) if name == plain
+                                  else run_recipe(recipe, p_up, args, root))
             rounds.append(runs)
     rows = [{"recipe": label, **median_run([runs[label] for runs in rounds], peak)} for label in rounds[0]]
     overhead = []
-    for plain, recipe, p_up in PLAIN:
-        label = next(name for name, r, q in RECIPES if (r, q) == (recipe, p_up))
-        if plain not in rounds[0]:
+    for label, recipe, p_up in RECIPES:
+        plain = plain_label(recipe, p_up)
+        if plain not in rounds[0]:  # no plain loop for this recipe, or none at this precision
             continue
         ratios = sorted(runs[label]["images_per_s"] / runs[plain]["images_per_s"] for runs in rounds)
         overhead.append({"comparison": f"{label}: module / plain loop, images per second",
@@ -276,17 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
     print(f"{args.rounds} round(s) of every recipe, the module and the plain loop in turn; medians over rounds\n")
-    print("| recipe | images / s | spread (min - max) | ms / step | GFLOP / step | share of the bf16 peak |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['images_per_s']:.0f} | {r['min_images_per_s']:.0f} - {r['max_images_per_s']:.0f} "
-              f"| {r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | {r['peak_share']:.1%} |")
-    if overhead:
-        print("\n| comparison | median of the rounds' ratios | spread (min - max) | target |\n"
-              "| --- | ---: | ---: | --- |")
-        print("\n".join(f"| {c['comparison']} | {c['measured']:.3f} | {c['min']:.3f} - {c['max']:.3f} | "
-                        f"{c['target']} |" for c in overhead))
-    else:
+    print(format_tables(rows, overhead))
+    if not overhead:
         print(f"\n(no plain loop under {args.precision}: it would need a GradScaler)")
     with tempfile.TemporaryDirectory() as root:
         profiles = [profile_recipe(label, args, root) for label in args.profile]

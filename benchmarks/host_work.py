@@ -41,7 +41,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from gpu_speed import RECIPES, make_module, sgd, train_attack
+from gpu_speed import RECIPES, make_module, recipe_of, sgd, train_attack
 from lightning.pytorch.callbacks import Callback
 from speed import append_json, machine, make_trainer, plain_step
 from torch import Tensor
@@ -139,7 +139,7 @@ def images(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
 
 
 def count_module(label: str, args: argparse.Namespace) -> dict:
-    recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
+    recipe, p_up = recipe_of(label)
     x, y = images(args)
     counter = CountStep()
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
@@ -151,7 +151,7 @@ def count_module(label: str, args: argparse.Namespace) -> dict:
 
 
 def count_plain(label: str, args: argparse.Namespace) -> dict:
-    recipe, p_up = next((r, q) for name, r, q in RECIPES if name == label)
+    recipe, p_up = recipe_of(label)
     x, y = images(args)
     torch.manual_seed(0)
     model = ResNet18()

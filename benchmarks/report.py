@@ -42,8 +42,7 @@ def speed_section(folder: Path, top: int = 5) -> list[str]:
     epoch comparisons, the step pairs and the profile with its top operators, as markdown."""
     from speed import format_profile, format_step_pairs, format_tables
 
-    results = [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text())
-               if not r.get("quick") and "peak_flops" not in r]  # gpu_speed.py's results: gpu_speed_section
+    results = [r for r in full_speed_results(folder) if "peak_flops" not in r]  # gpu_speed.py's: gpu_speed_section
     newest = {kind: max((r for r in results if kind in r), key=lambda r: r.get("date", ""), default=None)
               for kind in ("comparisons", "step_pairs", "profile")}
     if not any(newest.values()):
@@ -74,12 +73,19 @@ def speed_section(folder: Path, top: int = 5) -> list[str]:
     return lines
 
 
+def full_speed_results(folder: Path) -> list[dict]:
+    """Every result ``speed.py`` and ``gpu_speed.py`` appended to the JSON files under ``folder``, in the order
+    written, without their ``--quick`` checks."""
+    return [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text()) if not r.get("quick")]
+
+
 def gpu_speed_section(folder: Path, top: int = 3) -> list[str]:
     """Every full (not ``--quick``) result that ``gpu_speed.py`` wrote under ``folder``, in the order written:
     images per second and share of the bf16 peak per recipe, the module against the plain loop, and the
     profiles' busy share, launches and top operators, as markdown."""
-    results = [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text())
-               if not r.get("quick") and "peak_flops" in r]
+    from gpu_speed import format_tables
+
+    results = [r for r in full_speed_results(folder) if "peak_flops" in r]
     if not results:
         return []
     lines = ["## Speed on a GPU", "", "From `benchmarks/gpu_speed.py` (ResNet-18, PGD-10, random CIFAR-10-shaped "
@@ -90,15 +96,7 @@ def gpu_speed_section(folder: Path, top: int = 3) -> list[str]:
         lines += [f"{r['machine']}; {r.get('date', 'undated')}; {r['precision']}, batch {r['batch_size']}, "
                   f"channels_last {r['channels_last']}, compile {r['compile']}, {r['steps']} timed steps x "
                   f"{rounds} round(s); bf16 matmul peak {r['peak_flops'] / 1e12:.1f} TFLOP/s:", "",
-                  "| recipe | images / s | ms / step | GFLOP / step | share of the bf16 peak |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {row['recipe']} | {row['images_per_s']:.0f} | {row['ms_per_step']:.1f} | "
-                  f"{row['flops_per_step'] / 1e9:.0f} | {row['peak_share']:.1%} |" for row in r["rows"]]
-        lines += ["", "| comparison | measured (spread over rounds) | target |", "| --- | ---: | --- |"]
-        lines += [f"| {c['comparison']} | {c['measured']:.3f}"
-                  + (f" ({c['min']:.3f} - {c['max']:.3f})" if "min" in c else "") + f" | {c['target']} |"
-                  for c in r["comparisons"]]
-        lines.append("")
+                  format_tables(r["rows"], r["comparisons"]), ""]
         if r["profile"]:
             lines += [f"| profiled recipe | GPU busy | kernel launches / step | top {top} operators (ms / step) |",
                       "| --- | ---: | ---: | --- |"]
