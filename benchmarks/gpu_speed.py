@@ -195,11 +195,12 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
     return throughput(marks, args, step_flops)
 
 
-def make_module(recipe: str, p_up: float, args: argparse.Namespace) -> AdversarialSelectionModule:
+def make_module(recipe: str, p_up: float, args: argparse.Namespace, **settings: Any) -> AdversarialSelectionModule:
+    """The module of a recipe row; ``settings``: further module arguments (``host_work.py``'s other settings)."""
     return AdversarialSelectionModule(
         ResNet18(), recipe=recipe, p_up=p_up, attack_frac=0.5, attack_score="margin",
         train_attack=train_attack(args), eval_attack=None, optimizer=sgd,
-        channels_last=args.channels_last, compile_model=args.compile)
+        channels_last=args.channels_last, compile_model=args.compile, **settings)
 
 
 def profile_recipe(label: str, args: argparse.Namespace, root: str, top: int = 15) -> dict:

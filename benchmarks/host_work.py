@@ -18,7 +18,9 @@ counts them on the CPU, in seconds:
 The module's step runs under a ``Trainer``, counted from one ``on_train_batch_start`` to the next: its training
 step, logging and metrics, and what Lightning does between batches (its loggers' bookkeeping, fetching the next
 batch); the plain loop's is ``speed.plain_step`` and the fetch of its next batch. Same network, images, attack and
-optimizer; the third step of each is counted (after the first steps' lazy initialization)::
+optimizer; the third step of each is counted (after the first steps' lazy initialization). A second table
+counts the module in other settings (:data:`SETTINGS`: the paired objectives, the selective authors' clean rows,
+the callbacks that read every step's selection), which the plain loop does not have::
 
     python benchmarks/host_work.py                   # ResNet-18, PGD-10, robust / ds / selective recipes
     python benchmarks/host_work.py --json host.json  # and append the results
@@ -49,15 +51,42 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_advsel.callbacks import SelectionMakeup, StabilityProfile
 from lightning_advsel.models import ResNet18
 
 COUNTED_STEP = 2  # the third training step (batch index 2)
-# Tensor methods and torch functions that read a device value on the host.
+# Tensor methods and torch functions that read a device value on the host (``bincount`` on a GPU reads the
+# largest value to size its output).
 READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
-         "masked_select", "unique", "unique_consecutive"}
+         "masked_select", "unique", "unique_consecutive", "bincount"}
 FROM_HOST = {"tensor", "as_tensor"}  # with a device: a copy from the host
 # Where a wait is attributed: the innermost frame in one of these (else the innermost frame of all).
 SITE_ROOTS = ("lightning_advsel", "lightning/pytorch", "torchmetrics", "benchmarks")
+
+
+# The module in other settings, counted alone: (label, recipe row of gpu_speed.RECIPES, further module
+# arguments, callbacks). p_up 0.75 keeps at least 2 attacked rows of batch 8 in the selected pairs (BatchNorm).
+SETTINGS = [
+    ("robust, TRADES", "robust", {"objective": "trades"}, ()),
+    ("ds p_up 0.5, MART", "ds p_up 0.5", {"objective": "mart"}, ()),
+    ("selective margin p_up 0.75, TRADES", "selective margin", {"objective": "trades", "p_up": 0.75}, ()),
+    ("selective margin, clean_rows all", "selective margin", {"clean_rows": "all"}, ()),
+    ("ds p_up 0.5, SelectionMakeup", "ds p_up 0.5", {}, (SelectionMakeup,)),
+    ("robust, StabilityProfile", "robust", {}, (StabilityProfile,)),
+]
+
+
+class Images(L.LightningDataModule):
+    """Batches ``(x, y)``, or ``(x, y, index)`` with the attributes :class:`StabilityProfile` reads of a data
+    module."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, return_index: bool = False) -> None:
+        super().__init__()
+        self.data = TensorDataset(x, y, torch.arange(len(y))) if return_index else TensorDataset(x, y)
+        self.batch_size, self.return_index, self.index_size = batch_size, return_index, len(y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
 
 
 class Operators(TorchDispatchMode):
@@ -137,14 +166,19 @@ def images(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
     return torch.rand(n, 3, args.image_size, args.image_size), torch.randint(0, 10, (n,))
 
 
-def count_module(label: str, args: argparse.Namespace) -> dict:
-    recipe, p_up = recipe_of(label)
+def count_module(label: str, args: argparse.Namespace, row: str | None = None, settings: dict | None = None,
+                 callbacks: tuple = ()) -> dict:
+    """The module's counts for the recipe row ``row`` of gpu_speed.RECIPES (default: ``label``), with further
+    module arguments ``settings`` and ``callbacks`` (classes, made with their defaults)."""
+    recipe, p_up = recipe_of(row or label)
+    settings = {"p_up": p_up} | (settings or {})
     x, y = images(args)
     counter = CountStep()
-    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as root:
-        make_trainer("cpu", COUNTED_STEP + 2, [counter], root, precision=args.precision).fit(
-            make_module(recipe, p_up, args), loader)
+        extra = [c(path=str(Path(root) / "profile.json")) if c is StabilityProfile else c() for c in callbacks]
+        make_trainer("cpu", COUNTED_STEP + 2, [counter, *extra], root, precision=args.precision).fit(
+            make_module(recipe, settings.pop("p_up"), args, **settings),
+            datamodule=Images(x, y, args.batch_size, return_index=StabilityProfile in callbacks))
     return {"recipe": label, "operators": counter.ops.count, "host_waits": sum(counter.waits.sites.values()),
             "sites": dict(counter.waits.sites)}
 
@@ -194,16 +228,19 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(count_module(label, args))
         if plain_label(*recipe_of(label)):  # the recipes gpu_speed.py also runs as the plain loop
             rows.append(count_plain(label, args))
+    others = [count_module(label, args, row, settings, callbacks) for label, row, settings, callbacks in SETTINGS]
     print(f"ResNet-18, PGD-{args.pgd_steps}, {args.precision}, one training step; {machine('cpu')}\n")
-    print("| recipe | operators / step | host waits / step |\n| --- | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['operators']} | {r['host_waits']} |")
-    print("\nWhere the waits are:\n")
-    for r in rows:
+    for title, table in (("recipe", rows), ("other setting (module only)", others)):
+        print(f"| {title} | operators / step | host waits / step |\n| --- | ---: | ---: |")
+        for r in table:
+            print(f"| {r['recipe']} | {r['operators']} | {r['host_waits']} |")
+        print()
+    print("Where the waits are:\n")
+    for r in rows + others:
         for site, n in sorted(r["sites"].items()):
             print(f"- {r['recipe']}: {n} x {site}")
     record = {"machine": machine("cpu"), "precision": args.precision, "pgd_steps": args.pgd_steps,
-              "batch_size": args.batch_size, "image_size": args.image_size, "rows": rows}
+              "batch_size": args.batch_size, "image_size": args.image_size, "rows": rows, "settings": others}
     if args.json is not None:
         append_json(args.json, record)
     return record

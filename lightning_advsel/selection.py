@@ -41,6 +41,15 @@ def top_k(scores: Tensor, k: int) -> Tensor:
     return torch.topk(scores, k, sorted=False).indices.sort().values
 
 
+def mask_indices(mask: Tensor, count: int) -> Tensor:
+    """Ascending indices of the True entries of the 1-D boolean ``mask``, of which there are ``count``: what
+    ``mask.nonzero().flatten()`` returns, without reading the device (``nonzero`` waits for the device to learn
+    its output's size; a stable sort that puts the True entries first is told it)."""
+    if count == mask.numel():
+        return torch.arange(count, device=mask.device)
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+
+
 def random_k(n: int, k: int, *, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """``k`` of ``n`` indices drawn uniformly without replacement, in ascending order."""
     if k >= n:

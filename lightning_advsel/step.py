@@ -216,6 +216,8 @@ class Pool:
         source: the clean-batch row each pool row was made from, shape ``(P,)``.
         partner: for the ``"pairs"`` pool of a paired objective, each row's adversarial example (the clean
             input itself for a row that was not attacked), else ``None``.
+        n_adv: how many rows are adversarial. Give it when the host knows it (:func:`build_pool` does: the
+            attacked rows); left ``None``, it is counted on the device, which waits for it.
     """
 
     x: Tensor
@@ -223,6 +225,28 @@ class Pool:
     is_adv: Tensor
     source: Tensor
     partner: Tensor | None = None
+    n_adv: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_adv is None:
+            self.n_adv = int(self.is_adv.sum())
+
+    def subset(self, rows: Tensor) -> Pool:
+        """The pool's rows ``rows`` (distinct, ascending indices). Their adversarial count is known on the host
+        when every row is kept or the pool is all of one kind; otherwise which rows a selection kept decides
+        it, and it is read from the device once."""
+        n, kept = self.x.shape[0], rows.numel()
+        n_adv = self.n_adv if kept == n else min(self.n_adv, kept) if self.n_adv in (0, n) else None
+        return Pool(x=self.x[rows], y=self.y[rows], is_adv=self.is_adv[rows], source=self.source[rows],
+                    partner=None if self.partner is None else self.partner[rows], n_adv=n_adv)
+
+    def adversarial_rows(self) -> Tensor:
+        """Ascending indices of the adversarial rows, without a device read."""
+        return selection.mask_indices(self.is_adv, self.n_adv)
+
+    def clean_rows(self) -> Tensor:
+        """Ascending indices of the clean rows, without a device read."""
+        return selection.mask_indices(~self.is_adv, self.x.shape[0] - self.n_adv)
 
 
 @dataclass
@@ -416,22 +440,23 @@ def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kin
     n = x.shape[0]
     rows = torch.arange(n, device=x.device)
     is_adv = torch.zeros(n, dtype=torch.bool, device=x.device)
+    n_adv = 0 if x_adv is None else attacked.numel()
     if kind == "pairs":
         partner = x.clone()
         if x_adv is not None:
             partner[attacked] = x_adv
             is_adv[attacked] = True
-        return Pool(x=x, y=y, is_adv=is_adv, source=rows, partner=partner)
+        return Pool(x=x, y=y, is_adv=is_adv, source=rows, partner=partner, n_adv=n_adv)
     if x_adv is None:
-        return Pool(x=x, y=y, is_adv=is_adv, source=rows)
+        return Pool(x=x, y=y, is_adv=is_adv, source=rows, n_adv=0)
     if kind == "replace":
         pool_x = x.clone()
         pool_x[attacked] = x_adv
         is_adv[attacked] = True
-        return Pool(x=pool_x, y=y, is_adv=is_adv, source=rows)
+        return Pool(x=pool_x, y=y, is_adv=is_adv, source=rows, n_adv=n_adv)
     return Pool(x=torch.cat([x, x_adv]), y=torch.cat([y, y[attacked]]),
                 is_adv=torch.cat([is_adv, torch.ones_like(attacked, dtype=torch.bool)]),
-                source=torch.cat([rows, attacked]))
+                source=torch.cat([rows, attacked]), n_adv=n_adv)
 
 
 def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Tensor | None,
@@ -464,7 +489,7 @@ def select_pool(model: nn.Module, pool: Pool, settings: StepSettings, x_adv: Ten
             if pool.partner is not None:
                 scores, scored["logits"] = pair_losses(model, pool, settings.objective)
                 scored["scores"] = scores
-                rows = pool.x.shape[0] + int(pool.is_adv.sum())
+                rows = pool.x.shape[0] + pool.n_adv
             elif recipe.pool == "append" and clean_logits is not None and x_adv is not None:
                 scored["logits"] = torch.cat([clean_logits, model(x_adv)])
                 rows = x_adv.shape[0]
@@ -491,7 +516,7 @@ def pair_losses(model: nn.Module, pool: Pool, objective: Objective) -> tuple[Ten
     adversarial example's for attacked rows and the clean input's for the others.
     """
     clean = model(pool.x)
-    adv_rows = pool.is_adv.nonzero().flatten()
+    adv_rows = pool.adversarial_rows()
     logits = clean.clone() if adv_rows.numel() else clean
     losses = F.cross_entropy(clean.float(), pool.y, reduction="none")
     if adv_rows.numel():
@@ -517,10 +542,9 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
     settings = settings or StepSettings()
     objective, clean_weight = settings.objective, settings.clean_weight
     if pool.partner is not None:
-        chosen = Pool(x=pool.x[selected], y=pool.y[selected], is_adv=pool.is_adv[selected],
-                      source=pool.source[selected], partner=pool.partner[selected])
+        chosen = pool.subset(selected)
         losses, logits = pair_losses(model, chosen, objective)
-        rows, loss = selected.numel() + int(chosen.is_adv.sum()), scope.reduce(
+        rows, loss = selected.numel() + chosen.n_adv, scope.reduce(
             losses * clean_weights(chosen.is_adv, clean_weight), k_global)
     elif shared_logits is not None:
         logits = shared_logits[selected]
@@ -530,12 +554,12 @@ def selected_loss(model: nn.Module, pool: Pool, selected: Tensor, k_global: int 
             cost.backward_rows += pool.x.shape[0]
         return loss, logits
     elif settings.clean_rows == "all":  # mean adversarial loss + clean_weight x mean clean loss
-        logits = model(pool.x[selected])
-        losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)
-        adv = pool.is_adv[selected]
-        rows, loss = selected.numel(), clean_weight * losses[~adv].mean()
-        if adv.any():
-            loss = losses[adv].mean() + loss
+        chosen = pool.subset(selected)
+        logits = model(chosen.x)
+        losses = F.cross_entropy(logits, chosen.y, reduction="none", label_smoothing=objective.label_smoothing)
+        rows, loss = selected.numel(), clean_weight * losses[chosen.clean_rows()].mean()
+        if chosen.n_adv:
+            loss = losses[chosen.adversarial_rows()].mean() + loss
     elif clean_weight != 1:
         logits = model(pool.x[selected])
         losses = F.cross_entropy(logits, pool.y[selected], reduction="none", label_smoothing=objective.label_smoothing)

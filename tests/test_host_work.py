@@ -12,7 +12,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_advsel.attacks import model_mode
+from lightning_advsel.callbacks.selection_makeup import SelectionCounts
 from lightning_advsel.metrics import SyncFreeMean
+from lightning_advsel.selection import mask_indices
+from lightning_advsel.step import build_pool
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import host_work  # noqa: E402
@@ -99,7 +102,20 @@ def test_a_module_step_waits_for_the_device_only_in_the_policys_agreements_and_t
     # the plain loop's BatchNorm buffer updates in every attack forward, which model_mode leaves out.
     for label in ("robust", "ds p_up 0.5"):
         assert rows[label]["operators"] <= rows[f"{label}, plain loop"]["operators"], label
-    assert "| robust | " in capsys.readouterr().out
+    # The paired objectives, the selective authors' clean rows and the callbacks that read every step's selection
+    # add no wait of their own, but where a selection's rows decide the size of a forward: the adversarial
+    # forward of the attacked rows among the selected pairs (selective recipe, p_up < 1), counted once.
+    settings = {r["recipe"]: r for r in record["settings"]}
+    assert set(settings) == {label for label, *_ in host_work.SETTINGS}
+    for label, row in settings.items():
+        extra = {site: n for site, n in row["sites"].items() if "lightning_advsel" in site and "(_agree)" not in site}
+        if label == "selective margin p_up 0.75, TRADES":
+            assert list(extra.values()) == [1] and "(__post_init__)" in next(iter(extra)), row["sites"]
+        else:
+            assert not extra, (label, row["sites"])
+        assert row["host_waits"] == 3 + sum(extra.values()), (label, row["sites"])
+    out = capsys.readouterr().out
+    assert "| robust | " in out and "| robust, TRADES | " in out
 
 
 def test_host_waits_catch_reads_boolean_masks_and_copies_from_the_host():
@@ -110,8 +126,53 @@ def test_host_waits_catch_reads_boolean_masks_and_copies_from_the_host():
         bool(x.any())
         x[x > 1]
         torch.tensor([1.0], device="cpu")
+        torch.bincount(x.long())  # sized by the largest value
         x[torch.tensor([0, 2])]  # an index tensor: no wait
         torch.full((), 2.0, device="cpu")  # a fill kernel: no wait
         x.tolist()
     names = sorted(site.split(" at ")[0] for site in waits.sites.elements())
-    assert names == ["__bool__", "__getitem__", "item", "tensor", "tolist"]
+    assert names == ["__bool__", "__getitem__", "bincount", "item", "tensor", "tolist"]
+
+
+@pytest.mark.parametrize("kind", ["replace", "append", "pairs"])
+def test_a_pools_subsets_know_their_adversarial_rows_without_reading_the_device_where_the_sizes_decide_them(kind):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 1, 4, 4, generator=g), torch.randint(0, 10, (6,), generator=g)
+    pool = build_pool(x, y, torch.tensor([1, 2, 5]), torch.rand(3, 1, 4, 4, generator=g), kind)
+    all_adv = build_pool(x, y, torch.arange(6), torch.rand(6, 1, 4, 4, generator=g), kind)
+    cases = [(pool, torch.arange(pool.x.shape[0])), (pool, torch.tensor([0, 1, 3])), (pool, torch.tensor([2, 4, 5])),
+             (pool, torch.tensor([0, 3])), (all_adv, torch.tensor([1, 4]))]
+    for source, rows in cases:
+        waits = host_work.HostWaits()
+        with waits:
+            part = source.subset(rows)
+            adv, clean = part.adversarial_rows(), part.clean_rows()
+        assert torch.equal(adv, part.is_adv.nonzero().flatten())
+        assert torch.equal(clean, (~part.is_adv).nonzero().flatten())
+        assert part.n_adv == int(source.is_adv[rows].sum()) and torch.equal(part.x, source.x[rows])
+        # The whole pool, or a pool of one kind, has a count the host knows; any other subset reads it once.
+        known = rows.numel() == source.x.shape[0] or source.n_adv in (0, source.x.shape[0])
+        assert sum(waits.sites.values()) == (0 if known else 1), waits.sites
+
+
+def test_mask_indices_are_nonzeros_indices_for_any_mask():
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 300):
+        for p in (0.0, 0.3, 1.0):
+            mask = torch.rand(n, generator=g) < p
+            assert torch.equal(mask_indices(mask, int(mask.sum())), mask.nonzero().flatten()), (n, p)
+
+
+def test_the_selection_makeup_counts_without_waiting_for_the_device():
+    g = torch.Generator().manual_seed(0)
+    counts = SelectionCounts(num_classes=4)
+    y, is_adv = torch.randint(0, 4, (12,), generator=g), torch.rand(12, generator=g) < 0.5
+    selected = torch.tensor([0, 2, 3, 5, 8, 9, 11])
+    waits = host_work.HostWaits()
+    with waits:
+        counts.update(y, is_adv, selected)
+    assert not waits.sites
+    out, adv, labels = counts.compute(), is_adv[selected], y[selected]
+    assert out["class_adv"].tolist() == [int((adv & (labels == c)).sum()) for c in range(4)]
+    assert out["class_clean"].tolist() == [int((~adv & (labels == c)).sum()) for c in range(4)]
+    assert int(out["n_adv"]) == int(adv.sum()) and int(out["n_clean"]) == int((~adv).sum())

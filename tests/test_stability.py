@@ -185,6 +185,22 @@ def test_profiling_refuses_batches_without_index_and_recipes_that_skip_rows_befo
     assert run.global_step == 0 and not (tmp_path / "p.json").exists()
 
 
+class HalvePUp(Callback):
+    """Sets the module's ``p_up`` to 0.5 before the second training batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            pl_module.p_up = 0.5
+
+
+def test_profiling_stops_at_a_step_that_trained_on_only_some_adversarial_examples(tmp_path):
+    run = trainer(tmp_path, [HalvePUp(), StabilityProfile(path=str(tmp_path / "p.json"))])
+    with pytest.raises(ValueError, match=r"step 2 trained on 64 adversarial examples of a batch of 128; .* was p_up "
+                                         r"changed during training\?"):
+        run.fit(robust_module(), DigitsDataModule(batch_size=128, return_index=True))
+    assert run.global_step == 2 and not (tmp_path / "p.json").exists()
+
+
 def test_the_cost_callback_refuses_a_run_without_a_subset(tmp_path):
     run = trainer(tmp_path, [StabilityCost()])
     with pytest.raises(ValueError, match=r"StabilityCost .* set `subset_file`"):

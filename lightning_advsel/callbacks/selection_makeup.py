@@ -41,8 +41,11 @@ class SelectionCounts(Metric):
         n_adv = adv.sum()
         self.n_adv += n_adv
         self.n_clean += adv.numel() - n_adv
-        self.class_adv += torch.bincount(labels[adv], minlength=self.num_classes)
-        self.class_clean += torch.bincount(labels[~adv], minlength=self.num_classes)
+        # Per class by comparison with every class, not a boolean mask or bincount: on a GPU both read the device
+        # to size their output, which would stall every training step.
+        in_class = labels[:, None] == torch.arange(self.num_classes, device=labels.device)
+        self.class_adv += (in_class & adv[:, None]).sum(0)
+        self.class_clean += (in_class & ~adv[:, None]).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
         return {"n_clean": self.n_clean, "n_adv": self.n_adv, "class_clean": self.class_clean,

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_advsel import distributed, stability
+from lightning_advsel import distributed, selection, stability
 from lightning_advsel.batch import index_of
 from lightning_advsel.checks import check_path
 from lightning_advsel.step import RECIPES, check_selection_module
@@ -177,15 +177,27 @@ class StabilityProfile(_FitClock, Callback):
         if record is None or record.index is not index:
             return
         adv = record.is_adv[record.selected]
-        if int(adv.sum()) != record.batch_size or record.logits is None:
+        if not self._every_row_trained(record, adv):
             raise ValueError(
                 f"StabilityProfile: step {trainer.global_step} trained on {int(adv.sum())} adversarial examples "
                 f"of a batch of {record.batch_size}; every row's adversarial example must be trained (p_up=1, "
                 f"recipe robust), was p_up changed during training?"
             )
-        rows = record.selected[adv]
-        wrong = record.logits[adv].argmax(dim=1) != record.y[rows]
+        trained = selection.mask_indices(adv, record.batch_size)  # positions in `selected` of the adversarial rows
+        rows = record.selected[trained]
+        wrong = record.logits[trained].argmax(dim=1) != record.y[rows]
         self.flags.update(record.index[record.source[rows]], wrong)
+
+    @staticmethod
+    def _every_row_trained(record: Any, adv: Tensor) -> bool:
+        """Whether the step trained on the adversarial example of every row of its batch, from the sizes the
+        host knows (the attacked rows are the pool's adversarial rows) wherever they decide it, so that the
+        profiled run's steps do not wait for the device; ``adv``: which selected rows are adversarial."""
+        if record.logits is None or record.attacked.numel() != record.batch_size:
+            return False
+        if record.selected.numel() == record.is_adv.numel():  # the whole pool, so all of its adversarial rows
+            return True
+        return int(adv.sum()) == record.batch_size
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
