@@ -20,7 +20,7 @@ step, logging and metrics, and what Lightning does between batches (its loggers'
 batch); the plain loop's is ``speed.plain_step`` and the fetch of its next batch. Same network, images, attack and
 optimizer; the third step of each is counted (after the first steps' lazy initialization). A second table
 counts the module in other settings (:data:`SETTINGS`: the paired objectives, the selective authors' clean rows,
-the callbacks that read every step's selection), which the plain loop does not have::
+the callbacks that read every step's selection) and a validation batch, which the plain loop does not have::
 
     python benchmarks/host_work.py                   # ResNet-18, PGD-10, robust / ds / selective recipes
     python benchmarks/host_work.py --json host.json  # and append the results
@@ -38,6 +38,7 @@ import logging
 import tempfile
 import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,8 @@ def _short(filename: str) -> str:
 
 
 class CountStep(Callback):
-    """Counts operators and host waits from the start of training batch ``COUNTED_STEP`` to the start of the
-    next one."""
+    """Counts operators and host waits from the start of training (or validation) batch ``COUNTED_STEP`` to the
+    start of the next one."""
 
     def __init__(self) -> None:
         self.ops, self.waits = Operators(), HostWaits()
@@ -158,6 +159,10 @@ class CountStep(Callback):
         elif batch_idx == COUNTED_STEP + 1:
             self.ops.__exit__(None, None, None)
             self.waits.__exit__(None, None, None)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
 def images(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
@@ -181,6 +186,20 @@ def count_module(label: str, args: argparse.Namespace, row: str | None = None, s
             datamodule=Images(x, y, args.batch_size, return_index=StabilityProfile in callbacks))
     return {"recipe": label, "operators": counter.ops.count, "host_waits": sum(counter.waits.sites.values()),
             "sites": dict(counter.waits.sites)}
+
+
+def count_validation(args: argparse.Namespace) -> dict:
+    """A validation batch of the module under its PGD attack (``train_attack``'s radius and steps, eval mode)."""
+    x, y = images(args)
+    counter = CountStep()
+    module = make_module("robust", 1.0, args)
+    module.eval_attack = replace(train_attack(args), mode="eval")
+    with tempfile.TemporaryDirectory() as root:
+        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[counter], default_root_dir=root, precision=args.precision).validate(
+            module, DataLoader(TensorDataset(x, y), batch_size=args.batch_size), verbose=False)
+    return {"recipe": f"validation batch, PGD-{args.pgd_steps}", "operators": counter.ops.count,
+            "host_waits": sum(counter.waits.sites.values()), "sites": dict(counter.waits.sites)}
 
 
 def count_plain(label: str, args: argparse.Namespace) -> dict:
@@ -229,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         if plain_label(*recipe_of(label)):  # the recipes gpu_speed.py also runs as the plain loop
             rows.append(count_plain(label, args))
     others = [count_module(label, args, row, settings, callbacks) for label, row, settings, callbacks in SETTINGS]
+    others.append(count_validation(args))
     print(f"ResNet-18, PGD-{args.pgd_steps}, {args.precision}, one training step; {machine('cpu')}\n")
     for title, table in (("recipe", rows), ("other setting (module only)", others)):
         print(f"| {title} | operators / step | host waits / step |\n| --- | ---: | ---: |")

@@ -237,9 +237,10 @@ class AdversarialSelectionModule(L.LightningModule):
             ``compile_model`` that is not a bool, a negative ``eps_warmup_epochs``; at fit start, a Trainer with
             ``gradient_clip_val`` or ``accumulate_grad_batches`` set (the message names these arguments); at the
             first batch, a ``model`` whose output is not ``(B, num_classes)``, a mapping batch without the
-            ``batch_keys`` entries, or (for a recipe that attacks) inputs outside [0, 1] (see
-            :meth:`~lightning_advsel.attacks.AttackConfig.check_batch`); when loading a checkpoint, one written
-            for a different model architecture.
+            ``batch_keys`` entries, or (for a recipe that attacks, and for validation and testing with an attack)
+            inputs outside [0, 1] (see :meth:`~lightning_advsel.attacks.AttackConfig.check_batch`); at any
+            validation or test batch with an attack, NaN or inf inputs on any rank (every rank raises); when
+            loading a checkpoint, one written for a different model architecture.
         ImportError: for an AutoAttack ``test_attack`` when the optional torchattacks is not installed (the
             message names the pip command).
     """
@@ -371,6 +372,7 @@ class AdversarialSelectionModule(L.LightningModule):
         self._grads_unsynced = False
         self._restored_grads: list[Tensor | None] | None = None
         self._attack_inputs_checked = False
+        self._eval_inputs_checked: set[str] = set()  # the stages whose attack has checked a first batch
 
         # The mean training loss over the selected rows: a metric so that its epoch value is the mean over ranks
         # (synced once, at the epoch's end) while its step value stays this rank's (no per-step collective).
@@ -885,7 +887,9 @@ class AdversarialSelectionModule(L.LightningModule):
         metrics = self._eval_metrics(stage, dataloader_idx)
         model = self.pixel_model
         self._check_model_output(x)
-        y = self._check_batch(y, batch_idx)
+        attack = self.robust_attack(stage)
+        attacks = attack is not None and attack.enabled
+        y = self._check_eval_batch(x, y, batch_idx, stage, attack if attacks else None)
         logits = model(x)
         (loss_name, loss_clean), (clean_name, acc_clean) = metrics["loss_clean"], metrics["acc_clean"]
         loss_clean(F.cross_entropy(logits, y, reduction="none"))  # per row: the epoch's value is their mean
@@ -893,20 +897,40 @@ class AdversarialSelectionModule(L.LightningModule):
         # With several loaders Lightning appends "/dataloader_idx_{i}" to each key (`add_dataloader_idx`).
         self.log(f"{stage}/loss_clean", loss_clean, metric_attribute=loss_name)
         self.log(f"{stage}/acc_clean", acc_clean, prog_bar=True, metric_attribute=clean_name)
-        attack = self.robust_attack(stage)
-        if attack is not None and attack.enabled:
+        if attacks:
             name, acc_robust = metrics["acc_robust"]
-            acc_robust(self._attacked_logits(attack, x, y, batch_idx), y)
+            acc_robust(self._attacked_logits(attack, x, y, batch_idx, checked=True), y)
             self.log(f"{stage}/acc_robust", acc_robust, prog_bar=True, metric_attribute=name)
 
-    def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+    def _check_eval_batch(self, x: Tensor, y: Tensor, batch_idx: int, stage: str,
+                          attack: AttackConfig | AutoAttackConfig | None) -> Tensor:
+        """The batch's labels as int64 class indices, checked in range on every rank; with an ``attack``, its
+        inputs finite on every rank (both in one agreement) and, once per process and stage, pixels in [0, 1]
+        (:meth:`AttackConfig.check_batch`), so that the attack then runs without its per-batch checks."""
+        y = self._labels(y, batch_idx)
+        mine, anyone, _ = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
+        self._refuse_labels(y, batch_idx, mine[1], anyone[1])
+        if attack is None:
+            return y
+        if anyone[0]:  # every rank raises, before any rank attacks
+            raise ValueError(f"{stage} batch {batch_idx} holds NaN or inf inputs{'' if mine[0] else ' on another rank'}"
+                             f"; the {stage} attack needs finite pixels in [0, 1]")
+        if isinstance(attack, AttackConfig) and stage not in self._eval_inputs_checked:
+            attack.check_batch(x, y)
+            self._eval_inputs_checked.add(stage)
+        return y
+
+    def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int,
+                         checked: bool = False) -> Tensor:
         """The model's logits on ``attack``'s examples of ``(x, y)``, seeded by the batch index alone: the same
-        weights give the same adversarial examples every time."""
+        weights give the same adversarial examples every time. ``checked``: the batch was checked
+        (:meth:`_check_eval_batch`), so a PGD attack skips its own checks (same examples, no host waits)."""
         model = self.pixel_model  # built on each access: once here
         if isinstance(attack, AutoAttackConfig):
             x_adv = attack(model, x, y, batch_idx=batch_idx, num_classes=self.num_classes)
         else:
-            x_adv = attack(model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
+            run = attack.unchecked if checked else attack
+            x_adv = run(model, x, y, generator=self._generator(x.device, -(batch_idx + 1)))
         with torch.no_grad():
             return model(x_adv)
 

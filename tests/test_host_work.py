@@ -106,6 +106,9 @@ def test_a_module_step_waits_for_the_device_only_in_the_policys_agreements_and_t
     # add no wait of their own, but where a selection's rows decide the size of a forward: the adversarial
     # forward of the attacked rows among the selected pairs (selective recipe, p_up < 1), counted once.
     settings = {r["recipe"]: r for r in record["settings"]}
+    # A validation batch waits once: its input and label agreement before the attack, which skips pgd's checks.
+    validation = settings.pop("validation batch, PGD-10")
+    assert validation["host_waits"] == 1 and all("(_agree)" in site for site in validation["sites"])
     assert set(settings) == {label for label, *_ in host_work.SETTINGS}
     for label, row in settings.items():
         extra = {site: n for site, n in row["sites"].items() if "lightning_advsel" in site and "(_agree)" not in site}

@@ -46,6 +46,47 @@ def test_training_refuses_pixels_outside_0_1_at_the_first_batch(tmp_path):
         fit_steps(module, x * 2, y, tmp_path)
 
 
+def validate(module: AdversarialSelectionModule, x: torch.Tensor, y: torch.Tensor, tmp_path) -> list[dict]:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    return trainer.validate(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8),
+                            verbose=False)
+
+
+def test_validation_refuses_pixels_outside_0_1_at_its_first_batch(tmp_path):
+    x, y = tiny_batch(16)
+    module = AdversarialSelectionModule(TinyNet(), recipe="robust", eval_attack=AttackConfig(**ATTACK))
+    with pytest.raises(ValueError, match=r"`x` must hold finite pixels in \[0, 1\].*got values in \[0\.0.*, 1\.99"):
+        validate(module, x * 2, y, tmp_path)
+
+
+def test_an_attacked_validation_refuses_nan_inputs_before_attacking_and_an_unattacked_one_reports_them(tmp_path):
+    x, y = tiny_batch(16)
+    x[12, 0, 3, 3] = float("nan")  # in the second batch, after the first batch's check
+    attacked = AdversarialSelectionModule(TinyNet(), recipe="robust", eval_attack=AttackConfig(**ATTACK))
+    with pytest.raises(ValueError, match=r"^val batch 1 holds NaN or inf inputs; the val attack needs finite pixels"):
+        validate(attacked, x, y, tmp_path)
+    clean_only = AdversarialSelectionModule(TinyNet(), recipe="robust", eval_attack=None)
+    assert torch.isnan(torch.tensor(validate(clean_only, x, y, tmp_path)[0]["val/loss_clean"]))
+
+
+def test_validations_unchecked_attack_gives_pgds_robust_accuracy(tmp_path):
+    x, _ = tiny_batch(16)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        y = net(x).argmax(1)  # every row right before the attack, so that the attack decides the accuracy
+    attack = dict(eps=0.1, alpha=0.05, steps=3)
+    module = AdversarialSelectionModule(net, recipe="robust", eval_attack=AttackConfig(**attack))
+    robust = validate(module, x, y, tmp_path)[0]["val/acc_robust"]
+    correct = 0
+    for i in range(2):  # the module seeds each batch's attack by its index
+        rows = slice(8 * i, 8 * i + 8)
+        x_adv = pgd(net, x[rows], y[rows], **attack, generator=module._generator(x.device, -(i + 1)))
+        correct += int((net(x_adv).argmax(1) == y[rows]).sum())
+    assert 0 < correct < 16 and robust == pytest.approx(correct / 16)
+
+
 # ---------------------------------------------------------------------------------------- mixed precision
 def test_float16_autocast_leaves_the_attack_in_float32():
     """A float16 region would flush a confident model's input gradients to zero; the attack runs in float32."""
