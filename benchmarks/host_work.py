@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "with it; selective recipes need >= 4 so that their half keeps 2 rows per BatchNorm)")
     parser.add_argument("--image-size", type=int, default=8, help="pixels per side (counts do not grow with it)")
     parser.add_argument("--pgd-steps", type=int, default=10, help="steps of the training attack")
+    parser.add_argument("--tables", choices=["both", "recipes", "settings"], default="both",
+                        help="count the recipes against the plain loop, the module's other settings, or both")
     parser.add_argument("--json", type=Path, default=None, help="append the results to this JSON list")
     args = parser.parse_args(argv)
     for name in ("batch_size", "image_size", "pgd_steps"):
@@ -242,15 +244,18 @@ def main(argv: list[str] | None = None) -> dict:
     args.channels_last, args.compile = False, False  # what gpu_speed.make_module reads
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rows = []
-    for label, _, _ in RECIPES:
+    rows, others = [], []
+    for label, _, _ in RECIPES if args.tables != "settings" else []:
         rows.append(count_module(label, args))
         if plain_label(*recipe_of(label)):  # the recipes gpu_speed.py also runs as the plain loop
             rows.append(count_plain(label, args))
-    others = [count_module(label, args, row, settings, callbacks) for label, row, settings, callbacks in SETTINGS]
-    others.append(count_validation(args))
+    if args.tables != "recipes":
+        others = [count_module(label, args, row, settings, callbacks) for label, row, settings, callbacks in SETTINGS]
+        others.append(count_validation(args))
     print(f"ResNet-18, PGD-{args.pgd_steps}, {args.precision}, one training step; {machine('cpu')}\n")
     for title, table in (("recipe", rows), ("other setting (module only)", others)):
+        if not table:
+            continue
         print(f"| {title} | operators / step | host waits / step |\n| --- | ---: | ---: |")
         for r in table:
             print(f"| {r['recipe']} | {r['operators']} | {r['host_waits']} |")

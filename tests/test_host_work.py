@@ -83,7 +83,7 @@ def test_train_mode_restores_batchnorm_tracking_when_the_block_raises():
 
 
 def test_a_module_step_waits_for_the_device_only_in_the_policys_agreements_and_the_progress_bar(capsys):
-    record = host_work.main([])  # PGD-10, as gpu_speed.py
+    record = host_work.main(["--tables", "recipes"])  # PGD-10, as gpu_speed.py
     rows = {r["recipe"]: r for r in record["rows"]}
     assert set(rows) == {"robust", "robust, plain loop", "ds p_up 0.5", "ds p_up 0.5, plain loop",
                          "selective margin", "selective_ds margin"}
@@ -102,12 +102,19 @@ def test_a_module_step_waits_for_the_device_only_in_the_policys_agreements_and_t
     # the plain loop's BatchNorm buffer updates in every attack forward, which model_mode leaves out.
     for label in ("robust", "ds p_up 0.5"):
         assert rows[label]["operators"] <= rows[f"{label}, plain loop"]["operators"], label
+    assert "| robust | " in capsys.readouterr().out
+
+
+def test_the_modules_other_settings_wait_only_where_the_data_decide_a_size(capsys):
     # The paired objectives, the selective authors' clean rows and the callbacks that read every step's selection
     # add no wait of their own, but where a selection's rows decide the size of a forward: the adversarial
-    # forward of the attacked rows among the selected pairs (selective recipe, p_up < 1), counted once.
+    # forward of the attacked rows among the selected pairs (selective recipe, p_up < 1), counted once. The waits
+    # do not depend on the attack's steps: one is enough here.
+    record = host_work.main(["--tables", "settings", "--pgd-steps", "1"])
+    assert record["rows"] == []
     settings = {r["recipe"]: r for r in record["settings"]}
     # A validation batch waits once: its input and label agreement before the attack, which skips pgd's checks.
-    validation = settings.pop("validation batch, PGD-10")
+    validation = settings.pop("validation batch, PGD-1")
     assert validation["host_waits"] == 1 and all("(_agree)" in site for site in validation["sites"])
     assert set(settings) == {label for label, *_ in host_work.SETTINGS}
     for label, row in settings.items():
@@ -118,7 +125,7 @@ def test_a_module_step_waits_for_the_device_only_in_the_policys_agreements_and_t
             assert not extra, (label, row["sites"])
         assert row["host_waits"] == 3 + sum(extra.values()), (label, row["sites"])
     out = capsys.readouterr().out
-    assert "| robust | " in out and "| robust, TRADES | " in out
+    assert "| robust, TRADES | " in out and "| robust |" not in out
 
 
 def test_host_waits_catch_reads_boolean_masks_and_copies_from_the_host():
