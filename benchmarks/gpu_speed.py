@@ -17,10 +17,13 @@ second (target: >= 0.95 of the loop's; no loop under ``16-mixed``, which would n
 over rounds, and a comparison the median of the rounds' ratios, so that a drift of the machine between runs (19%
 between two runs on an H200) touches both sides. The whole script is meant to finish within 5 minutes on an
 H100-class GPU (it prints its wall time; ``--compile`` adds a compilation per recipe and round); it needs torch,
-lightning and this package only::
+lightning and this package only. ``--compile-mode reduce-overhead`` compiles the network (the module's and the
+loop's alike) in that ``torch.compile`` mode, which replays a compiled graph's kernels as CUDA graphs: the lever
+for a step that the host's kernel launches limit (the module's own ``compile_model`` uses the default mode)::
 
     python benchmarks/gpu_speed.py                          # CUDA, bf16-mixed, channels_last
     python benchmarks/gpu_speed.py --compile --json gpu.json
+    python benchmarks/gpu_speed.py --compile-mode reduce-overhead --rounds 1 --json gpu.json   # CUDA graphs
     python benchmarks/gpu_speed.py --profile robust "selective margin"    # and where their steps' time goes
     python benchmarks/gpu_speed.py --device cpu --quick --precision 32-true   # the code path on CPU
 """
@@ -179,7 +182,7 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.compile()
+        model.compile(mode=args.compile_mode)
     model.train()
     optimizer, attack, marks = sgd(model.parameters()), train_attack(args), []
     step_flops, at = 0.0, window(args.warmup, args.steps)
@@ -197,10 +200,14 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
 
 def make_module(recipe: str, p_up: float, args: argparse.Namespace, **settings: Any) -> AdversarialSelectionModule:
     """The module of a recipe row; ``settings``: further module arguments (``host_work.py``'s other settings)."""
+    net = ResNet18()
+    own_mode = args.compile and getattr(args, "compile_mode", None) not in (None, "default")
+    if own_mode:  # the module's option compiles in the default mode; another is applied here, as a user would
+        net.compile(mode=args.compile_mode)
     return AdversarialSelectionModule(
-        ResNet18(), recipe=recipe, p_up=p_up, attack_frac=0.5, attack_score="margin",
+        net, recipe=recipe, p_up=p_up, attack_frac=0.5, attack_score="margin",
         train_attack=train_attack(args), eval_attack=None, optimizer=sgd,
-        channels_last=args.channels_last, compile_model=args.compile, **settings)
+        channels_last=args.channels_last, compile_model=args.compile and not own_mode, **settings)
 
 
 def profile_recipe(label: str, args: argparse.Namespace, root: str, top: int = 15) -> dict:
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pgd-steps", type=int, default=10, help="steps of the training attack")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true", help="compile the model (torch.compile)")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        default=None, help="torch.compile's mode (implies --compile); reduce-overhead: CUDA graphs")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul measuring the peak")
     parser.add_argument("--json", type=Path, default=None, help="append the results to this JSON list")
     parser.add_argument("--profile", nargs="*", default=[], choices=[label for label, _, _ in RECIPES],
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="batch 4, 8x8 images, PGD-2, 1 + 2 steps, 2 rounds, a small matmul: checks that it runs")
     args = parser.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     if args.quick:
         args.batch_size, args.warmup, args.steps, args.matmul_size, args.pgd_steps = 4, 1, 2, 256, 2
         args.rounds = 2  # the second runs the plain loop first
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "measured": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
                          "rounds": len(ratios), "target": f">= {TARGET_THROUGHPUT}"})
     print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
-          f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}; {machine(args.device)}; "
+          f"{args.precision}, channels_last {args.channels_last}, compile {args.compile_mode or args.compile}; "
+          f"{machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
     print(f"{args.rounds} round(s) of every recipe, the module and the plain loop in turn; medians over rounds\n")
     print(format_tables(rows, overhead))
@@ -316,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"machine": machine(args.device), "date": datetime.date.today().isoformat(),
               "precision": args.precision, "batch_size": args.batch_size,
               "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
+              "compile_mode": args.compile_mode,
               "steps": args.steps, "rounds": args.rounds, "peak_flops": peak, "quick": args.quick, "rows": rows,
               "comparisons": overhead, "profile": profiles}
     if args.json is not None:

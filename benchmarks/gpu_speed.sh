@@ -9,6 +9,7 @@
 #
 #   benchmarks/gpu_speed.sh [OUT]                 # default OUT: gpu-speed/
 #   COMPILE=0 benchmarks/gpu_speed.sh OUT         # without the torch.compile stage
+#   CUDAGRAPHS=1 benchmarks/gpu_speed.sh OUT      # and a fourth: torch.compile's reduce-overhead mode (CUDA graphs)
 #   GPU_SPEED_ARGS="--device cpu --quick --precision 32-true" COMPILE=0 benchmarks/gpu_speed.sh OUT  # CPU check
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +38,8 @@ stage bf16_channels_last --profile robust "selective margin"
 stage bf16_nchw --no-channels-last
 if [ "${COMPILE:-1}" = 1 ]; then
   stage bf16_channels_last_compile --compile --rounds 1  # a compilation per recipe and round
+fi
+if [ "${CUDAGRAPHS:-0}" = 1 ]; then
+  stage bf16_channels_last_cudagraphs --compile-mode reduce-overhead --rounds 1  # torch.compile's CUDA graphs
 fi
 exit "$failed"

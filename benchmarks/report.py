@@ -94,7 +94,8 @@ def gpu_speed_section(folder: Path, top: int = 3) -> list[str]:
     for r in results:
         rounds = r.get("rounds", 1)
         lines += [f"{r['machine']}; {r.get('date', 'undated')}; {r['precision']}, batch {r['batch_size']}, "
-                  f"channels_last {r['channels_last']}, compile {r['compile']}, {r['steps']} timed steps x "
+                  f"channels_last {r['channels_last']}, compile {r.get('compile_mode') or r['compile']}, "
+                  f"{r['steps']} timed steps x "
                   f"{rounds} round(s); bf16 matmul peak {r['peak_flops'] / 1e12:.1f} TFLOP/s:", "",
                   format_tables(r["rows"], r["comparisons"]), ""]
         if r["profile"]:

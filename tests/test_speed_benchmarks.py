@@ -224,3 +224,21 @@ def test_the_gpu_clock_is_read_at_the_two_ends_of_the_timed_steps_only():
         clock.on_train_batch_end(argparse.Namespace(strategy=argparse.Namespace(root_device=torch.device("cpu"))),
                                  None, None, None, batch_idx)
     assert len(clock.marks) == 2
+
+
+def test_a_compile_mode_compiles_the_module_and_the_loop_in_that_mode(monkeypatch):
+    """--compile-mode reduce-overhead (CUDA graphs on a GPU) reaches torch.compile for both sides; the eager backend
+    stands in for code generation, which a CPU would spend minutes on."""
+    modes = []
+    compile_ = torch.compile
+
+    def recording(fn, **kwargs):  # noqa: ANN001, ANN202 - torch.compile's signature
+        modes.append(kwargs.get("mode"))
+        return compile_(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", recording)
+    args = argparse.Namespace(compile=True, compile_mode="reduce-overhead", channels_last=False, pgd_steps=1)
+    module = gpu_speed.make_module("robust", 1.0, args)
+    assert modes == ["reduce-overhead"] and not module.compile_model  # compiled here, not by the module's option
+    args.compile_mode = None  # plain --compile: the module's own option, in the default mode
+    assert gpu_speed.make_module("robust", 1.0, args).compile_model and modes == ["reduce-overhead"]
