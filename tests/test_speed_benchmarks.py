@@ -88,14 +88,21 @@ def check_gpu_rows(record: dict) -> None:
     assert all(r["min_images_per_s"] <= r["images_per_s"] <= r["max_images_per_s"] for r in rows.values())
 
 
+@pytest.fixture(scope="module")
+def bf16_quick_record() -> dict:
+    """One quick CPU run of gpu_speed.py under bf16 autocast, with a one-step profile of robust training (the fp32
+    path runs in the shell script's test below)."""
+    return gpu_speed.main(["--device", "cpu", "--quick", "--precision", "bf16-mixed", "--profile", "robust",
+                           "--profile-steps", "1"])
+
+
 @pytest.mark.slow
-def test_gpu_script_code_path_runs_on_cpu_under_bf16_autocast(capsys):
-    """The fp32 path, with profiles, runs in the shell script's test below."""
-    record = gpu_speed.main(["--device", "cpu", "--quick", "--precision", "bf16-mixed"])
+def test_gpu_script_code_path_runs_on_cpu_under_bf16_autocast(bf16_quick_record):
+    record = bf16_quick_record
     assert record["precision"] == "bf16-mixed"
     check_gpu_rows(record)
-    assert "share of the bf16 peak" in capsys.readouterr().out
-    assert record["profile"] == []
+    assert "share of the bf16 peak" in gpu_speed.format_tables(record["rows"], record["comparisons"])
+    assert [p["recipe"] for p in record["profile"]] == ["robust"] and record["profile"][0]["steps"] == 1
 
 
 def test_gpu_script_refuses_to_profile_without_a_warm_up():
@@ -145,12 +152,12 @@ def test_a_comparison_is_the_median_of_per_repeat_ratios_not_a_ratio_of_medians(
     assert speed.paired(runs, "a", "b") == {"measured": 2.0, "min": 1.0, "max": 3.0}
 
 
-def test_gpu_results_get_a_section_of_their_own_in_the_report(tmp_path):
+def test_gpu_results_get_a_section_of_their_own_in_the_report(tmp_path, bf16_quick_record):
     from report import gpu_speed_section, speed_section
 
     folder = tmp_path / "records" / "speed"
     folder.mkdir(parents=True)
-    record = gpu_speed.main(["--device", "cpu", "--quick", "--profile", "robust", "--profile-steps", "1"])
+    record = bf16_quick_record
     assert gpu_speed_section(folder) == []
     (folder / "gpu.json").write_text(json.dumps([record, {**record, "quick": False, "compile": True}]))
     lines = "\n".join(gpu_speed_section(folder))  # the quick check left out, the full result shown
