@@ -254,9 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=256, help="clean images per batch")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per recipe and round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of every recipe; each round runs the module and the plain loop in turn (the "
-                        "loop first every other round), and a comparison is the median of the rounds' ratios")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of every recipe (default 3; 2 with --quick); each round runs the module and the "
+                        "plain loop in turn (the loop first every other round), and a comparison is the median of "
+                        "the rounds' ratios")
     parser.add_argument("--pgd-steps", type=int, default=10, help="steps of the training attack")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true", help="compile the model (torch.compile)")
@@ -275,10 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.compile = args.compile or args.compile_mode is not None
     if args.quick:
         args.batch_size, args.warmup, args.steps, args.matmul_size, args.pgd_steps = 4, 1, 2, 256, 2
-        args.rounds = 2  # the second runs the plain loop first
+        args.rounds = 2 if args.rounds is None else args.rounds  # the second of 2 runs the plain loop first
         # 8x8 pixels: the same layers at an eighth of batch 2's work at 32x32; batch 4, so that the half of a
         # batch that selective training attacks still has 2 rows for BatchNorm's last 1x1 feature maps.
         args.image_size = 8
+    args.rounds = 3 if args.rounds is None else args.rounds
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu --quick to check the code path")
     for name in ("batch_size", "steps", "rounds", "matmul_size", "pgd_steps", "profile_steps", "image_size"):
