@@ -371,8 +371,7 @@ class AdversarialSelectionModule(L.LightningModule):
         # gradients unsynced (DDP's ``no_sync``), and this says whether such local sums are pending.
         self._grads_unsynced = False
         self._restored_grads: list[Tensor | None] | None = None
-        self._attack_inputs_checked = False
-        self._eval_inputs_checked: set[str] = set()  # the stages whose attack has checked a first batch
+        self._attack_checked: set[str] = set()  # the stages ("train", "val", "test") whose first batch was checked
 
         # The mean training loss over the selected rows: a metric so that its epoch value is the mean over ranks
         # (synced once, at the epoch's end) while its step value stays this rank's (no per-step collective).
@@ -484,11 +483,12 @@ class AdversarialSelectionModule(L.LightningModule):
         self._check_model_output(x)
         y = self._labels(y, batch_idx)
         # Both input checks in one agreement, before any work; the non-finite policy decides first, as before.
-        mine, anyone, _ = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
+        mine, anyone = self._agree_on_inputs(x, y)
         trained = None
         if not self._nonfinite_step(mine[0], anyone[0], "input", batch_idx):
             self._refuse_labels(y, batch_idx, mine[1], anyone[1])
-            self._check_attack_inputs(x, y)
+            attacks = RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled
+            self._check_attack_batch("train", self.settings.train_attack if attacks else None, x, y)
             trained = self._train_batch(x, y, batch_idx)
         self._end_batch()
         if trained is None:
@@ -600,13 +600,20 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
         return True
 
-    def _check_attack_inputs(self, x: Tensor, y: Tensor) -> None:
-        """Once per process: pgd's checks of a batch (pixels in [0, 1]); the step's attack then runs unchecked."""
-        if self._attack_inputs_checked:
+    def _agree_on_inputs(self, x: Tensor, y: Tensor) -> tuple[list[bool], list[bool]]:
+        """Whether this rank's and any rank's batch holds non-finite inputs (first) and labels out of range
+        (second): one agreement (:meth:`_agree`) for both."""
+        mine, anyone, _ = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
+        return mine, anyone
+
+    def _check_attack_batch(self, stage: str, attack: AttackConfig | None, x: Tensor, y: Tensor) -> None:
+        """Once per process and stage: pgd's checks of a batch (pixels in [0, 1]) for ``attack`` (``None``: the
+        stage attacks nothing); the stage's attack then runs unchecked."""
+        if stage in self._attack_checked:
             return
-        if RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled:
-            self.settings.train_attack.check_batch(x, y)
-        self._attack_inputs_checked = True
+        if attack is not None:
+            attack.check_batch(x, y)
+        self._attack_checked.add(stage)
 
     def _check_model_output(self, x: Tensor) -> None:
         """Once per process: the model maps a batch to ``(B, num_classes)`` logits, else a clear error."""
@@ -781,10 +788,9 @@ class AdversarialSelectionModule(L.LightningModule):
         self.log("train/attack_score_selected", self.train_attack_score_selected, on_step=False, on_epoch=True)
         others = scores.numel() - attacked.numel()  # attacked holds distinct rows
         if others:  # attack_frac = 1 leaves no unattacked rows
-            # The other rows' indices without a boolean mask (selecting by one makes the host wait for the
-            # device): a stable sort puts the rows not attacked first.
-            rest = torch.ones_like(scores, dtype=torch.int).index_fill_(0, attacked, 0)
-            self.train_attack_score_unselected.update(scores[rest.argsort(descending=True, stable=True)[:others]])
+            # The other rows' indices without a boolean mask, which would make the host wait for the device.
+            rest = torch.ones_like(scores, dtype=torch.uint8).index_fill_(0, attacked, 0)
+            self.train_attack_score_unselected.update(scores[selection.mask_indices(rest, others)])
             self.log("train/attack_score_unselected", self.train_attack_score_unselected, on_step=False,
                      on_epoch=True)
 
@@ -908,16 +914,15 @@ class AdversarialSelectionModule(L.LightningModule):
         inputs finite on every rank (both in one agreement) and, once per process and stage, pixels in [0, 1]
         (:meth:`AttackConfig.check_batch`), so that the attack then runs without its per-batch checks."""
         y = self._labels(y, batch_idx)
-        mine, anyone, _ = self._agree(torch.stack([~torch.isfinite(x).all(), self._labels_out_of_range(y)]))
+        mine, anyone = self._agree_on_inputs(x, y)
         self._refuse_labels(y, batch_idx, mine[1], anyone[1])
         if attack is None:
             return y
         if anyone[0]:  # every rank raises, before any rank attacks
             raise ValueError(f"{stage} batch {batch_idx} holds NaN or inf inputs{'' if mine[0] else ' on another rank'}"
                              f"; the {stage} attack needs finite pixels in [0, 1]")
-        if isinstance(attack, AttackConfig) and stage not in self._eval_inputs_checked:
-            attack.check_batch(x, y)
-            self._eval_inputs_checked.add(stage)
+        if isinstance(attack, AttackConfig):  # AutoAttack checks its own inputs
+            self._check_attack_batch(stage, attack, x, y)
         return y
 
     def _attacked_logits(self, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor, batch_idx: int,

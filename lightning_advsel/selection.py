@@ -42,12 +42,12 @@ def top_k(scores: Tensor, k: int) -> Tensor:
 
 
 def mask_indices(mask: Tensor, count: int) -> Tensor:
-    """Ascending indices of the True entries of the 1-D boolean ``mask``, of which there are ``count``: what
-    ``mask.nonzero().flatten()`` returns, without reading the device (``nonzero`` waits for the device to learn
-    its output's size; a stable sort that puts the True entries first is told it)."""
+    """Ascending indices of the True (nonzero) entries of the 1-D ``mask`` (bool, or uint8 of 0 and 1), of which
+    there are ``count``: what ``mask.nonzero().flatten()`` returns, without reading the device (``nonzero`` waits
+    for the device to learn its output's size; a stable sort that puts the True entries first is told it)."""
     if count == mask.numel():
         return torch.arange(count, device=mask.device)
-    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+    return torch.argsort(mask.to(torch.uint8), descending=True, stable=True)[:count]
 
 
 def random_k(n: int, k: int, *, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
