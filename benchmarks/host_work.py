@@ -38,6 +38,7 @@ import logging
 import tempfile
 import traceback
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,12 @@ class CountStep(Callback):
         self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
+def table_row(label: str, ops: Operators, waits: HostWaits) -> dict:
+    """A table row: the counts of one step and where its waits are."""
+    return {"recipe": label, "operators": ops.count, "host_waits": sum(waits.sites.values()),
+            "sites": dict(waits.sites)}
+
+
 def images(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
     torch.manual_seed(0)
     n = args.batch_size * (COUNTED_STEP + 2)  # the counted step's next batch too
@@ -184,8 +191,7 @@ def count_module(label: str, args: argparse.Namespace, row: str | None = None, s
         make_trainer("cpu", COUNTED_STEP + 2, [counter, *extra], root, precision=args.precision).fit(
             make_module(recipe, settings.pop("p_up"), args, **settings),
             datamodule=Images(x, y, args.batch_size, return_index=StabilityProfile in callbacks))
-    return {"recipe": label, "operators": counter.ops.count, "host_waits": sum(counter.waits.sites.values()),
-            "sites": dict(counter.waits.sites)}
+    return table_row(label, counter.ops, counter.waits)
 
 
 def count_validation(args: argparse.Namespace) -> dict:
@@ -198,8 +204,7 @@ def count_validation(args: argparse.Namespace) -> dict:
         L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                   callbacks=[counter], default_root_dir=root, precision=args.precision).validate(
             module, DataLoader(TensorDataset(x, y), batch_size=args.batch_size), verbose=False)
-    return {"recipe": f"validation batch, PGD-{args.pgd_steps}", "operators": counter.ops.count,
-            "host_waits": sum(counter.waits.sites.values()), "sites": dict(counter.waits.sites)}
+    return table_row(f"validation batch, PGD-{args.pgd_steps}", counter.ops, counter.waits)
 
 
 def count_plain(label: str, args: argparse.Namespace) -> dict:
@@ -214,15 +219,11 @@ def count_plain(label: str, args: argparse.Namespace) -> dict:
     batches = iter(DataLoader(TensorDataset(x, y), batch_size=args.batch_size))
     xb, yb = next(batches)
     for i in range(COUNTED_STEP + 1):
-        if i == COUNTED_STEP:  # the step and the fetch of the next batch, as the module's count
-            with waits, ops:
-                plain_step(model, optimizer, xb, yb, recipe, p_up, attack, autocast)
-                xb, yb = next(batches)
-        else:
+        counted = i == COUNTED_STEP  # the step and the fetch of the next batch, as the module's count
+        with waits if counted else nullcontext(), ops if counted else nullcontext():
             plain_step(model, optimizer, xb, yb, recipe, p_up, attack, autocast)
             xb, yb = next(batches)
-    return {"recipe": plain_label(recipe, p_up), "operators": ops.count, "host_waits": sum(waits.sites.values()),
-            "sites": dict(waits.sites)}
+    return table_row(plain_label(recipe, p_up), ops, waits)
 
 
 def main(argv: list[str] | None = None) -> dict:
