@@ -133,7 +133,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float, size: int, seed
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", type=Path, nargs="+", help="checkpoints the command line wrote")
     parser.add_argument("--batches", type=int, default=20, help="training batches the statistics are taken over")
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--no-autoattack", action="store_true", help="PGD only (minutes faster per variant)")
     parser.add_argument("--batch-size", type=int, default=250, help="test images per forward pass")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name, value, low in (("--batches", args.batches, 1), ("--images", args.images, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")

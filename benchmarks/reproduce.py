@@ -434,7 +434,7 @@ def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Pat
             print(f"[fail] {suite.name}/{run.run_id}: exit {proc.returncode}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("run", "list", "_one", "figures"):
@@ -450,7 +450,7 @@ def main() -> None:
     rep = sub.add_parser("report")
     rep.add_argument("--records", type=Path, default=RECORDS)
     rep.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.records = args.records.resolve()  # a run changes its working folder
     if args.cmd != "report":
         args.runs = args.runs.resolve()

@@ -41,7 +41,7 @@ class StepTimer(Callback):
         self.seconds.append(time.perf_counter() - self._t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from lightning_advsel.cli import build_cli
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=40, help="training steps of a row per round")
     parser.add_argument("--records", type=Path, default=RECORDS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     suite = suites(str(Path(args.data_dir).resolve()))[args.suite]
     rows = {}
     for run in suite.rows:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, TinyNet, config_args
 from torch import nn
@@ -66,7 +66,7 @@ def test_the_selected_rows_are_the_highest_loss_half_of_each_pool_and_their_adve
     assert half_adversarial == 0.5
 
 
-def test_the_script_prints_one_row_per_statistics_variant_for_a_checkpoint_the_command_line_wrote(tmp_path):
+def test_the_script_prints_one_row_per_statistics_variant_for_a_checkpoint_the_command_line_wrote(tmp_path, capsys):
     cli = build_cli(["fit", *config_args("digits/base.yaml", "recipes/ds.yaml"),
                      "--model.init_args.model.init_args.batch_norm", "true",
                      "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
@@ -76,17 +76,16 @@ def test_the_script_prints_one_row_per_statistics_variant_for_a_checkpoint_the_c
                      "--trainer.logger.init_args.save_dir", str(tmp_path)], run=True)
     ckpt = next(tmp_path.rglob("checkpoints/last.ckpt"))
     assert cli.trainer.current_epoch == 1
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "batchnorm_statistics.py"), str(ckpt),
-                          "--batches", "2", "--images", "40", "--no-autoattack"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-2000:]
+    capsys.readouterr()
+    bns.main([str(ckpt), "--batches", "2", "--images", "40", "--no-autoattack"])
+    out = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+            for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row[0] for row in rows[1:]] == ["as trained", "clean", "pool", "selected"]
     assert all(len(row) == len(rows[0]) == 7 for row in rows)
     assert rows[2][5:7] == ["0.000", "0.000"]  # the clean statistics' distance from themselves
-    assert "40 test images" in out.stdout and "statistics over 2 training batches" in out.stdout
+    assert "40 test images" in out and "statistics over 2 training batches" in out
     # A bad argument is refused by name before any checkpoint is read.
-    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "batchnorm_statistics.py"), str(ckpt),
-                              "--batches", "0"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert refused.returncode != 0 and "--batches must be >= 1, got 0" in refused.stderr
+    with pytest.raises(SystemExit) as refused:
+        bns.main([str(ckpt), "--batches", "0"])
+    assert refused.value.code != 0 and "--batches must be >= 1, got 0" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,20 +10,19 @@ import pytest
 import yaml
 from conftest import REPO
 
-SCRIPT = REPO / "benchmarks" / "reproduce.py"
-
-
-def _run(*args: str, cwd) -> subprocess.CompletedProcess:  # noqa: ANN001
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+sys.path.insert(0, str(REPO / "benchmarks"))
+import reproduce  # noqa: E402
 
 
 @pytest.mark.slow
-def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_the_records(tmp_path):
+def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_the_records(tmp_path, monkeypatch,
+                                                                                              capsys):
+    # The script's commands in this process; each row still trains in a process of its own, as in a real matrix.
+    monkeypatch.chdir(tmp_path)
     records, runs = tmp_path / "records", tmp_path / "runs"
     common = ("--records", str(records), "--runs", str(runs))
-    done = _run("run", "tiny", "--only", "robust", "ds", *common, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reproduce.main(["run", "tiny", "--only", "robust", "ds", *common])
+    assert "[fail]" not in capsys.readouterr().out
     for row in ("robust", "ds"):
         rec = json.loads((records / "tiny" / f"{row}-s0.json").read_text())
         assert rec["row"] == row and rec["seed"] == 0 and rec["resolved_config"]["model"]["init_args"]["recipe"] == row
@@ -42,12 +40,11 @@ def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_
     assert "tiny_ds-s0_selection_makeup.png" in ds["figures"] and robust["figures"] == []
     assert all((tmp_path / "figures" / name).stat().st_size > 0 for name in ds["figures"])
 
-    again = _run("run", "tiny", "--only", "robust", *common, cwd=tmp_path)
-    assert again.returncode == 0 and "[skip] tiny/robust-s0: record exists" in again.stdout
+    reproduce.main(["run", "tiny", "--only", "robust", *common])
+    assert "[skip] tiny/robust-s0: record exists" in capsys.readouterr().out
 
     out = tmp_path / "RESULTS.md"
-    report = _run("report", "--records", str(records), "--out", str(out), cwd=tmp_path)
-    assert report.returncode == 0, report.stderr[-3000:]
+    reproduce.main(["report", "--records", str(records), "--out", str(out)])
     text = out.read_text()
     assert "## tiny" in text and "| robust | 1 |" in text and "| ds | 1 |" in text
     assert "| 1.000 |" in text  # robust's FLOPs relative to itself
@@ -57,7 +54,6 @@ def test_benchmark_writes_one_record_per_run_skips_it_on_rerun_and_reports_from_
 
 
 def test_report_times_a_row_by_its_steps_and_the_stability_row_as_both_of_its_robust_runs():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from report import _row_time
 
     rows = {"robust": [{"steps": 100}], "ds": [{"steps": 100}], "stability": [{"steps": 50, "profile_steps": 100}]}
@@ -69,7 +65,6 @@ def test_report_times_a_row_by_its_steps_and_the_stability_row_as_both_of_its_ro
 
 
 def test_report_lists_each_seed_of_the_rows_run_at_several_in_seed_order():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from report import seed_table
 
     def rec(seed: int, aa: float) -> dict:
@@ -84,8 +79,6 @@ def test_report_lists_each_seed_of_the_rows_run_at_several_in_seed_order():
 
 def test_every_row_of_every_suite_resolves_through_the_cli(tmp_path):
     """A suite's overrides are CLI arguments: a typo or a renamed option would only fail hours into a matrix."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import reproduce
     import yaml
 
     from lightning_advsel.cli import build_cli
@@ -110,20 +103,19 @@ def test_every_row_of_every_suite_resolves_through_the_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_timing_script_times_every_row_on_its_suites_config_and_writes_the_record_the_report_reads(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "timing.py"), "tiny", "--rounds", "1",
-                           "--chunk", "2", "--records", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_timing_script_times_every_row_on_its_suites_config_and_writes_the_record_the_report_reads(tmp_path,
+                                                                                                   capsys):
+    import timing
+
+    timing.main(["tiny", "--rounds", "1", "--chunk", "2", "--records", str(tmp_path)])
     timing = json.loads((tmp_path / "tiny" / "timing.json").read_text())
     # stability trains the robust recipe twice on its profile's subset: timed as robust steps, not on its own.
     assert set(timing["seconds_per_step"]) == {"robust", "ds"}
     assert all(seconds > 0 for seconds in timing["seconds_per_step"].values())
-    assert "| ds | 2 |" in done.stdout
+    assert "| ds | 2 |" in capsys.readouterr().out
 
 
 def test_the_warmup_suite_is_the_cifar10_suite_plus_the_ramp_and_borrows_its_step_timing():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from report import timing_suite
     from reproduce import suites
 
@@ -135,7 +127,6 @@ def test_the_warmup_suite_is_the_cifar10_suite_plus_the_ramp_and_borrows_its_ste
 
 
 def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timing():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from report import timing_suite
     from reproduce import suites
 
