@@ -41,8 +41,11 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
         raise ValueError(f"`x` must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
     check_int("padding", padding, 0)
     b, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator, device=generator.device).to(x.device)
-    flip = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(x.device)
+    # The draws in one (B, 3) tensor: the row and column offsets, then the flip. One copy to x's device.
+    draws = torch.cat([torch.randint(0, 2 * padding + 1, (b, 2), generator=generator, device=generator.device),
+                       (torch.rand(b, generator=generator, device=generator.device) < 0.5).long()[:, None]], dim=1)
+    draws = _copy_to(draws, x.device)
+    offsets, flip = draws[:, :2], draws[:, 2].bool()
     padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
@@ -52,6 +55,16 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
     batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
     chan_idx = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _copy_to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``. From the CPU to a GPU the copy goes through page-locked memory without blocking: a
+    copy from pageable memory would make the host wait for every kernel queued before it."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def augment_generator(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> torch.Generator:
