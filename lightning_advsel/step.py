@@ -236,7 +236,12 @@ class Pool:
         when every row is kept or the pool is all of one kind; otherwise which rows a selection kept decides
         it, and it is read from the device once."""
         n, kept = self.x.shape[0], rows.numel()
-        n_adv = self.n_adv if kept == n else min(self.n_adv, kept) if self.n_adv in (0, n) else None
+        if kept == n or self.n_adv == 0:  # every row, or no adversarial row to keep
+            n_adv = self.n_adv
+        elif self.n_adv == n:  # every kept row is adversarial
+            n_adv = kept
+        else:  # which rows were kept decides it: counted on the device (__post_init__)
+            n_adv = None
         return Pool(x=self.x[rows], y=self.y[rows], is_adv=self.is_adv[rows], source=self.source[rows],
                     partner=None if self.partner is None else self.partner[rows], n_adv=n_adv)
 
