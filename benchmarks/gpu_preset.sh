@@ -9,6 +9,11 @@
 # tensorboard, scikit-learn and matplotlib installed there; PYTHON names the interpreter, python3 by default):
 #
 #   benchmarks/gpu_preset.sh run [RECORDS_DIR]        # one JSON record per recipe, then the report's table
+#
+# MODEL names another network overlay of configs/models/ (preact_resnet18, the default, wrn34_10 or wrn28_10); its
+# records go to the suite cifar10_gpu_MODEL. A WideResNet does 9-12x PreActResNet-18's work per image:
+#
+#   MODEL=wrn34_10 benchmarks/gpu_preset.sh run [RECORDS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu
@@ -37,7 +42,7 @@ case "${1:-}" in
     export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     PYTHONUNBUFFERED=1 "$python" benchmarks/reproduce.py run cifar10_gpu --data-dir "$STAGE/data" \
-      --records "$records" --runs "${RUNS_DIR:-/tmp/advsel_gpu_runs}"
+      --records "$records" --runs "${RUNS_DIR:-/tmp/advsel_gpu_runs}" ${MODEL:+--model "$MODEL"}
     "$python" benchmarks/reproduce.py report --records "$records" --out "${REPORT:-/tmp/advsel_gpu_RESULTS.md}"
     cat "${REPORT:-/tmp/advsel_gpu_RESULTS.md}"
     ;;

@@ -26,6 +26,7 @@ for a step that the host's kernel launches limit (the module's own ``compile_mod
     python benchmarks/gpu_speed.py --compile-mode reduce-overhead --rounds 1 --json gpu.json   # CUDA graphs
     python benchmarks/gpu_speed.py --profile robust "selective margin"    # and where their steps' time goes
     python benchmarks/gpu_speed.py --device cpu --quick --precision 32-true   # the code path on CPU
+    python benchmarks/gpu_speed.py --model wrn34_10          # another network: a configs/models/ overlay's name
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel.models import ResNet18
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "lightning_advsel" / "configs"
+# The default network, then the network overlays of configs/models/ by name.
+MODELS = ["resnet18", *sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))]
 
 # (label, recipe, p_up); selective recipes attack half of each batch, chosen by the logit margin.
 RECIPES = [("robust", "robust", 1.0), ("ds p_up 0.5", "ds", 0.5), ("selective margin", "selective", 1.0),
@@ -103,6 +108,20 @@ def matmul_peak(device: torch.device, size: int, repeats: int = 20) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (now(device) - start)
+
+
+def network(name: str) -> torch.nn.Module:
+    """``ResNet18()`` for ``"resnet18"``, else the network ``configs/models/<name>.yaml`` selects, as the CLI builds
+    it (``class_path`` and ``init_args``) for 10 classes."""
+    if name == "resnet18":
+        return ResNet18()
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load((CONFIG_DIR / "models" / f"{name}.yaml").read_text())["model"]["init_args"]["model"]
+    module, cls = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)(**spec.get("init_args", {}))
 
 
 def random_images(args: argparse.Namespace, batches: int | None = None) -> DataLoader:
@@ -178,7 +197,7 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
     """The plain loop's ``warmup + steps`` steps on the same images, network, optimizer and precision."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = ResNet18().to(device)
+    model = network(args.model).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -200,7 +219,7 @@ def run_plain(recipe: str, p_up: float, args: argparse.Namespace) -> dict:
 
 def make_module(recipe: str, p_up: float, args: argparse.Namespace, **settings: Any) -> AdversarialSelectionModule:
     """The module of a recipe row; ``settings``: further module arguments (``host_work.py``'s other settings)."""
-    net = ResNet18()
+    net = network(getattr(args, "model", "resnet18"))  # host_work.py's arguments name no network
     own_mode = args.compile and getattr(args, "compile_mode", None) not in (None, "default")
     if own_mode:  # the module's option compiles in the default mode; another is applied here, as a user would
         net.compile(mode=args.compile_mode)
@@ -250,6 +269,8 @@ def run_recipe(recipe: str, p_up: float, args: argparse.Namespace, root: str) ->
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--model", choices=MODELS, default="resnet18",
+                        help="the network: ResNet-18, or a configs/models/ overlay's (preact_resnet18, wrn34_10, ...)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     parser.add_argument("--batch-size", type=int, default=256, help="clean images per batch")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -315,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         overhead.append({"comparison": f"{label}: module / plain loop, images per second",
                          "measured": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
                          "rounds": len(ratios), "target": f">= {TARGET_THROUGHPUT}"})
-    print(f"ResNet-18, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
+    label = "ResNet-18" if args.model == "resnet18" else args.model
+    print(f"network {label}, PGD-{args.pgd_steps}, batch {args.batch_size}, {args.image_size}x{args.image_size} px, "
           f"{args.precision}, channels_last {args.channels_last}, compile {args.compile_mode or args.compile}; "
           f"{machine(args.device)}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s ({args.matmul_size}^2)\n")
@@ -326,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         profiles = [profile_recipe(label, args, root) for label in args.profile]
     print(f"\nwhole script: {time.perf_counter() - started:.0f} s")
-    record = {"machine": machine(args.device), "date": datetime.date.today().isoformat(),
+    record = {"machine": machine(args.device), "date": datetime.date.today().isoformat(), "model": args.model,
               "precision": args.precision, "batch_size": args.batch_size,
               "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
               "compile_mode": args.compile_mode,

@@ -11,6 +11,7 @@
 #   COMPILE=0 benchmarks/gpu_speed.sh OUT         # without the torch.compile stage
 #   CUDAGRAPHS=1 benchmarks/gpu_speed.sh OUT      # and a fourth: torch.compile's reduce-overhead mode (CUDA graphs)
 #   GPU_SPEED_ARGS="--device cpu --quick --precision 32-true" COMPILE=0 benchmarks/gpu_speed.sh OUT  # CPU check
+#   MODEL=wrn34_10 benchmarks/gpu_speed.sh OUT    # another network: a configs/models/ overlay's name
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-speed}"
@@ -18,6 +19,7 @@ mkdir -p "$out"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 read -r -a extra <<< "${GPU_SPEED_ARGS:-}"
+[ -n "${MODEL:-}" ] && extra+=(--model "$MODEL")
 stage_seconds="${STAGE_SECONDS:-180}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
 failed=0
@@ -31,7 +33,7 @@ stage() {  # stage NAME ARGS...: one run of gpu_speed.py, its printout in OUT/NA
     echo "   failed or out of its ${stage_seconds} s (see $out/$name.txt)"
     failed=1
   fi
-  grep -E '^\||^busy|^whole script|^ResNet' "$out/$name.txt" || tail -5 "$out/$name.txt"
+  grep -E '^\||^busy|^whole script|^network' "$out/$name.txt" || tail -5 "$out/$name.txt"
 }
 
 stage bf16_channels_last --profile robust "selective margin"

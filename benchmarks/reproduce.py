@@ -10,6 +10,7 @@ can be filled over several sittings.
     python benchmarks/reproduce.py run mnist --data-dir ... --only robust ds   # some rows
     python benchmarks/reproduce.py run mnist --data-dir ... --seeds 0          # every row once
     python benchmarks/reproduce.py list mnist                                  # what the matrix holds
+    python benchmarks/reproduce.py run cifar10_gpu --data-dir ... --model wrn34_10   # another network
     python benchmarks/reproduce.py figures mnist ds-s0 --data-dir ...         # refit one run for its figures
     python benchmarks/reproduce.py report                                      # RESULTS.md and figures
 
@@ -18,6 +19,9 @@ commit, the machine, the FLOPs of the training (counted per step with ``FlopCoun
 steps of every epoch and scaled by the epoch's batch count), the wall time of the fit (informative only:
 accuracy records are made on a possibly busy machine; cost comparisons use FLOPs and the separate timing
 run), and clean, PGD-20 and AutoAttack accuracy on the test images.
+
+``--model NAME`` trains a suite's rows with the network of ``configs/models/NAME.yaml`` (added after the base) and
+records them as the suite ``<suite>_NAME``.
 
 A run's seed is ``--seed_everything``: it draws the initial weights. The training order and augmentation (the
 data module's ``shuffle_seed``) and the per-step draws (PGD's random starts, random selection: the module's
@@ -73,6 +77,20 @@ class Suite:
     # Batch limits (counts of batches), set on the trainer after the configs are parsed.
     limits: tuple[tuple[str, int], ...] = ()
     timing_from: str | None = None  # a suite whose step timing holds for this one (same work per step)
+    model: str | None = None  # a network overlay, configs/models/<model>.yaml, right after the base
+
+
+MODELS = sorted(p.stem for p in (REPO / "configs" / "models").glob("*.yaml"))
+
+
+def with_model(suite: Suite, model: str | None) -> Suite:
+    """``suite`` training the network of ``configs/models/<model>.yaml``, recorded as the suite ``<suite>_<model>``
+    (``suite`` itself for ``None`` or its own network)."""
+    if model is None or model == suite.model:
+        return suite
+    if model not in MODELS:
+        raise ValueError(f"`--model` must be one of {MODELS} (configs/models/), got {model!r}")
+    return replace(suite, name=f"{suite.name}_{model}", model=model)
 
 
 def _rows(spec: list[tuple]) -> tuple[Run, ...]:
@@ -244,13 +262,13 @@ def suites(data_dir: str) -> dict[str, Suite]:
             *_budget(data_dir, 20000, 256, 4),  # 20,000 of the 45,000 training images, b' = 256, 4 epochs
             "--trainer.accelerator", "gpu",
             "--trainer.precision", "bf16-mixed",
-            "--model.init_args.model", "lightning_advsel.models.PreActResNet18",
             *_attacks(cifar_eps, 0.00784, 10, 0.00784, 10),  # PGD-10, step 2/255
             "--model.init_args.lr_scheduler.init_args.milestones", "[3]",  # epochs: lr 0.1, then 0.01
         ),
         limits=(("limit_val_batches", 2),),  # 512 validation images per epoch
         rows=_rows([(name, f"recipes/{name}.yaml", (0,), ())
                     for name in ("robust", "ds", "selective_margin", "selective_ds")]),
+        model="preact_resnet18",
     )
     tiny = Suite(
         name="tiny",
@@ -396,8 +414,9 @@ def _copy_figures(log_dir: Path, out: Path, prefix: str) -> list[str]:
 
 
 def _config_files(suite: Suite, overlays: str) -> list[str]:
-    """The files of a run, relative to configs/: the suite's base, then the "+"-joined overlays."""
-    return [suite.base, *overlays.split("+")]
+    """The files of a run, relative to configs/: the suite's base, its network overlay, then the "+"-joined
+    overlays."""
+    return [suite.base, *([f"models/{suite.model}.yaml"] if suite.model else []), *overlays.split("+")]
 
 
 def _config_args(suite: Suite, overlays: str) -> list[str]:
@@ -414,7 +433,7 @@ def _record_path(records: Path, suite: str, run: Run) -> Path:
 
 
 def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Path, data_dir: str,
-              seeds: list[int] | None = None) -> None:
+              seeds: list[int] | None = None, model: str | None = None) -> None:
     """Run the suite's rows (or those named in ``only``, at the ``seeds`` given) whose record is missing."""
     # Seed 0 of every row first: a partly filled matrix then holds every recipe once.
     todo = sorted((r for r in suite.rows if (not only or r.name in only) and (seeds is None or r.seed in seeds)),
@@ -425,8 +444,9 @@ def run_suite(suite: Suite, only: list[str] | None, records: Path, runs_dir: Pat
             print(f"[skip] {suite.name}/{run.run_id}: record exists", flush=True)
             continue
         print(f"[run ] {suite.name}/{run.run_id}", flush=True)
-        cmd = [sys.executable, __file__, "_one", suite.name, run.run_id, "--records", str(records),
-               "--runs", str(runs_dir), "--data-dir", data_dir]
+        cmd = [sys.executable, __file__, "_one", suite.name.removesuffix(f"_{model}") if model else suite.name,
+               run.run_id, "--records", str(records), "--runs", str(runs_dir), "--data-dir", data_dir,
+               *(["--model", model] if model else [])]
         # This checkout first, then the caller's path (packages installed with pip --target, say).
         path_dirs = [str(HERE), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(path_dirs)})
@@ -447,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--runs", type=Path, default=RUNS)
         p.add_argument("--only", nargs="*", help="row names to run (default: all)")
         p.add_argument("--seeds", nargs="*", type=int, help="seeds to run (default: all the suite holds)")
+        p.add_argument("--model", choices=MODELS, help="train with configs/models/MODEL.yaml (default: the suite's)")
     rep = sub.add_parser("report")
     rep.add_argument("--records", type=Path, default=RECORDS)
     rep.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -462,14 +483,14 @@ def main(argv: list[str] | None = None) -> None:
     all_suites = suites(str(Path(args.data_dir).resolve()))
     if args.suite not in all_suites:
         parser.error(f"suite must be one of {sorted(all_suites)}, got {args.suite!r}")
-    suite = all_suites[args.suite]
+    suite = with_model(all_suites[args.suite], args.model)
     if args.cmd == "list":
         for run in suite.rows:
             state = "done" if _record_path(args.records, suite.name, run).exists() else "todo"
             print(f"{state}  {suite.name}/{run.run_id}  {' + '.join(_config_files(suite, run.config))}  "
                   f"{' '.join(run.extra)}")
     elif args.cmd == "run":
-        run_suite(suite, args.only, args.records, args.runs, args.data_dir, args.seeds)
+        run_suite(suite, args.only, args.records, args.runs, args.data_dir, args.seeds, args.model)
     else:
         run = next((r for r in suite.rows if r.run_id == args.run_id), None)
         if run is None:

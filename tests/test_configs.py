@@ -129,3 +129,16 @@ def test_last_ckpt_is_the_latest_epoch_even_when_the_best_robust_epoch_is_earlie
     resumed.trainer.callbacks[-1].on_train_start = lambda trainer, module: starts.append(trainer.current_epoch)
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
     assert starts == [3]
+
+
+@pytest.mark.parametrize("overlay,network,size", [("preact_resnet18", "PreActResNet18", 11_172_170),
+                                                  ("wrn34_10", "WideResNet", 46_160_474),
+                                                  ("wrn28_10", "WideResNet", 36_479_194)])
+def test_a_network_overlay_selects_its_network_after_the_cifar10_base(overlay, network, size, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*config_args("cifar10/base.yaml", f"models/{overlay}.yaml", "recipes/robust.yaml"),
+                     "--trainer.accelerator", "cpu"], run=False)
+    net = cli.model.model
+    assert type(net).__name__ == network and sum(p.numel() for p in net.parameters()) == size
+    assert cli.trainer.logger.name == f"cifar10/{overlay}/robust"
+    assert cli.model.settings.train_attack.eps == pytest.approx(8 / 255, abs=1e-4)  # the base's, unchanged

@@ -175,3 +175,13 @@ def test_the_batchnorm_suite_is_the_warmup_suite_with_batchnorm_and_its_own_timi
     assert "milestones" not in " ".join(normed.overrides)
     assert min(base["model"]["init_args"]["lr_scheduler"]["init_args"]["milestones"]) > 20
     assert timing_suite("cifar10_bn") == "cifar10_bn"  # more work per step: the cifar10 timing does not hold
+
+
+def test_a_suite_trains_another_network_by_overlay_name_and_records_it_apart(capsys):
+    reproduce.main(["list", "cifar10_gpu", "--model", "wrn34_10"])
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 4 and all("cifar10_gpu_wrn34_10/" in r and "cifar10/base.yaml + models/wrn34_10.yaml + recipes/"
+                                  in r for r in rows)
+    assert reproduce.with_model(reproduce.suites("data")["cifar10_gpu"], "preact_resnet18").name == "cifar10_gpu"
+    with pytest.raises(ValueError, match=r"`--model` must be one of \[.*'wrn28_10'.*\] \(configs/models/\), got 'wrn99'"):
+        reproduce.with_model(reproduce.suites("data")["cifar10_gpu"], "wrn99")

@@ -250,3 +250,12 @@ def test_a_compile_mode_compiles_the_module_and_the_loop_in_that_mode(monkeypatc
     assert modes == ["reduce-overhead"] and not module.compile_model  # compiled here, not by the module's option
     args.compile_mode = None  # plain --compile: the module's own option, in the default mode
     assert gpu_speed.make_module("robust", 1.0, args).compile_model and modes == ["reduce-overhead"]
+
+
+def test_gpu_speed_builds_a_network_overlay_by_name_as_the_cli_does():
+    from lightning_advsel.models import ResNet18, WideResNet
+
+    assert gpu_speed.MODELS[0] == "resnet18" and {"preact_resnet18", "wrn28_10", "wrn34_10"} <= set(gpu_speed.MODELS)
+    assert type(gpu_speed.network("resnet18")) is ResNet18
+    wide = gpu_speed.network("wrn28_10")
+    assert isinstance(wide, WideResNet) and sum(p.numel() for p in wide.parameters()) == 36_479_194
