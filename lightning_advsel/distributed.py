@@ -52,6 +52,22 @@ def sum_over_ranks(strategy: Any, tensor: Tensor) -> Tensor:
     return tensor
 
 
+def settle_logged_values(trainer: Any) -> None:
+    """Compute, on every rank and now, the values logged so far that Lightning would sync later.
+
+    Lightning computes a logged torchmetrics object, and a value logged with ``sync_dist``, when the trainer's
+    metrics are first read, and that computation is a collective. Rank 0's progress bar reads them at an epoch's
+    end, before the LightningModule's epoch-end hook; the other ranks, which draw no bar, read them only when
+    Lightning logs the epoch. A collective of our own in between (a counter's ``compute``, a gather) would pair
+    with a different one on each rank. Called before such a collective, this reads the metrics on every rank,
+    so Lightning's syncs come first everywhere; computed values are cached, so no later read syncs them again,
+    and reading them early changes no value. Any rank-zero-only reader (a user's callback) is covered the same
+    way. Nothing with a single process.
+    """
+    if world_size(trainer.strategy) > 1:
+        _ = trainer.callback_metrics  # the property computes (and caches) every value logged so far
+
+
 def log_rank_wide(module: Any, values: dict[str, float]) -> None:
     """Log epoch values that are already the same on every rank (computed from counts summed over ranks).
 

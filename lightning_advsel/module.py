@@ -818,12 +818,17 @@ class AdversarialSelectionModule(L.LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         self._step_scheduler("epoch")
+        # Rank 0's progress bar has already synced the epoch's logged values; the other ranks sync them here,
+        # before the counters' collective, so every rank makes the same collectives in the same order.
+        distributed.settle_logged_values(self.trainer)
         # Totals already summed over ranks (the same on every rank), and each rank's clock, averaged over ranks.
         totals = self.work.compute()
         distributed.log_rank_wide(
             self, {tag: float(totals[name]) for tag, name in zip(dashboard.TOTAL_TAGS, cost.COUNTERS, strict=True)})
         self.log(dashboard.EPOCH_SECONDS, time.perf_counter() - self._epoch_started, on_step=False, on_epoch=True,
                  batch_size=1, sync_dist=True)
+        # And these two syncs now too, on every rank: no rank-zero reader after this hook can start them alone.
+        distributed.settle_logged_values(self.trainer)
 
     @override
     def on_train_end(self) -> None:
@@ -1061,6 +1066,7 @@ class AdversarialSelectionModule(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        distributed.settle_logged_values(self.trainer)  # before the collectives of the counters and the window
         checkpoint["advsel"] = {"p_up": self.p_up, "skipped_steps": self.skipped_steps, "lr": self._lr,
                                 "train_metrics": self._train_metric_states(),
                                 "work": self._work_so_far(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,20 +72,39 @@ def fit_steps(module: L.LightningModule, x: torch.Tensor, y: torch.Tensor, tmp_p
     return trainer
 
 
-def run_spawned_script(script: str, out: Path, devices: int, timeout_s: int = 180) -> None:
-    """Run ``tests/<script> OUT DEVICES`` in a subprocess (a ``ddp_spawn`` run); fail the test if it fails or hangs."""
+def rank_errors(output: str, lines: int = 30) -> str:
+    """The end of each rank's own output (torch prefixes a rank's error lines with ``[rankN]:``) and of the rest:
+    a failed multi-process run shows which rank failed first and with what, not only the launcher's last words."""
+    tagged: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        match = re.match(r"\[(rank\d+)\]:", line)
+        tagged.setdefault(match.group(1) if match else "untagged", []).append(line)
+    return "\n".join(f"--- {who}, last {lines} lines ---\n" + "\n".join(text[-lines:])
+                     for who, text in sorted(tagged.items()))
+
+
+def run_ranks(args: list[str], cwd: Path, timeout_s: int, what: str) -> str:
+    """Run a multi-process command (its stdout and stderr together) and return its output; fail the test, with
+    each rank's error, if it exits non-zero or has not finished in ``timeout_s`` seconds (then it is killed)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    # A new session, so that a hung run is killed with its spawned ranks, not only the parent.
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / script), str(out), str(devices)],
-                            env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # A new session, so that a hung run is killed with the ranks it started, not only the parent.
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{devices}-rank ddp_spawn run of {script} did not finish in {timeout_s} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+        pytest.fail(f"{what} did not finish in {timeout_s} s (killed):\n{rank_errors(output)}")
+    if proc.returncode != 0:
+        pytest.fail(f"{what} exited with status {proc.returncode}:\n{rank_errors(output)}")
+    return output
+
+
+def run_spawned_script(script: str, out: Path, devices: int, timeout_s: int = 180) -> None:
+    """Run ``tests/<script> OUT DEVICES`` in a subprocess (a ``ddp_spawn`` run); fail the test if it fails or hangs."""
+    run_ranks([sys.executable, str(REPO / "tests" / script), str(out), str(devices)], out, timeout_s,
+              f"{devices}-rank ddp_spawn run of {script}")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 # A short main job: 3 steps of one epoch. The training attack starts from the clean input (no random start),
 # because random starts are drawn per rank and would differ from one process's.
 SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+         "--trainer.num_sanity_val_steps", "0",
          "--trainer.enable_model_summary", "false", "--model.init_args.train_attack.steps", "2",
          "--model.init_args.train_attack.random_start", "false", "--model.init_args.eval_attack.steps", "2",
          "--model.init_args.selection_scope", "global"]

@@ -326,6 +326,7 @@ class MinimumPerturbation(EpochHistory, Callback):
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1  # -1: no last epoch
         if (epoch + 1) % self.every_n_epochs and not last:
             return
+        distributed.settle_logged_values(trainer)  # before this hook's gather and sum over ranks
         model = _pixel_model(pl_module)
         x, y = self._probe
         local, _ = minimum_eps(model, x, y, self.radii.to(x.device), norm=self.norm, steps=self.steps,

@@ -94,6 +94,7 @@ class SelectionMakeup(EpochHistory, Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        distributed.settle_logged_values(trainer)  # a rank-zero reader may have synced them on rank 0 alone
         counts = {k: v.cpu() for k, v in self.counts.compute().items()}
         n_clean, n_adv = int(counts["n_clean"]), int(counts["n_adv"])
         # The adversarial share itself is the module's `train/selected_adv_frac`: logged once, from one source.

@@ -201,6 +201,7 @@ class StabilityProfile(_FitClock, Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        distributed.settle_logged_values(trainer)  # before the flags' sum over ranks
         wrong, seen = (t.cpu() for t in self._synced_flags())
         self.flags.reset()
         self.counts += wrong.long()
