@@ -10,7 +10,9 @@ later files override earlier ones::
 (:class:`~lightning_advsel.callbacks.PredictionWriter`).
 
 ``lightning-advsel export --ckpt_path ... --out ...`` (with the run's configs) writes the trained classifier to a
-file that loads without this package (:func:`export_checkpoint`).
+file that loads without this package (:func:`export_checkpoint`); ``lightning-advsel evaluate --ckpt_path ...
+--out report.json`` writes its AutoAttack accuracy on the test set, resuming after a kill
+(:func:`evaluate_checkpoint`).
 
 The TensorBoard run is named after what was combined (:func:`run_name`: ``digits/ds`` above), unless a
 config or the command line names it (``--trainer.logger.init_args.name``). The configs ship inside the package:
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,14 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from lightning_advsel import shipped_configs
 from lightning_advsel.batch import unpack
 from lightning_advsel.callbacks.predictions import PredictionWriter
 from lightning_advsel.checks import check_checkpoint_file
+from lightning_advsel.evaluate_checkpoint import evaluate_autoattack
+from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.export import FORMATS, export_model
 from lightning_advsel.module import AdversarialSelectionModule
 
@@ -44,6 +50,7 @@ ADD_ON_FOLDERS = ("callbacks", "trainer")  # overlays that watch or place a run,
 DATA_SET_FIELD = "{data_set}"  # in a config's strings: the folder of the base config, e.g. "mnist"
 LOG_DIR = "lightning_logs"  # TensorBoard's folder, relative to the working directory
 EXPORT_HELP = "Write a checkpoint's classifier to a file that loads without lightning_advsel."
+EVALUATE_HELP = "A checkpoint's clean and AutoAttack accuracy on the test set, as a JSON report; a rerun resumes."
 ASKED_ATTACKS = ("test_attack", "predict_attack")  # set for one evaluation: the configs' win over a checkpoint's
 
 
@@ -226,6 +233,19 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdvSelCLI:
     )
 
 
+def _checkpoint_command(parser: argparse.ArgumentParser, args: list[str]) -> tuple[argparse.Namespace, AdvSelCLI,
+                                                                                    AdversarialSelectionModule]:
+    """``parser``'s options in ``args``, the CLI built from the other arguments (the run's configs and
+    overrides, parsed without running anything) and the module of ``--ckpt_path`` with the configs' network."""
+    known, rest = parser.parse_known_args(args)
+    with warnings.catch_warnings():
+        # The words are the command line's, less this command's options: not a second set of arguments.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        cli = build_cli([*rest, "--trainer.logger", "false"], run=False)
+    module = type(cli.model).load_from_checkpoint(known.ckpt_path, model=cli.model.model, map_location="cpu")
+    return known, cli, module
+
+
 def export_checkpoint(args: list[str]) -> Path:
     """``lightning-advsel export``: write a checkpoint's classifier to a file that loads without this package.
 
@@ -243,12 +263,7 @@ def export_checkpoint(args: list[str]) -> Path:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--format", choices=FORMATS, default="state_dict", help="default: state_dict")
-    known, rest = parser.parse_known_args(args)
-    with warnings.catch_warnings():
-        # The words are the command line's, less the three options above: not a second set of arguments.
-        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
-        cli = build_cli([*rest, "--trainer.logger", "false"], run=False)
-    module = type(cli.model).load_from_checkpoint(known.ckpt_path, model=cli.model.model, map_location="cpu")
+    known, cli, module = _checkpoint_command(parser, args)
     example = None
     if known.format == "torch_export":
         cli.datamodule.setup("predict")
@@ -258,11 +273,58 @@ def export_checkpoint(args: list[str]) -> Path:
     return path
 
 
+def evaluate_checkpoint(args: list[str]) -> dict:
+    """``lightning-advsel evaluate``: a checkpoint's clean and AutoAttack accuracy on the data module's test set,
+    written to a JSON report; a rerun after a kill resumes from the finished batches
+    (:func:`~lightning_advsel.evaluate_checkpoint.evaluate_autoattack`).
+
+    ``--ckpt_path`` (the checkpoint) and ``--out`` (the report); the other arguments are the run's configs and
+    overrides, as for ``test``. The attack is the configs' ``test_attack`` (``--model.init_args.test_attack
+    AutoAttackConfig --model.init_args.test_attack.eps ...``), else the checkpoint's; it must be an
+    ``AutoAttackConfig``. ``--trainer.limit_test_batches`` limits the batches, ``--trainer.accelerator`` picks
+    the device and ``--trainer.enable_progress_bar false`` hides the progress bar.
+
+    Raises:
+        ValueError: before any attack, for a missing or damaged checkpoint, a test attack that is not
+            AutoAttack, or a report or partial results at ``--out`` of other settings.
+    """
+    parser = argparse.ArgumentParser(prog="lightning-advsel evaluate", description=EVALUATE_HELP,
+                                     epilog="Other arguments: the run's --config files and overrides, as for test.")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument("--out", required=True, help="JSON report to write; OUT.partial holds the finished "
+                        "batches until then, and a rerun resumes from it")
+    known, _ = parser.parse_known_args(args)
+    if not Path(known.ckpt_path).is_file():
+        raise ValueError(f"`--ckpt_path` must be a checkpoint file, got {known.ckpt_path!r}")
+    known, cli, module = _checkpoint_command(parser, args)
+    attack = cli.model.test_attack if cli.model.test_attack is not None else module.test_attack
+    if not isinstance(attack, AutoAttackConfig):
+        raise ValueError(f"`test_attack` must be an AutoAttackConfig for evaluate, got {attack!r}; add "
+                         f"--model.init_args.test_attack AutoAttackConfig --model.init_args.test_attack.eps EPS")
+    device = cli.trainer.strategy.root_device
+    module.to(device)
+    cli.datamodule.setup("test")
+    loader = cli.datamodule.test_dataloader()
+    limit = cli.trainer.limit_test_batches
+    total = len(loader) if limit is None else min(len(loader), limit if isinstance(limit, int)
+                                                  else int(len(loader) * limit))
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in loader:
+            x, y, _ = module.read_batch(batch)
+            yield x.to(device), y.to(device).long()
+
+    return evaluate_autoattack(module.pixel_model, batches(), attack, known.out, num_classes=module.num_classes,
+                               total_batches=total, checkpoint=known.ckpt_path,
+                               progress=cli.trainer.progress_bar_callback is not None)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-advsel``; ``args`` replaces ``sys.argv[1:]`` when given (for calls from Python).
 
     ``lightning-advsel configs [NAME]`` lists the shipped configs, or prints one (to copy and edit);
-    ``lightning-advsel export ...`` writes a trained classifier to a file (:func:`export_checkpoint`).
+    ``lightning-advsel export ...`` writes a trained classifier to a file (:func:`export_checkpoint`);
+    ``lightning-advsel evaluate ...`` writes a checkpoint's AutoAttack report, resumably (:func:`evaluate_checkpoint`).
     """
     words = sys.argv[1:] if args is None else args
     if words[:1] == ["configs"]:
@@ -270,6 +332,9 @@ def main(args: list[str] | None = None) -> None:
         return
     if words[:1] == ["export"]:
         export_checkpoint(words[1:])
+        return
+    if words[:1] == ["evaluate"]:
+        evaluate_checkpoint(words[1:])
         return
     build_cli(args)
 

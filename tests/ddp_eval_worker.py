@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from autoattack_budget import cut_reference_budget
 from conftest import TinyNet, tiny_batch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
@@ -34,6 +35,7 @@ class Batches(L.Callback):
 
 
 def main() -> None:
+    cut_reference_budget()
     out = Path(sys.argv[1])
     torch.manual_seed(0)
     net = TinyNet().eval()
