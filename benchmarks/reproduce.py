@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -78,6 +79,7 @@ class Suite:
     limits: tuple[tuple[str, int], ...] = ()
     timing_from: str | None = None  # a suite whose step timing holds for this one (same work per step)
     model: str | None = None  # a network overlay, configs/models/<model>.yaml, right after the base
+    aa_implementation: str = "reference"  # AutoAttackConfig.implementation of the AutoAttack tests
 
 
 MODELS = sorted(p.stem for p in (REPO / "configs" / "models").glob("*.yaml"))
@@ -269,6 +271,9 @@ def suites(data_dir: str) -> dict[str, Suite]:
         rows=_rows([(name, f"recipes/{name}.yaml", (0,), ())
                     for name in ("robust", "ds", "selective_margin", "selective_ds")]),
         model="preact_resnet18",
+        # The preset carries what the GPU machine lacks under a 64 MiB cap, with 21 MB of CIFAR-10 already: not
+        # the reference AutoAttack's 42 MB wheel. Its records say torchattacks.
+        aa_implementation="torchattacks",
     )
     tiny = Suite(
         name="tiny",
@@ -310,15 +315,32 @@ def _machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: bool = False) -> dict:
-    """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job).
+@dataclass
+class Fitted:
+    """A fitted run: the CLI that fitted it, the arguments a test of it builds on, and what the fit cost."""
 
-    The PNG figures the run's ``PaperFigures`` callback drew (Figs. 7 and 8 of the DS paper) are copied next to
-    the records, to ``<records>/../figures/<suite>_<run>_<figure>.png``. ``fit_only`` stops after that copy and
-    returns ``{"figures": [...]}``: the fit is deterministic on CPU, so it redraws the figures of a recorded run.
+    cli: Any  # lightning_advsel.cli.AdvSelCLI
+    common: list[str]  # the run's configs and overrides, without its seed and logger
+    checkpoint: Path  # the tested model (see fit_run)
+    seconds: float
+    flops: Any  # flop_count.CountFlops of the run
+    profile_flops: int = 0
+    profile_steps: int = 0
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.cli.trainer.log_dir)
+
+
+def fit_run(suite: Suite, run: Run, runs_dir: Path) -> Fitted:
+    """Fit one run through the CLI (after its profiling run, if it has one), counting its FLOPs; its logs and
+    checkpoints go to ``<runs_dir>/<suite>/``, and the working folder becomes ``<runs_dir>/<suite>/<run>``.
+
+    The tested model is the epoch with the best validation robust accuracy, which the MNIST and CIFAR-10 configs
+    keep (early stopping against robust overfitting), for every row alike; the last epoch where a config keeps no
+    such checkpoint (digits, the tiny suite). On CPU the fit is deterministic: a refit gives the same weights.
     """
     import torch
-    import yaml
     from flop_count import CountFlops
 
     from lightning_advsel.cli import build_cli
@@ -350,16 +372,27 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: boo
     cli.trainer.callbacks.append(counter)
     _limit(cli.trainer, suite)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_seconds = time.perf_counter() - start
-    log_dir = Path(cli.trainer.log_dir)
+    monitored = [cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "val/acc_robust"]
+    ckpt = Path(monitored[0].best_model_path if monitored else cli.trainer.checkpoint_callback.last_model_path)
+    return Fitted(cli, common, ckpt, time.perf_counter() - start, counter, profile_flops, profile_steps)
+
+
+def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: bool = False) -> dict:
+    """Fit, then test with PGD-20 and AutoAttack; returns the record (in this process: the child's job).
+
+    The PNG figures the run's ``PaperFigures`` callback drew (Figs. 7 and 8 of the DS paper) are copied next to
+    the records, to ``<records>/../figures/<suite>_<run>_<figure>.png``. ``fit_only`` stops after that copy and
+    returns ``{"figures": [...]}``: the fit is deterministic on CPU, so it redraws the figures of a recorded run.
+    """
+    import yaml
+
+    from lightning_advsel.cli import build_cli
+
+    fitted = fit_run(suite, run, runs_dir)
+    cli, common, ckpt, log_dir = fitted.cli, fitted.common, fitted.checkpoint, fitted.log_dir
     figures = _copy_figures(log_dir, records.parent / "figures", f"{suite.name}_{run.run_id}")
     if fit_only:
         return {"figures": figures}
-    # The tested model: the epoch with the best validation robust accuracy, which the MNIST and CIFAR-10 configs
-    # keep (early stopping against robust overfitting), for every row alike; the last epoch where a config keeps
-    # no such checkpoint (digits, the tiny suite).
-    monitored = [cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "val/acc_robust"]
-    ckpt = Path(monitored[0].best_model_path if monitored else cli.trainer.checkpoint_callback.last_model_path)
     resolved = yaml.safe_load((log_dir / "config.yaml").read_text())
 
     def test(attack: list[str], batches: int) -> dict:
@@ -369,30 +402,34 @@ def _do_run(suite: Suite, run: Run, records: Path, runs_dir: Path, fit_only: boo
         tested.trainer.limit_test_batches = batches
         tested.trainer.test(tested.model, datamodule=tested.datamodule, ckpt_path=str(ckpt))
         m = tested.trainer.callback_metrics
+        attack = tested.model.robust_attack("test")
         return {"clean": float(m["test/acc_clean"]), "robust": float(m["test/acc_robust"]),
-                "attack": tested.model.robust_attack("test").describe(), "seconds": time.perf_counter() - t0,
-                "images": batches * int(resolved["data"]["init_args"]["batch_size"])}
+                "attack": attack.describe(), "seconds": time.perf_counter() - t0,
+                "images": batches * int(resolved["data"]["init_args"]["batch_size"]),
+                **({"implementation": attack.implementation} if hasattr(attack, "implementation") else {})}
 
     eps = str(suite.eps)
+    implementation = ("--model.init_args.test_attack.implementation", suite.aa_implementation)
     results = {
         "pgd20": test(["--model.init_args.test_attack", "AttackConfig", "--model.init_args.test_attack.eps", eps,
                        "--model.init_args.test_attack.alpha", "0.01", "--model.init_args.test_attack.steps", "20",
                        "--model.init_args.test_attack.mode", "eval"], suite.test_batches),
         "aa_apgd": test(["--model.init_args.test_attack", "AutoAttackConfig",
-                         "--model.init_args.test_attack.eps", eps,
+                         "--model.init_args.test_attack.eps", eps, *implementation,
                          "--model.init_args.test_attack.version", "apgd"], suite.test_batches),
     }
     if run.name in suite.aa_standard_rows and run.seed == 0 and suite.aa_standard_batches:
         results["aa_standard"] = test(["--model.init_args.test_attack", "AutoAttackConfig",
-                                       "--model.init_args.test_attack.eps", eps,
+                                       "--model.init_args.test_attack.eps", eps, *implementation,
                                        "--model.init_args.test_attack.version", "standard"],
                                       suite.aa_standard_batches)
     return {
         "suite": suite.name, "row": run.name, "seed": run.seed, "config_files": _config_files(suite, run.config),
         "overrides": [*suite.overrides, *run.extra], "resolved_config": resolved, "commit": _commit(),
         "machine": _machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "fit_seconds": fit_seconds, "train_flops": counter.total_flops, "flops_per_epoch": counter.per_epoch,
-        "profile_flops": profile_flops, "profile_steps": profile_steps,
+        "fit_seconds": fitted.seconds, "train_flops": fitted.flops.total_flops,
+        "flops_per_epoch": fitted.flops.per_epoch, "profile_flops": fitted.profile_flops,
+        "profile_steps": fitted.profile_steps,
         "profile_config": run.pre and _config_files(suite, run.pre),
         "epochs": int(cli.trainer.current_epoch), "steps": int(cli.trainer.global_step), "figures": figures,
         "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")},
