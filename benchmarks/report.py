@@ -1,7 +1,10 @@
 """Turn the records of ``reproduce.py`` into ``RESULTS.md`` and one Pareto figure per data set.
 
 Called as ``python benchmarks/reproduce.py report``. Every number in the output comes from a record; rows
-are aggregated over seeds (mean and sample standard deviation, or the single value). Cost columns are
+are aggregated over seeds (mean and sample standard deviation, or the single value). AutoAttack accuracy is shown
+per implementation, never averaged across them: torchattacks' port (the records from before the reference code was
+the default) and the reference code, from a record's own test or from the re-measurement of its row on the same
+weights (``remeasure.py``, records under ``<records>/<suite>/reference/``). Cost columns are
 relative to the ``robust`` row of the same suite: FLOPs from the records, wall time from the suite's timing
 record (``<records>/<suite>/timing.json``, written by ``timing.py`` on an idle machine) when there is one.
 The speed results of ``speed.py --json`` kept under ``<records>/speed/`` end the report (the newest of each kind).
@@ -35,6 +38,56 @@ def load(records: Path) -> dict[str, dict[str, list[dict]]]:
 
 
 SPEED = "speed"  # <records>/speed/*.json: lists of speed.py's results, not runs of a suite
+REMEASURED = "reference"  # <records>/<suite>/reference/<run>.json: remeasure.py's rows
+IMPLEMENTATIONS = ("torchattacks", "reference")  # the order of their columns
+
+
+def load_remeasured(records: Path) -> dict[tuple[str, str, int], dict]:
+    """``{(suite, row, seed): record}`` of every row ``remeasure.py`` re-measured under ``records``."""
+    out = {}
+    for path in sorted(records.glob(f"*/{REMEASURED}/*.json")):
+        rec = json.loads(path.read_text())
+        out[rec["suite"], rec["row"], rec["seed"]] = rec
+    return out
+
+
+def autoattack_results(rec: dict, remeasured: dict | None) -> dict[tuple[str, str], dict]:
+    """``{(version, implementation): result}`` of one run: its own AutoAttack tests (a record that names no
+    implementation is torchattacks'), then the re-measurement of its row on the same weights, which wins."""
+    out = {(key.removeprefix("aa_"), result.get("implementation", "torchattacks")): result
+           for key, result in rec["test"].items() if key.startswith("aa_")}
+    for key, result in (remeasured or {}).get("evaluations", {}).items():
+        implementation, version = key.split("/")
+        out[version, implementation] = result
+    return out
+
+
+def _aa(rec: dict) -> dict[tuple[str, str], dict]:
+    """A run's AutoAttack results as :func:`write_report` attached them (with the re-measurement), else its own."""
+    return rec["autoattack"] if "autoattack" in rec else autoattack_results(rec, None)
+
+
+def _implementations(rows: dict[str, list[dict]], version: str) -> list[str]:
+    return [i for i in IMPLEMENTATIONS if any((version, i) in _aa(r) for recs in rows.values() for r in recs)]
+
+
+def _aa_cell(recs: list[dict], version: str, implementation: str) -> tuple[str, tuple[float, float | None] | None]:
+    """A row's accuracy under one implementation, over the seeds it has; ``(text, (mean, spread))``, the seeds
+    named when fewer than the row's."""
+    found = sorted((r["seed"], _aa(r)[version, implementation]["robust"]) for r in recs
+                   if (version, implementation) in _aa(r))
+    if not found:
+        return "", None
+    stat = _stat([value for _, value in found])
+    seeds = "" if len(found) == len(recs) else f" (seed{'s' if len(found) > 1 else ''} " \
+        f"{', '.join(str(seed) for seed, _ in found)})"
+    return _fmt(*stat) + seeds, stat
+
+
+def _aa_header(rows: dict[str, list[dict]], version: str, implementation: str) -> str:
+    images = sorted({_aa(r)[version, implementation]["images"] for recs in rows.values() for r in recs
+                     if (version, implementation) in _aa(r)})
+    return f"AutoAttack {version} % ({implementation}, {', '.join(map(str, images))} images)"
 
 
 def speed_section(folder: Path, top: int = 5) -> list[str]:
@@ -150,51 +203,90 @@ def run_figures(rows: dict[str, list[dict]]) -> list[str]:
 
 
 def suite_table(suite: str, rows: dict[str, list[dict]], timing: dict | None) -> tuple[list[str], list[dict]]:
-    """Markdown lines of one suite's table, and the per-row numbers used by the figure."""
+    """Markdown lines of one suite's table, and the per-row numbers used by the figure (the AutoAttack ``apgd``
+    accuracy of the implementation every run has: the reference where it does)."""
     robust_flops = _row_cost(rows["robust"]) if "robust" in rows else None
-    lines = ["| recipe | seeds | clean % | PGD-20 % | AutoAttack (apgd) % | FLOPs / robust | time / robust |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    implementations = _implementations(rows, "apgd")
+    plotted = next((i for i in reversed(IMPLEMENTATIONS)
+                    if all(("apgd", i) in _aa(r) for recs in rows.values() for r in recs)), None)
+    lines = ["| recipe | seeds | clean % | PGD-20 % | "
+             + "".join(f"{_aa_header(rows, 'apgd', i)} | " for i in implementations)
+             + "FLOPs / robust | time / robust |",
+             "| --- | ---: | ---: | ---: | " + "---: | " * len(implementations) + "---: | ---: |"]
     points = []
     for row in sorted(rows, key=row_order):
         recs = rows[row]
         clean = _stat([r["test"]["pgd20"]["clean"] for r in recs])
         pgd = _stat([r["test"]["pgd20"]["robust"] for r in recs])
-        aa = _stat([r["test"]["aa_apgd"]["robust"] for r in recs])
+        cells = {i: _aa_cell(recs, "apgd", i) for i in implementations}
         flops = _row_cost(recs) / robust_flops if robust_flops else None
         t = _row_time(row, recs, rows, timing)
-        lines.append(f"| {row} | {len(recs)} | {_fmt(*clean)} | {_fmt(*pgd)} | {_fmt(*aa)} | "
-                     f"{'' if flops is None else f'{flops:.3f}'} | {'' if t is None else f'{t:.3f}'} |")
-        points.append({"row": row, "aa": aa, "flops": flops, "time": t})
+        lines.append(f"| {row} | {len(recs)} | {_fmt(*clean)} | {_fmt(*pgd)} | "
+                     + "".join(f"{cells[i][0]} | " for i in implementations)
+                     + f"{'' if flops is None else f'{flops:.3f}'} | {'' if t is None else f'{t:.3f}'} |")
+        if plotted is not None:
+            points.append({"row": row, "aa": cells[plotted][1], "implementation": plotted, "flops": flops,
+                           "time": t})
     return lines, points
 
 
 def seed_table(rows: dict[str, list[dict]]) -> list[str]:
     """Each seed of the rows run at more than one: a mean and spread hide two kinds of outcome (a seed that
     trained and one that stayed at chance), so the report shows them apart."""
+    implementations = _implementations(rows, "apgd")
+
+    def aa(r: dict, implementation: str) -> str:
+        result = _aa(r).get(("apgd", implementation))
+        return "" if result is None else f"{100 * result['robust']:.1f}"
+
     lines = [f"| {row} | {r['seed']} | {100 * r['test']['pgd20']['clean']:.1f} | "
-             f"{100 * r['test']['pgd20']['robust']:.1f} | {100 * r['test']['aa_apgd']['robust']:.1f} |"
+             f"{100 * r['test']['pgd20']['robust']:.1f} | " + "".join(f"{aa(r, i)} | " for i in implementations)
              for row in sorted(rows, key=row_order)
              if len(rows[row]) > 1 for r in sorted(rows[row], key=lambda r: r["seed"])]
     if lines:
-        lines = ["| recipe | seed | clean % | PGD-20 % | AutoAttack (apgd) % |", "| --- | ---: | ---: | ---: | ---: |",
-                 *lines]
-    return lines
+        lines = ["| recipe | seed | clean % | PGD-20 % | " + "".join(f"AutoAttack apgd % ({i}) | "
+                                                              for i in implementations),
+                 "| --- | ---: | ---: | ---: | " + "---: | " * len(implementations), *lines]
+    return [line.rstrip() for line in lines]
 
 
 def standard_gap(rows: dict[str, list[dict]]) -> list[str]:
-    """AutoAttack standard against its apgd pair on the same images, where both ran."""
+    """AutoAttack's standard version, per implementation, on the runs where it ran."""
+    implementations = _implementations(rows, "standard")
     lines = []
-    for row, recs in rows.items():
-        for r in recs:
-            std = r["test"].get("aa_standard")
-            if std is None:
-                continue
-            lines.append(f"| {row} | {r['seed']} | {std['images']} | {100 * std['robust']:.1f} | "
-                         f"{std['attack']} |")
+    for row in sorted(rows, key=row_order):
+        for r in sorted(rows[row], key=lambda r: r["seed"]):
+            found = {i: _aa(r)["standard", i] for i in implementations if ("standard", i) in _aa(r)}
+            if found:
+                images = "/".join(sorted({str(v["images"]) for v in found.values()}))
+                lines.append(f"| {row} | {r['seed']} | {images} | " + "".join(
+                    f"{100 * found[i]['robust']:.1f} | " if i in found else " | " for i in implementations))
     if lines:
-        lines = ["| recipe | seed | images | AutoAttack standard % | attack |", "| --- | ---: | ---: | ---: | --- |",
-                 *lines]
-    return lines
+        lines = ["| recipe | seed | images | " + "".join(f"AutoAttack standard % ({i}) | " for i in implementations),
+                 "| --- | ---: | ---: | " + "---: | " * len(implementations), *lines]
+    return [line.rstrip() for line in lines]
+
+
+def attacks_used(rows: dict[str, list[dict]]) -> list[str]:
+    """Each AutoAttack description the suite's results name, labelled by implementation, in a stable order."""
+    seen = {(version, i): result["attack"] for recs in rows.values() for r in recs
+            for (version, i), result in sorted(_aa(r).items())}
+    return [f"{i}: {attack}" if not attack.split("(", 1)[-1].startswith(i) else attack
+            for (_, i), attack in sorted(seen.items())]
+
+
+def remeasure_note(rows: dict[str, list[dict]], remeasured: dict[tuple[str, str, int], dict], suite: str) -> list[str]:
+    """Which runs were re-measured on refitted weights, and whether each refit reproduced the record's."""
+    runs = [(row, r["seed"]) for row in sorted(rows, key=row_order) for r in sorted(rows[row], key=lambda r: r["seed"])
+            if (suite, row, r["seed"]) in remeasured]
+    if not runs:
+        return []
+    differ = [f"{row}-s{seed}" for row, seed in runs
+              if remeasured[suite, row, seed].get("reproduces_original") is False]
+    return [f"Re-measured on refitted weights (`benchmarks/remeasure.py`, records in `{suite}/{REMEASURED}/`): "
+            f"{len(runs)} runs; the refit reproduced the tested weights of the record (the same clean and AutoAttack "
+            f"accuracy of the record's implementation on the same images) for "
+            f"{len(runs) - len(differ)} of them" + (f"; not for {', '.join(differ)}." if differ else "."), ""]
 
 
 def figure(suite: str, points: list[dict], out: Path) -> Path | None:
@@ -206,18 +298,19 @@ def figure(suite: str, points: list[dict], out: Path) -> Path | None:
 
     use_time = all(p["time"] is not None for p in points)
     key = "time" if use_time else "flops"
-    pts = [p for p in points if p[key] is not None]
+    pts = [p for p in points if p[key] is not None and p["aa"] is not None]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4))
     markers = "os^Dv<>Ph*X"
+    label = f"AutoAttack (apgd, {pts[0]['implementation']}) accuracy, %"
     for i, p in enumerate(pts):  # a legend, not labels at the points: close points would overprint them
         mean, spread = p["aa"]
         ax.errorbar(p[key], 100 * mean, yerr=None if spread is None else 100 * spread, fmt=markers[i % len(markers)],
                     capsize=3, label=p["row"])
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel(f"training {'wall time' if use_time else 'FLOPs'} relative to robust")
-    ax.set_ylabel("AutoAttack (apgd) accuracy, %")
+    ax.set_ylabel(label)
     ax.set_title(f"{suite}: robustness against cost")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -249,26 +342,31 @@ def not_run(suite: str, rows: dict[str, list[dict]]) -> list[str]:
 
 def write_report(records: Path, out: Path) -> None:
     data = load(records)
+    remeasured = load_remeasured(records)
     lines = ["# Results", "",
              "Generated by `python benchmarks/reproduce.py report` from the records in "
              f"`{records.relative_to(out.parent.parent) if records.is_relative_to(out.parent.parent) else records}`;"
              " do not edit by hand.", ""]
     for suite in sorted(data):
         rows = data[suite]
+        for recs in rows.values():
+            for r in recs:
+                r["autoattack"] = autoattack_results(r, remeasured.get((suite, r["row"], r["seed"])))
         timed_as = timing_suite(suite)
         timing_path = records / timed_as / "timing.json"
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
         table, points = suite_table(suite, rows, timing)
         any_rec = next(iter(next(iter(rows.values()))))
         lines += [f"## {suite}", "",
-                  f"Test images: {any_rec['test']['pgd20']['images']}; attack: {any_rec['test']['aa_apgd']['attack']}. "
+                  f"Test images: {any_rec['test']['pgd20']['images']}; AutoAttack: "
+                  + "; ".join(attacks_used(rows)) + ". "
                   f"Machine: {any_rec['machine']['processor']}, {any_rec['machine']['cpus']} CPUs, "
                   f"torch {any_rec['machine']['torch']}. Commits: "
                   + ", ".join(sorted({r['commit'][:10] for recs in rows.values() for r in recs})) + ".", "",
                   "Each run is tested at the epoch with its best validation robust accuracy (the checkpoint the "
                   "suite's config keeps against robust overfitting; the last epoch where the config keeps none), "
                   "the standard row too.", "",
-                  *table, ""]
+                  *table, "", *remeasure_note(rows, remeasured, suite)]
         missing = not_run(suite, rows)
         if missing:
             lines += [f"Runs of the matrix without a record (not run): {', '.join(missing)}.", ""]
@@ -278,9 +376,9 @@ def write_report(records: Path, out: Path) -> None:
         gap = standard_gap(rows)
         if gap:
             lines += ["AutoAttack's standard version on a subset of the same test images:", "", *gap, "",
-                      "The standard version runs on the first images of the apgd column's set, so the two columns "
-                      "are not comparable row for row: on the same images, standard (which starts with APGD-CE and "
-                      "APGD-T) can only be lower or equal.", ""]
+                      "The standard version runs on the first images of the apgd columns' set, so the tables are not "
+                      "comparable row for row: on the same images, standard (which starts with APGD-CE and APGD-T) "
+                      "can only be lower or equal.", ""]
         fig = figure(suite, points, out.parent / "figures" / f"{suite}_pareto.png")
         if fig is not None:
             lines += [f"![{suite}: AutoAttack accuracy against cost](figures/{fig.name})", ""]
