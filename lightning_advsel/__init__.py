@@ -12,7 +12,7 @@ from lightning_advsel.module import AdversarialSelectionModule
 from lightning_advsel.step import RECIPES, SelectionModule, SelectionRecord, StepResult, StepSettings, adversarial_step
 
 __all__ = ["RECIPES", "AdversarialSelectionModule", "AttackConfig", "AutoAttackConfig", "Normalize", "SelectionModule",
-           "SelectionRecord", "StepResult", "StepSettings", "adversarial_step", "callbacks", "fgsm", "fgsm_rs", "pgd"]
+           "SelectionRecord", "StepResult", "StepSettings", "adversarial_step", "fgsm", "fgsm_rs", "pgd"]
 try:
     __version__ = version("lightning-advsel")  # pyproject.toml's version, as installed
 except PackageNotFoundError:  # a bare checkout on sys.path, never installed
