@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_advsel.attacks import AttackConfig, margin_loss, model_mode, pgd
-from lightning_advsel.data import CIFAR10DataModule
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.selection import per_sample_loss
 
@@ -63,7 +62,7 @@ def training_batches(config: Path, batches: int) -> list[tuple[Tensor, Tensor]]:
     for i, batch in enumerate(datamodule.train_dataloader()):
         if i == batches:
             break
-        if isinstance(datamodule, CIFAR10DataModule):  # uint8 images, augmented and scaled after transfer
+        if hasattr(datamodule, "training_batch"):  # uint8 images (CIFAR-10, image folders), augmented after transfer
             batch = datamodule.training_batch(batch, epoch=0, position=i)
         x, y, _ = cli.model.read_batch(batch)
         out.append((x, y))

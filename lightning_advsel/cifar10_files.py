@@ -9,17 +9,17 @@ Three sources are recognised, looked for in this order:
 3. The extracted JPEG folders ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` at ``data_dir`` or at
    ``data_dir/cifar10-jpeg/``.
 
-JPEGs are decoded once into a uint8 tensor file in ``cache_dir`` (never in ``data_dir``, which may be
-read-only); later loads read that file. The cache file is named by a key of its source: for the archive, the
-archive's size and modification time; for the folders, a hash of every image's relative path, size and
-modification time. Changing the source changes the key, and the next load decodes again. Class folders are
+JPEGs are decoded once into a uint8 tensor file in ``cache_dir`` (:mod:`lightning_advsel.image_cache`; never in
+``data_dir``, which may be read-only); later loads read that file. The cache file is named by a key of its
+source: for the archive, the archive's size and modification time; for the folders, a hash of every image's
+relative path, size and modification time. Changing the source changes the key, and the next load decodes
+again. Class folders are
 CIFAR-10's class names; sorted, they are its label order. Images are ordered by (label, file name), so the
 archive and its extracted folders give the same tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_advsel import image_cache
+from lightning_advsel.image_cache import default_cache_dir  # noqa: F401 - this module's name for it, as before
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BATCHES_DIR = "cifar-10-batches-py"
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 JPEG_DIR = "cifar10-jpeg"
 SPLITS = ("train", "test")
-_CACHE_FORMAT = 1  # bump when the cache file's contents change meaning
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
@@ -59,12 +61,6 @@ class Cifar10Tensors:
     test_y: Tensor
     source: Path
     from_cache: bool
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lightning_advsel``, else ``~/.cache/lightning_advsel``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lightning_advsel"
 
 
 def find_source(data_dir: str | os.PathLike) -> tuple[str, Path] | None:
@@ -108,9 +104,10 @@ def load_cifar10(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     if kind == "batches":
         return _read_batches(path)
     cache_file = _cache_file(kind, path, cache_dir)
-    cached = _load_cache(cache_file)
+    cached = image_cache.load(cache_file)
     if cached is not None:
-        return Cifar10Tensors(*cached, source=path, from_cache=True)
+        return Cifar10Tensors(cached["train_x"], cached["train_y"], cached["test_x"], cached["test_y"], source=path,
+                              from_cache=True)
     return _decode_to_cache(kind, path, cache_file)
 
 
@@ -136,66 +133,20 @@ def _require_source(data_dir: str | os.PathLike) -> tuple[str, Path]:
 
 
 def _cache_file(kind: str, path: Path, cache_dir: str | os.PathLike | None) -> Path:
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    _check_writable(cache)
-    key = _archive_key(path) if kind == "archive" else _folder_key(path)
-    return cache / f"cifar10-jpeg-{key}.pt"
+    if kind == "archive":
+        stat = path.stat()
+        source_text = f"archive\t{stat.st_size}\t{stat.st_mtime_ns}"
+    else:
+        paths = [p for split in SPLITS for p in sorted((path / split).glob("*/*"))]
+        source_text = "folders\n" + "\n".join(image_cache.file_lines(path, paths))
+    return image_cache.cache_file("cifar10-jpeg", source_text, cache_dir)
 
 
 def _decode_to_cache(kind: str, path: Path, cache_file: Path) -> Cifar10Tensors:
     files = _archive_members(path) if kind == "archive" else _folder_files(path)
     train, test = (_decode(files[split], path) for split in SPLITS)
-    _save_cache(cache_file, {"format": _CACHE_FORMAT, "train_x": train[0], "train_y": train[1],
-                             "test_x": test[0], "test_y": test[1]})
+    image_cache.save(cache_file, {"train_x": train[0], "train_y": train[1], "test_x": test[0], "test_y": test[1]})
     return Cifar10Tensors(*train, *test, source=path, from_cache=False)
-
-
-def _check_writable(cache: Path) -> None:
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"`cache_dir` {str(cache)!r} cannot be created ({err}); pass a writable folder "
-                              f"as cache_dir (--data.init_args.cache_dir)") from err
-    if not os.access(cache, os.W_OK):
-        raise PermissionError(f"`cache_dir` {str(cache)!r} is not writable; pass a writable folder as cache_dir "
-                              f"(--data.init_args.cache_dir)")
-
-
-def _hash(text: str) -> str:
-    return hashlib.sha256(f"{_CACHE_FORMAT}\n{text}".encode()).hexdigest()[:20]
-
-
-def _archive_key(archive: Path) -> str:
-    stat = archive.stat()
-    return _hash(f"archive\t{stat.st_size}\t{stat.st_mtime_ns}")
-
-
-def _folder_key(root: Path) -> str:
-    lines = []
-    for split in SPLITS:
-        for path in sorted((root / split).glob("*/*")):
-            stat = path.stat()
-            lines.append(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    return _hash("folders\n" + "\n".join(lines))
-
-
-def _load_cache(cache_file: Path) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    if not cache_file.is_file():
-        return None
-    try:
-        blob = torch.load(cache_file, weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, whatever broke it
-        return None
-    if not isinstance(blob, dict) or blob.get("format") != _CACHE_FORMAT:
-        return None
-    return blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"]
-
-
-def _save_cache(cache_file: Path, blob: dict) -> None:
-    # Write then rename: a reader (another DDP rank, a second job) never sees half a file.
-    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, cache_file)
 
 
 Entry = tuple[int, str, bytes]  # (label, name for ordering and errors, JPEG bytes)

@@ -5,6 +5,8 @@
   sets read from ``data_dir`` in torchvision's layout (``data_dir/MNIST/raw/...``); downloading is off
   unless ``download=True``. CIFAR-10 also reads the JPEG copy (archive or extracted folders) through a decode
   cache, and augments training batches on their device (``on_after_batch_transfer``).
+* :class:`ImageFolderDataModule`: a user's ``train/<class>/*`` and ``test/<class>/*`` folders (optionally
+  ``val/``), decoded once into the same cache and augmented on the device as CIFAR-10.
 
 Every module splits a validation set off the training data with a fixed seed, so the split does not
 depend on the global seed of a run.
@@ -25,7 +27,7 @@ samples). Validation and test sets are never restricted.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -37,10 +39,11 @@ from typing_extensions import override
 from lightning_advsel import stability
 from lightning_advsel.augment import augment_generator, random_crop_flip
 from lightning_advsel.batch import unpack
-from lightning_advsel.checks import check_choice, check_fraction, check_int, check_path
+from lightning_advsel.checks import check_bool, check_choice, check_fraction, check_int, check_number, check_path
 from lightning_advsel.stability import Keep
 
 NUM_CLASSES = 10
+Channels = Literal[1, 3]  # an image folder read as grey or RGB
 
 
 def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
@@ -274,10 +277,11 @@ class DigitsDataModule(_BaseDataModule):
 
 
 class _TorchvisionDataModule(_BaseDataModule):
-    """A torchvision data set with a seeded validation split off its training part."""
+    """A torchvision data set (or a folder of images) with a seeded validation split off its training part."""
 
     dataset_name = ""
     num_classes = NUM_CLASSES
+    val_size_optional = False  # True where a validation folder may stand in for the split (``val_size=None``)
 
     def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int,
                  num_workers: int, split_seed: int, shuffle_seed: int = 0,
@@ -285,34 +289,36 @@ class _TorchvisionDataModule(_BaseDataModule):
                  subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, split_seed, shuffle_seed,
                          return_index, subset_file, subset_fraction, subset_keep)
-        check_int("val_size", val_size, 1)
+        check_int("val_size", val_size, 1, optional=self.val_size_optional)
         self.train_size = check_int("train_size", train_size, 1, optional=True)
         self.data_dir = check_path("data_dir", data_dir, "a folder path")
         self.download = download
         self.val_size = val_size
 
-    def _train_val_split(self, train: Dataset, val: Dataset | None = None) -> tuple[Subset, Subset]:
+    def _train_val_split(self, train: Dataset, val: Dataset | None = None,
+                         held_out: int | None = None) -> tuple[Subset, Subset]:
         """The training and validation subsets of the data set's training part ``train``.
 
-        The validation images are ``val_size`` drawn with ``split_seed``; the training images are the rest, or
-        the first ``train_size`` of the rest in that seeded order (a fixed random subset for a smaller budget).
-        ``val``, when given, is the same images served differently (without augmentation); the validation
-        subset is taken from it.
+        The validation images are ``held_out`` (by default ``val_size``) drawn with ``split_seed``; the training
+        images are the rest, or the first ``train_size`` of the rest in that seeded order (a fixed random subset
+        for a smaller budget). ``val``, when given, is the same images served differently (without
+        augmentation); the validation subset is taken from it.
         """
+        held_out = self.val_size if held_out is None else held_out
         n = len(train)
         if n == 0:
             raise ValueError(f"{type(self).__name__} found an empty data set under data_dir={self.data_dir!r}; "
                              f"expected training images there")
-        if self.val_size >= n:
+        if held_out >= n:
             raise ValueError(
-                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {self.val_size}"
+                f"`val_size` must be below the {n} training images of {self.dataset_name}, got {held_out}"
             )
-        if self.train_size is not None and self.train_size > n - self.val_size:
+        if self.train_size is not None and self.train_size > n - held_out:
             raise ValueError(
-                f"`train_size` must be at most the {n - self.val_size} training images of {self.dataset_name} left "
-                f"after `val_size`={self.val_size}, got {self.train_size}"
+                f"`train_size` must be at most the {n - held_out} training images of {self.dataset_name} left "
+                f"after `val_size`={held_out}, got {self.train_size}"
             )
-        train_idx, val_idx = _split(n, (n - self.val_size, self.val_size), self.split_seed)
+        train_idx, val_idx = _split(n, (n - held_out, held_out), self.split_seed)
         if self.train_size is not None:
             train_idx = train_idx[: self.train_size]
         return Subset(train, train_idx.tolist()), Subset(train if val is None else val, val_idx.tolist())
@@ -451,7 +457,8 @@ class FashionMNISTDataModule(MNISTDataModule):
         return FashionMNIST
 
 
-TEST_ORDER_SEED = 0  # the fixed order of a CIFAR-10 test split that was stored class by class
+TEST_ORDER_SEED = 0  # the fixed order of an evaluation split that was stored class by class
+
 
 class _ScaledImages(Dataset):
     """uint8 images ``(N, C, H, W)`` and labels, served one at a time as float images in [0, 1]."""
@@ -466,7 +473,83 @@ class _ScaledImages(Dataset):
         return self.images[i].float().div_(255), self.labels[i]
 
 
-class CIFAR10DataModule(_TorchvisionDataModule):
+def _mixed(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` in a fixed seeded order if stored class by class (labels non-decreasing), else unchanged.
+
+    A split stored by class (JPEG folders) would make its first N images one class; the fixed order lets a subset
+    (``limit_test_batches``) sample every class."""
+    if y.numel() > 1 and bool((y[1:] >= y[:-1]).all()):
+        order = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
+        return x[order], y[order]
+    return x, y
+
+
+class _DecodedImagesDataModule(_TorchvisionDataModule):
+    """uint8 images decoded once into a cache and held in memory; training batches augmented on their device.
+
+    Subclasses return the decoded tensors from :meth:`_decoded`. The training loader yields uint8 images;
+    :meth:`on_after_batch_transfer` augments them as whole batches on the batch's device (random crop with
+    ``padding`` pixels of zero padding, horizontal flip) and scales them to float in [0, 1]. The augmentation of a
+    batch is seeded by ``(shuffle_seed, epoch, batch index, rank)``, so a resumed run sees the same augmented
+    batches as an uninterrupted one. Validation and test items are already float in [0, 1] (a callback that reads
+    ``val_set[i]`` gets what the model takes); a split stored class by class is served in a fixed seeded order.
+    """
+
+    def __init__(self, data_dir: str, download: bool, batch_size: int, val_size: int | None, augment: bool,
+                 padding: int, num_workers: int, split_seed: int, shuffle_seed: int, cache_dir: str | None,
+                 return_index: bool, subset_file: str | None, subset_fraction: float, subset_keep: Keep,
+                 train_size: int | None) -> None:
+        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
+                         return_index, subset_file, subset_fraction, subset_keep, train_size)
+        self.augment = check_bool("augment", augment)
+        self.padding = check_int("padding", padding, 0)
+        self.cache_dir = check_path("cache_dir", cache_dir, "a folder path", optional=True)
+        self.loaded_from_cache: bool | None = None
+
+    def _decoded(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor]]:
+        """The training part, the validation folder's images (``None`` to split them off the training part) and
+        the test images, each as uint8 ``(N, C, H, W)`` and int64 labels; sets ``loaded_from_cache``."""
+        raise NotImplementedError
+
+    @override
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
+        (train_x, train_y), val, test = self._decoded()
+        train = TensorDataset(train_x, train_y)
+        if val is None:
+            return (*self._train_val_split(train, _ScaledImages(train_x, train_y)), _ScaledImages(*_mixed(*test)))
+        train, _ = self._train_val_split(train, held_out=0)
+        return train, _ScaledImages(*_mixed(*val)), _ScaledImages(*_mixed(*test))
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment (training only) and scale uint8 batches to float in [0, 1], on the device the batch is on."""
+        if unpack(batch)[0].dtype != torch.uint8:
+            return batch
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            # The index of this batch in the epoch: Lightning counts a batch as ready only after this hook,
+            # and restores the count on resume, so the seed does not depend on an interruption.
+            position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            return self.training_batch(batch, trainer.current_epoch, position, trainer.global_rank)
+        return self._scaled(batch, None)
+
+    def training_batch(self, batch: Any, epoch: int, position: int, rank: int = 0) -> Any:
+        """A uint8 training batch as the training step at ``position`` of ``epoch`` on ``rank`` receives it:
+        augmented (with ``augment``) and scaled to float in [0, 1]. For a script that reads the training loader
+        without a Trainer."""
+        generator = augment_generator(self.shuffle_seed, epoch, position, rank) if self.augment else None
+        return self._scaled(batch, generator)
+
+    def _scaled(self, batch: Any, generator: torch.Generator | None) -> Any:
+        """``batch`` with its uint8 images cropped and flipped by ``generator`` (unless ``None``), as floats."""
+        x, y, extra = unpack(batch)
+        if generator is not None:
+            x = random_crop_flip(x, generator, padding=self.padding)
+        out = [x.float().div_(255), y, *extra]
+        return tuple(out) if isinstance(batch, tuple) else out
+
+
+class CIFAR10DataModule(_DecodedImagesDataModule):
     """CIFAR-10 (32x32, 3 channels) from ``data_dir``: python batches, the JPEG archive or its extracted folders.
 
     ``data_dir`` may hold the original ``cifar-10-batches-py``, the JPEG copy ``cifar10-jpeg.tar.gz`` (at
@@ -512,11 +595,8 @@ class CIFAR10DataModule(_TorchvisionDataModule):
                  augment: bool = True, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
                  cache_dir: str | None = None, return_index: bool = False, subset_file: str | None = None,
                  subset_fraction: float = 0.5, subset_keep: Keep = "stable", train_size: int | None = None) -> None:
-        super().__init__(data_dir, download, batch_size, val_size, num_workers, split_seed, shuffle_seed,
-                         return_index, subset_file, subset_fraction, subset_keep, train_size)
-        self.augment = augment
-        self.cache_dir = check_path("cache_dir", cache_dir, "a folder path", optional=True)
-        self.loaded_from_cache: bool | None = None
+        super().__init__(data_dir, download, batch_size, val_size, augment, 4, num_workers, split_seed, shuffle_seed,
+                         cache_dir, return_index, subset_file, subset_fraction, subset_keep, train_size)
 
     def _dataset_cls(self) -> type:
         from torchvision.datasets import CIFAR10
@@ -551,44 +631,158 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         self._files(prepare=True)
 
     @override
-    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
+    def _decoded(self) -> tuple[tuple[Tensor, Tensor], None, tuple[Tensor, Tensor]]:
         data = self._files()
         self.loaded_from_cache = data.from_cache
-        train, val = self._train_val_split(TensorDataset(data.train_x, data.train_y),
-                                           _ScaledImages(data.train_x, data.train_y))
-        test_x, test_y = data.test_x, data.test_y
-        if test_y.numel() > 1 and bool((test_y[1:] >= test_y[:-1]).all()):
-            # A copy stored class by class (the JPEG folders) would make the first N test images one class: put
-            # them in a fixed seeded order, so a subset (`limit_test_batches`) samples every class.
-            order = torch.randperm(test_y.numel(), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
-            test_x, test_y = test_x[order], test_y[order]
-        return train, val, _ScaledImages(test_x, test_y)
+        return (data.train_x, data.train_y), None, (data.test_x, data.test_y)
+
+
+class ImageFolderDataModule(_DecodedImagesDataModule):
+    """A user's image folders: ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*``, optionally
+    ``data_dir/val/<class>/*`` (:mod:`lightning_advsel.image_folder`).
+
+    The classes are ``train/``'s subfolders, sorted: ``classes`` and ``num_classes`` read them (before
+    ``setup`` too), and a ``test/`` or ``val/`` class must be one of them. Images are decoded once into the uint8
+    cache that CIFAR-10 uses, keyed on the files (their paths, sizes and modification times) and the settings,
+    and held in memory: that suits data sets whose uint8 pixels fit in memory a few times over (each DDP rank
+    holds a copy); above ``max_memory_gib`` ``setup`` refuses before decoding. Without ``image_size`` all images
+    must share one size; with it, images of another size are scaled to cover it (aspect ratio kept) and
+    center-cropped. Training batches are augmented on their device as :class:`CIFAR10DataModule`'s (random crop
+    with ``padding`` pixels of zero padding, horizontal flip, seeded by ``(shuffle_seed, epoch, batch index,
+    rank)``). ``setup`` reports the training split's per-channel ``mean`` and ``std`` (pixels in [0, 1]): the
+    values for the network's normalization.
+
+    Args:
+        data_dir: folder holding ``train/``, ``test/`` and optionally ``val/``; only read.
+        batch_size: clean samples per training batch.
+        val_size: training images held out for validation when there is no ``val/`` folder (then required);
+            ``None`` with a ``val/`` folder, whose images are the validation set.
+        image_size: ``[height, width]`` (or one number for square images) in pixels that every image is brought
+            to; ``None``: the images' own size, which all must share.
+        channels: 3 (RGB; grey images repeated) or 1 (grey; colour images converted).
+        augment: random crop with ``padding`` and horizontal flip on training batches.
+        padding: pixels of zero padding per side of the random crop (4 for 32x32 images).
+        num_workers: data-loading worker processes (the images are tensors in memory: 0 is enough).
+        split_seed: seed of the fixed train/val split and of ``train_size``'s subset.
+        shuffle_seed: seed of the training order and of the augmentation (functions of this seed and the epoch).
+        cache_dir: writable folder for the decoded images; ``None`` means ``$XDG_CACHE_HOME/lightning_advsel``
+            or ``~/.cache/lightning_advsel``.
+        max_memory_gib: the most GiB the decoded uint8 images may take (``images x channels x height x width``
+            bytes); a larger data set is refused before decoding.
+        return_index: training batches are ``(x, y, index)`` (as :class:`DigitsDataModule`).
+        subset_file: train on a subset chosen from this stability profile (as :class:`DigitsDataModule`).
+        subset_fraction: share of the training split kept with ``subset_file``, in (0, 1].
+        subset_keep: ``"stable"`` or ``"unstable"``: which end of the profile's ranking is kept.
+        train_size: train on this many images of the training split only (a fixed subset drawn with
+            ``split_seed``); ``None``: all of them.
+
+    Raises:
+        ValueError: for a bad argument, naming it and the value; from ``setup``, for a ``val_size`` beside a
+            ``val/`` folder or none without one, an empty class folder, a file that is not an image, images of
+            several sizes without ``image_size``, a ``test/`` or ``val/`` class that ``train/`` lacks, or images
+            above ``max_memory_gib``, each naming the path. ``FileNotFoundError`` (from ``setup``, and from
+            ``num_classes`` before it) if ``train/`` or ``test/`` is missing; ``PermissionError`` (from
+            ``setup``) if ``cache_dir`` is not writable.
+    """
+
+    dataset_name = "the image folders"
+    val_size_optional = True
+
+    def __init__(self, data_dir: str = "data", batch_size: int = 128, val_size: int | None = None,
+                 image_size: int | tuple[int, int] | None = None, channels: Channels = 3, augment: bool = True,
+                 padding: int = 4, num_workers: int = 0, split_seed: int = 0, shuffle_seed: int = 0,
+                 cache_dir: str | None = None, max_memory_gib: float = 4.0, return_index: bool = False,
+                 subset_file: str | None = None, subset_fraction: float = 0.5, subset_keep: Keep = "stable",
+                 train_size: int | None = None) -> None:
+        super().__init__(data_dir, False, batch_size, val_size, augment, padding, num_workers, split_seed,
+                         shuffle_seed, cache_dir, return_index, subset_file, subset_fraction, subset_keep, train_size)
+        self.image_size = _image_size(image_size)
+        if isinstance(channels, bool) or channels not in get_args(Channels):  # True == 1: refused by name
+            raise ValueError(f"`channels` must be one of {get_args(Channels)}, got {channels!r}")
+        self.channels = channels
+        self.max_memory_gib = check_number("max_memory_gib", max_memory_gib, 0, strict=True, unit="GiB")
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
+        self._classes: tuple[str, ...] | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names in label order: ``train/``'s subfolders, sorted."""
+        from lightning_advsel import image_folder
+
+        return self._classes if self._classes is not None else image_folder.class_names(self.data_dir)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of class folders in ``train/``."""
+        return len(self.classes)
 
     @override
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment (training only) and scale uint8 batches to float in [0, 1], on the device the batch is on."""
-        if unpack(batch)[0].dtype != torch.uint8:
-            return batch
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            # The index of this batch in the epoch: Lightning counts a batch as ready only after this hook,
-            # and restores the count on resume, so the seed does not depend on an interruption.
-            position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            return self.training_batch(batch, trainer.current_epoch, position, trainer.global_rank)
-        return self._scaled(batch, None)
+    def _layouts(self) -> str:
+        return f"{Path(self.data_dir) / 'train'}/<class>/* and {Path(self.data_dir) / 'test'}/<class>/*"
 
-    def training_batch(self, batch: Any, epoch: int, position: int, rank: int = 0) -> Any:
-        """A uint8 training batch as the training step at ``position`` of ``epoch`` on ``rank`` receives it:
-        augmented (with ``augment``) and scaled to float in [0, 1]. For a script that reads the training loader
-        without a Trainer."""
-        generator = augment_generator(self.shuffle_seed, epoch, position, rank) if self.augment else None
-        return self._scaled(batch, generator)
+    def _read(self, prepare: bool = False):  # noqa: ANN202 - image_folder.FolderImages, or None
+        from lightning_advsel import image_folder
 
-    @staticmethod
-    def _scaled(batch: Any, generator: torch.Generator | None) -> Any:
-        """``batch`` with its uint8 images cropped and flipped by ``generator`` (unless ``None``), as floats."""
-        x, y, extra = unpack(batch)
-        if generator is not None:
-            x = random_crop_flip(x, generator, padding=4)
-        out = [x.float().div_(255), y, *extra]
-        return tuple(out) if isinstance(batch, tuple) else out
+        return image_folder.load_image_folder(self.data_dir, self.cache_dir, self.image_size, self.channels,
+                                              self.max_memory_gib, prepare=prepare)
+
+    @override
+    def prepare_data(self) -> None:
+        # Once per node before any rank's setup: decode into the cache, so the ranks' setup only loads it.
+        self._read(prepare=True)
+
+    @override
+    def _decoded(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor]]:
+        data = self._read()
+        has_val = "val" in data.splits
+        if has_val == (self.val_size is not None):
+            raise ValueError(
+                f"`val_size` must be None when {Path(self.data_dir) / 'val'} holds the validation images, got "
+                f"{self.val_size}" if has_val else
+                f"`val_size` must be stated (images held out of training for validation): there is no "
+                f"{Path(self.data_dir) / 'val'} folder, got None")
+        self.loaded_from_cache, self._classes = data.from_cache, data.classes
+        return data.splits["train"], data.splits.get("val"), data.splits["test"]
+
+    @override
+    def _load_sets(self) -> tuple[Dataset, Dataset, Dataset]:
+        train, val, test = super()._load_sets()
+        images = train.dataset.tensors[0]
+        self.mean, self.std = _channel_stats(images, train.indices)
+        h, w = images.shape[-2:]
+        rank_zero_info(
+            f"{type(self).__name__}: {len(train)} training, {len(val)} validation and {len(test)} test images of "
+            f"{self.num_classes} classes, {h}x{w}x{images.shape[1]} ({'cache' if self.loaded_from_cache else 'decoded'}"
+            f"); the training split's per-channel mean {[round(m, 4) for m in self.mean]} and std "
+            f"{[round(v, 4) for v in self.std]} (pixels in [0, 1]) are the network's `mean` and `std`"
+        )
+        return train, val, test
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    """``image_size`` as ``(height, width)``: one positive integer for both, a pair, or ``None``."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)):
+        raise ValueError(f"`image_size` must be a positive integer or [height, width] of them, or None, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _channel_stats(images: Tensor, rows: list[int], chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of the uint8 images ``images[rows]`` (``(N, C, H, W)``), in pixel
+    units ([0, 1]), exact: from each channel's histogram of the 256 values."""
+    channels = images.shape[1]
+    counts = torch.zeros(channels, 256, dtype=torch.int64)
+    index = torch.as_tensor(rows, dtype=torch.long)
+    for start in range(0, len(index), chunk):  # a chunk at a time: no copy of the whole data set
+        part = images[index[start:start + chunk]].transpose(0, 1).reshape(channels, -1)
+        for c in range(channels):
+            counts[c] += torch.bincount(part[c], minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum(dim=1).double()
+    mean = (counts * values).sum(dim=1) / n
+    std = ((counts * values.square()).sum(dim=1) / n - mean.square()).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -13,7 +13,7 @@ from conftest import TinyNet
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, AutoAttackConfig
 from lightning_advsel.callbacks import AdaptivePUp, MinimumPerturbation
 from lightning_advsel.checks import check_choice, check_fraction, check_int, check_linf_eps, check_number, check_path
-from lightning_advsel.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
+from lightning_advsel.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNISTDataModule
 
 
 @pytest.mark.parametrize("value", [0, -0.1, 1.01, math.nan, math.inf, "0.5", True, None])
@@ -84,6 +84,7 @@ CHOOSERS = [
     (DigitsDataModule.__init__, DigitsDataModule),
     (MNISTDataModule.__init__, MNISTDataModule),
     (CIFAR10DataModule.__init__, CIFAR10DataModule),
+    (ImageFolderDataModule.__init__, ImageFolderDataModule),
     (AdaptivePUp.__init__, AdaptivePUp),
     (MinimumPerturbation.__init__, MinimumPerturbation),
 ]
