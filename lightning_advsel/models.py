@@ -7,11 +7,11 @@
   of Madry et al.'s PGD training, TRADES, MART and most of RobustBench's CIFAR-10 leaderboard.
 
 The CIFAR networks' parameter names are those of the published code, so that published checkpoints load with
-``load_state_dict``: ``ResNet18`` and ``PreActResNet18`` as in Wong et al.'s fast adversarial training
-(``layer1``...``layer4``, ``linear``), ``WideResNet`` as in TRADES and RobustBench (``block1``...``block3``,
-``fc``). A state dict without the normalization statistics (published weights carry none) keeps the ones the
-network was built with; ``mean=None, std=None`` builds a network without normalization, for weights trained on
-raw pixels (TRADES's, Madry et al.'s).
+``load_state_dict``: ``ResNet18`` and ``PreActResNet18`` as in the CIFAR ResNet code the field shares, Wong et
+al.'s fast adversarial training for the latter (``layer1``...``layer4``, ``linear``), ``WideResNet`` as in TRADES
+and RobustBench (``block1``...``block3``, ``fc``). A state dict without the normalization statistics (published
+weights carry none) keeps the ones the network was built with; ``mean=None, std=None`` builds a network without
+normalization, for weights trained on raw pixels (TRADES's, Madry et al.'s).
 """
 
 from __future__ import annotations
@@ -314,7 +314,8 @@ class WideResNet(nn.Module):
     """WRN-``depth``-``widen_factor`` for 32x32 inputs (Zagoruyko and Komodakis, 2016), as TRADES and RobustBench
     define it: a 3x3 stem of 16 channels, three groups of ``(depth - 4) / 6`` pre-activation blocks of
     ``16k``, ``32k`` and ``64k`` channels (strides 1, 2, 2), BatchNorm-ReLU, global average pooling and ``fc``.
-    Convolutions are initialized from N(0, 2 / (9 x out channels)), BatchNorm to (1, 0), the last bias to 0.
+    Convolutions are initialized from N(0, 2 / fan-out) (kernel area x out channels), BatchNorm to (1, 0), the
+    last bias to 0.
 
     ``WideResNet(34, 10)`` has 46.2 M parameters for 10 classes, ``WideResNet(28, 10)`` 36.5 M. The parameter
     names are TRADES's and RobustBench's (``conv1``, ``block1.layer.0.bn1`` ... ``convShortcut``, ``bn1``,
