@@ -155,13 +155,34 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     return direction / _per_sample_norm(direction) * radius * eps
 
 
-def _project(delta: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+def _project(delta: Tensor, x: Tensor, eps: float | Tensor, norm: str) -> Tensor:
     """Clamp twice: into the eps ball, then so that ``x + delta`` stays in [0, 1]."""
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
     return (x + delta).clamp(0.0, 1.0) - x
+
+
+def draw_start(x: Tensor, attack: AttackConfig, generator: torch.Generator | None,
+               start_std: float | None = None) -> Tensor:
+    """The starting perturbation of one PGD restart, before projection, shape of ``x``: zero without
+    ``random_start``, Gaussian noise of ``start_std`` pixels when given (TRADES), else a uniform point in the eps
+    ball. Drawn from ``generator``, so the eager and the compiled attack (which takes its starts as an input) start
+    from the same points."""
+    if not attack.random_start:
+        return torch.zeros_like(x)
+    if start_std is not None:
+        return start_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _random_start(x, attack.eps, attack.norm, generator)
+
+
+def ascend(delta: Tensor, grad: Tensor, x: Tensor, eps: float | Tensor, alpha: float | Tensor, norm: str) -> Tensor:
+    """One PGD step on the perturbation ``delta`` of ``x``: ``alpha`` along the sign of the input gradient (L-inf)
+    or the normalized gradient (L2), then projected (:func:`_project`). ``eps`` and ``alpha`` in pixels, Python
+    numbers (the eager loop) or 0-d tensors (the compiled one, so that a changing radius is no new graph)."""
+    step = alpha * grad.sign() if norm == "linf" else alpha * grad / _per_sample_norm(grad)
+    return _project(delta + step, x, eps, norm)
 
 
 def pgd(
@@ -267,13 +288,7 @@ def _pgd_loop(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, gene
         best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
         checked = not check_logits
         for _ in range(restarts):
-            if not attack.random_start:
-                delta = torch.zeros_like(x)
-            elif start_std is not None:
-                delta = start_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            else:
-                delta = _random_start(x, eps, norm, generator)
-            delta = _project(delta, x, eps, norm)
+            delta = _project(draw_start(x, attack, generator, start_std), x, eps, norm)
             for _ in range(steps):
                 delta.requires_grad_(True)
                 logits = model(x + delta)
@@ -282,11 +297,7 @@ def _pgd_loop(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, gene
                     checked = True
                 value = F.cross_entropy(logits, y, reduction="sum") if loss is None else loss(logits, y).sum()
                 (grad,) = torch.autograd.grad(value, delta)
-                if norm == "linf":
-                    step = alpha * grad.sign()
-                else:
-                    step = alpha * grad / _per_sample_norm(grad)
-                delta = _project(delta.detach() + step, x, eps, norm)
+                delta = ascend(delta.detach(), grad, x, eps, alpha, norm)
             if restarts == 1:
                 return (x + delta).detach()
             with torch.no_grad():

@@ -35,7 +35,7 @@ DEFAULT_WEIGHT = {"trades": 6.0, "mart": 5.0}  # beta of TRADES, lambda of MART 
 TRADES_START_STD = 0.001  # pixels: TRADES starts its attack from this much Gaussian noise
 
 
-def _kl_rows(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
+def kl_rows(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
     """Per-row ``KL(p(x) || p(x_adv))`` over the classes, shape ``(B,)``."""
     log_clean = F.log_softmax(clean_logits.float(), dim=1)
     return (log_clean.exp() * (log_clean - F.log_softmax(adv_logits.float(), dim=1))).sum(dim=1)
@@ -43,7 +43,7 @@ def _kl_rows(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
 
 def trades_loss(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, beta: float) -> Tensor:
     """Per-sample TRADES objective ``CE(f(x), y) + beta * KL(p(x) || p(x_adv))``, shape ``(B,)``."""
-    return F.cross_entropy(clean_logits.float(), y, reduction="none") + beta * _kl_rows(clean_logits, adv_logits)
+    return F.cross_entropy(clean_logits.float(), y, reduction="none") + beta * kl_rows(clean_logits, adv_logits)
 
 
 def mart_loss(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, lam: float) -> Tensor:
@@ -53,7 +53,7 @@ def mart_loss(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, lam: float) -
     runner_up = others.argmax(dim=1)
     boost = -torch.log((1.0001 - adv_probs.gather(1, runner_up.unsqueeze(1)).squeeze(1)).clamp_min(1e-12))
     true_clean = F.softmax(clean_logits.float(), dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-    consistency = _kl_rows(clean_logits, adv_logits) * (1.0000001 - true_clean)
+    consistency = kl_rows(clean_logits, adv_logits) * (1.0000001 - true_clean)
     return F.cross_entropy(adv_logits.float(), y, reduction="none") + boost + lam * consistency
 
 
@@ -97,17 +97,27 @@ class Objective:
         """Whether a sample is its clean input and adversarial example together (TRADES, MART)."""
         return self.name != "ce"
 
-    def attack_loss(self, model: nn.Module, x: Tensor, mode: Mode) -> Callable[[Tensor, Tensor], Tensor] | None:
-        """What the training attack maximises on ``x``'s rows (``None``: the cross-entropy).
+    @property
+    def attacks_kl(self) -> bool:
+        """Whether the training attack maximises the KL divergence to the clean prediction (TRADES) instead of the
+        attack's own loss; it then forwards the attacked rows once more, for that prediction."""
+        return self.name == "trades"
 
-        TRADES's KL divergence is to the clean prediction, computed here once, without gradients, in the
-        attack's model ``mode``.
-        """
-        if self.name != "trades":
+    def attack_reference(self, model: nn.Module, x: Tensor, mode: Mode) -> Tensor | None:
+        """The clean logits of ``x``'s rows that TRADES's attack loss compares with, computed once, without
+        gradients, in the attack's model ``mode``; ``None`` for the other objectives."""
+        if not self.attacks_kl:
             return None
         with torch.no_grad(), model_mode(model, mode):
-            clean = model(x)
-        return lambda adv_logits, _y: _kl_rows(clean, adv_logits)
+            return model(x)
+
+    def attack_loss(self, model: nn.Module, x: Tensor, mode: Mode) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """What the training attack maximises on ``x``'s rows (``None``: the attack's own loss).
+
+        TRADES's KL divergence is to the clean prediction (:meth:`attack_reference`).
+        """
+        clean = self.attack_reference(model, x, mode)
+        return None if clean is None else lambda adv_logits, _y: kl_rows(clean, adv_logits)
 
     @property
     def start_std(self) -> float | None:

@@ -355,7 +355,7 @@ PHASES = {"score_batch": "advsel/score_batch", "attack": "advsel/attack", "score
 # --------------------------------------------------------------------------------------------------- step
 def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSettings,
                      generator: torch.Generator | None = None,
-                     scope: LocalScope | GlobalScope = LOCAL) -> StepResult:
+                     scope: LocalScope | GlobalScope = LOCAL, attacker: Attacker | None = None) -> StepResult:
     """Attack, select, and return the loss over the selected rows (not yet backpropagated) with its record.
 
     Args:
@@ -367,6 +367,8 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
         settings: the recipe and its fractions, score, attack and objective.
         generator: random generator for PGD starts and random picks (``None``: the global generator).
         scope: :data:`LOCAL`, or :class:`GlobalScope` to select over all DDP processes.
+        attacker: what runs the training attack (:class:`Attacker`); ``None``: :func:`eager_attack`. A
+            :class:`~lightning_advsel.compiled_attack.CompiledPGD` runs it as one compiled graph.
 
     Returns:
         The loss, the selection record (``index`` unset: the caller knows its batch), the scoring logits and
@@ -379,7 +381,7 @@ def adversarial_step(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetti
     with record_function(PHASES["score_batch"]):
         attacked, attack_scores, clean_logits = rows_to_attack(model, x, y, settings, generator, cost)
     with record_function(PHASES["attack"]):
-        x_adv = attack(model, x, y, attacked, settings, generator, cost)
+        x_adv = attack(model, x, y, attacked, settings, generator, cost, attacker or eager_attack)
     with record_function(PHASES["score_pool"]):
         pool = build_pool(x, y, attacked, x_adv, pool_kind)
         selected, pool_scores, pool_logits, k_global, scoring_logits = select_pool(
@@ -422,21 +424,36 @@ def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetting
     return picked, scores, scoring.logits
 
 
+class Attacker(Protocol):
+    """What runs a step's training attack: :func:`eager_attack`, or the compiled
+    :class:`~lightning_advsel.compiled_attack.CompiledPGD`, which gives the same examples from the same draws."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
+                 generator: torch.Generator | None, objective: Objective) -> Tensor: ...
+
+
+def eager_attack(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, generator: torch.Generator | None,
+                 objective: Objective) -> Tensor:
+    """``attack`` on ``(x, y)``, maximising ``objective``'s attack loss (TRADES: the KL to the clean prediction),
+    unchecked: the settings were checked when built and the batch by the caller (the module, on its first batch),
+    so no per-step host syncs of pgd's input checks."""
+    loss = objective.attack_loss(model, x, attack.mode)
+    # Only a paired objective passes its loss and start, so an attack that does not take them keeps working.
+    extra = {} if loss is None and objective.start_std is None else {"loss": loss, "start_std": objective.start_std}
+    return attack.unchecked(model, x, y, generator=generator, **extra)
+
+
 def attack(model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, settings: StepSettings,
-           generator: torch.Generator | None, cost: StepCost | None = None) -> Tensor | None:
+           generator: torch.Generator | None, cost: StepCost | None = None,
+           attacker: Attacker = eager_attack) -> Tensor | None:
     """Adversarial examples of the ``attacked`` rows, maximising the objective's attack loss (``None``: no row)."""
     if not attacked.numel():
         return None
     train, objective = settings.train_attack, settings.objective
-    loss = objective.attack_loss(model, x[attacked], train.mode)  # TRADES: the KL to the clean prediction
-    if cost is not None:
+    if cost is not None:  # TRADES forwards the attacked rows once more, for the clean prediction its loss reads
         cost.attack_grad_steps += attacked.numel() * train.steps * train.restarts
-        cost.forward_rows += attacked.numel() if loss is not None else 0
-    # Only a paired objective passes its loss and start, so an attack that does not take them keeps working.
-    extra = {} if loss is None and objective.start_std is None else {"loss": loss, "start_std": objective.start_std}
-    # Settings were checked when built and the batch by the caller (the module, on its first batch): no
-    # per-step host syncs of pgd's input checks.
-    return train.unchecked(model, x[attacked], y[attacked], generator=generator, **extra)
+        cost.forward_rows += attacked.numel() if objective.attacks_kl else 0
+    return attacker(model, x[attacked], y[attacked], train, generator, objective)
 
 
 def build_pool(x: Tensor, y: Tensor, attacked: Tensor, x_adv: Tensor | None, kind: str) -> Pool:
