@@ -14,6 +14,11 @@
 # records go to the suite cifar10_gpu_MODEL. A WideResNet does 9-12x PreActResNet-18's work per image:
 #
 #   MODEL=wrn34_10 benchmarks/gpu_preset.sh run [RECORDS_DIR]
+#
+# Its AutoAttack tests use torchattacks' port (10 iterations per attack; its records and report say so), not the
+# reference code: pyautoattack's wheel (42 MB, mostly example weights) does not fit beside the 21 MB staged here in
+# the 64 MiB a lent GPU machine takes. For the reference's numbers, evaluate a run's checkpoint afterwards on CPU:
+# lightning-advsel evaluate (README, "Robust accuracy under AutoAttack").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu
