@@ -6,9 +6,12 @@ checkpoint the CLI wrote, then tests it on the data module's test split (the fir
 each attack through ``trainer.test``, the same path as ``lightning-advsel test``:
 
 * PGD-20: the config's validation attack (``eval_attack``);
-* AutoAttack ``apgd``: APGD-CE + APGD-T (torchattacks, AutoAttack's settings);
+* AutoAttack ``apgd``: APGD-CE + APGD-T with the standard version's settings;
 * AutoAttack ``standard``: APGD-CE, APGD-T, FAB-T, Square (5000 queries on the rows still robust: the slow
   part; skip it with ``--no-standard``).
+
+AutoAttack is the reference code (pyautoattack, 100 iterations per attack), or torchattacks' port (10) with
+``--implementation torchattacks``.
 
 Needs the eval extra (``pip install -e ".[eval]"``). Wall times are of this process on this machine; run it
 on an idle one.
@@ -48,6 +51,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="test images per batch")
     parser.add_argument("--seed", type=int, default=0, help="AutoAttack seed")
     parser.add_argument("--no-standard", action="store_true", help="skip the full (slow) AutoAttack")
+    parser.add_argument("--implementation", choices=("reference", "torchattacks"), default="reference",
+                        help="AutoAttack's code (default: reference)")
     args, cli_args = parser.parse_known_args()  # anything else goes to the CLI, e.g. --trainer.max_epochs 1
     args.config = args.config or [str(REPO / "configs" / name) for name in MAIN_JOB]
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -75,10 +80,11 @@ def main() -> None:
         raise SystemExit("the model has no `eval_attack`: its eps and norm are the threat model tested here")
     eps = module.eval_attack.eps
     norm = module.eval_attack.norm
+    chosen = {"eps": eps, "norm": norm, "seed": args.seed, "implementation": args.implementation}
     attacks = [("PGD-20 (eval_attack)", module.eval_attack),
-               ("AutoAttack apgd", AutoAttackConfig(eps=eps, norm=norm, version="apgd", seed=args.seed))]
+               ("AutoAttack apgd", AutoAttackConfig(version="apgd", **chosen))]
     if not args.no_standard:
-        attacks.append(("AutoAttack standard", AutoAttackConfig(eps=eps, norm=norm, seed=args.seed)))
+        attacks.append(("AutoAttack standard", AutoAttackConfig(**chosen)))
     rows = []
     for name, attack in attacks:
         module.test_attack = attack
