@@ -148,6 +148,15 @@ def reproduces(original: dict, record: dict) -> bool | None:
             and abs(tested["clean"] - evaluation["clean"]) < 1e-6)
 
 
+def evaluate_args(step: Step, implementation: str, version: str, batches: int) -> list[str]:
+    """The arguments of ``lightning-advsel evaluate`` for one evaluation of the step's row, less the checkpoint and
+    the report: the row's configs and overrides, and the attack on its first ``batches`` test batches."""
+    return [*_config_args(step.suite, step.run.config), *step.suite.overrides, *step.run.extra,
+            "--trainer.limit_test_batches", str(batches), "--model.init_args.test_attack", "AutoAttackConfig",
+            "--model.init_args.test_attack.eps", str(step.suite.eps), "--model.init_args.test_attack.version", version,
+            "--model.init_args.test_attack.implementation", implementation]
+
+
 def run_step(step: Step, records: Path, runs: Path) -> dict:
     """Run one step in this process and write its results into the row's record; returns the record."""
     from lightning_advsel.cli import evaluate_checkpoint
@@ -163,19 +172,13 @@ def run_step(step: Step, records: Path, runs: Path) -> dict:
     record["weights"] = {"path": str(weights.relative_to(REPO) if weights.is_relative_to(REPO) else weights),
                          "sha256": file_sha256(weights), "bytes": weights.stat().st_size,
                          "kept_beside_record": weights.parent == path.parent}
-    args = [*_config_args(step.suite, step.run.config), *step.suite.overrides, *step.run.extra,
-            "--ckpt_path", str(weights)]
     for implementation, version, batches in step.evaluations:
         key = evaluation_key(implementation, version)
         if key in record["evaluations"]:
             continue
         out = runs / FOLDER / step.suite.name / step.run.run_id / f"{implementation}_{version}.json"
-        record["evaluations"][key] = evaluate_checkpoint([
-            *args, "--out", str(out), "--trainer.limit_test_batches", str(batches),
-            "--model.init_args.test_attack", "AutoAttackConfig",
-            "--model.init_args.test_attack.eps", str(step.suite.eps),
-            "--model.init_args.test_attack.version", version,
-            "--model.init_args.test_attack.implementation", implementation])
+        record["evaluations"][key] = evaluate_checkpoint(
+            ["--ckpt_path", str(weights), "--out", str(out), *evaluate_args(step, implementation, version, batches)])
         original = records / record["original_record"]
         if original.exists():
             record["reproduces_original"] = reproduces(json.loads(original.read_text()), record)

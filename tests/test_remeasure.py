@@ -30,6 +30,22 @@ def test_plan_runs_apgd_on_every_row_seed_zero_first_then_the_standard_versions_
     assert mnist_standard.evaluations == (("reference", "standard", 5),)  # the 500 images of the records
 
 
+def test_every_evaluation_of_the_plan_resolves_through_the_cli(tmp_path):
+    """The evaluate command's arguments of each kind of step: a typo would only fail hours into the plan."""
+    from lightning_advsel import AutoAttackConfig
+    from lightning_advsel.cli import build_cli
+
+    for step in remeasure.plan(reproduce.suites(str(tmp_path))):
+        if step.run.seed or step.run.name != "robust":
+            continue
+        for implementation, version, batches in step.evaluations:
+            cli = build_cli([*remeasure.evaluate_args(step, implementation, version, batches), "--trainer.logger",
+                             "false"], run=False)
+            assert cli.model.test_attack == AutoAttackConfig(eps=step.suite.eps, version=version,
+                                                             implementation=implementation)
+            assert cli.trainer.limit_test_batches == batches and cli.datamodule.batch_size == 100
+
+
 def run(row: str, seed: int, apgd: float, standard: float | None = None) -> dict:
     test = {"pgd20": {"clean": 0.9, "robust": 0.5, "images": 100},
             "aa_apgd": {"clean": 0.9, "robust": apgd, "images": 100, "attack": "AutoAttack apgd (APGD-CE, APGD-T)"}}
