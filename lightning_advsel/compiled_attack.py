@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, get_args
 
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.torch_version import TorchVersion
+from torch.utils import _python_dispatch
 
 from lightning_advsel.attacks import (
     _TORCH_BATCHNORM_FORWARDS,
@@ -82,6 +84,16 @@ def check_torch(version: str | None = None) -> None:
     if found < TESTED_TORCH:
         rank_zero_info(f"compile_attack: torch {found} is older than {tested}, the release the compiled attack was "
                        f"tested against on CPU; compare it with the eager attack (benchmarks/gpu_speed.py does)")
+
+
+def under_dispatch_mode() -> bool:
+    """Whether a ``TorchDispatchMode`` is active that dynamo compiles nothing under (a ``FlopCounterMode``, a memory
+    or operator counter): a compiled call would then skip its frame, and ``fullgraph=True`` raise."""
+    for name in ("any_torch_dispatch_mode_on_stack", "is_in_any_mode_without_ignore_compile_internals"):
+        check = getattr(_python_dispatch, name, None)  # the first: torch >= 2.14; the second: the releases before
+        if callable(check):
+            return check()
+    return _python_dispatch._get_current_dispatch_mode() is not None
 
 
 def attack_values(logits: Tensor, y: Tensor, loss: AttackValue, reference: Tensor | None = None) -> Tensor:
@@ -211,6 +223,11 @@ class CompiledPGD:
     Attributes:
         compile_seconds: by graph key, the seconds of the call that compiled it (its one run included).
         eager_calls: calls that ran the eager attack.
+        graph_calls: calls of a compiled graph (one a batch with ``"loop"``, ``steps`` with ``"step"``); each is one
+            launch when replayed as a CUDA graph.
+        graph_context: a context manager factory each compiled graph's call runs in (``nullcontext``); a counter of
+            dispatched operators pauses there (``benchmarks/host_work.py``), since dynamo compiles nothing under a
+            dispatch mode and the attack would run eagerly.
 
     Raises:
         ValueError: for an unknown ``graph``, ``max_graphs`` below 1, or a ``mode`` with a backend other than
@@ -232,7 +249,8 @@ class CompiledPGD:
         target = pgd_graph if graph == "loop" else pgd_step_graph
         self._compiled = torch.compile(target, fullgraph=True, dynamic=False, backend=backend, **options)
         self.compile_seconds: dict[tuple, float] = {}
-        self.eager_calls = 0
+        self.eager_calls = self.graph_calls = 0
+        self.graph_context: Callable[[], AbstractContextManager] = nullcontext
         self._said: set[str] = set()
         self._radius: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, list[float]]] = {}
         # By model, weakly: a wrapper built on each access leaves with its step.
@@ -259,6 +277,10 @@ class CompiledPGD:
             if key not in self.compile_seconds and self.compilations >= self.max_graphs:
                 reason = (f"`max_graphs`={self.max_graphs} graphs are compiled already; this batch of "
                           f"{tuple(x.shape)} runs eagerly")
+            with self.graph_context():
+                if under_dispatch_mode():
+                    mode = type(_python_dispatch._get_current_dispatch_mode()).__name__
+                    reason = f"a TorchDispatchMode ({mode}) is active, and dynamo compiles nothing under one"
         if reason is not None:
             self._say(reason)
             self.eager_calls += 1
@@ -289,20 +311,26 @@ class CompiledPGD:
         if self.cudagraphs:  # a new step: the buffers of the previous one's replays may be reused
             torch.compiler.cudagraph_mark_step_begin()
         if self.graph == "loop":
-            return self._compiled(model, params, buffers, x, y, starts, eps, alpha, reference, steps=attack.steps,
-                                  norm=attack.norm, loss=loss)
+            return self._graph(model, params, buffers, x, y, starts, eps, alpha, reference, steps=attack.steps,
+                               norm=attack.norm, loss=loss)
         best, best_score = x, torch.full((x.shape[0],), float("-inf"), device=x.device)
         for start in starts:
             delta = _project(start, x, eps, attack.norm)
             for _ in range(attack.steps):
-                delta = self._compiled(model, params, buffers, x, y, delta, eps, alpha, reference, norm=attack.norm,
-                                       loss=loss)
+                delta = self._graph(model, params, buffers, x, y, delta, eps, alpha, reference, norm=attack.norm,
+                                    loss=loss)
             if attack.restarts == 1:
                 return x + delta
             with torch.no_grad():
                 logits = model(x + delta)
             best, best_score = _keep_stronger(best, best_score, x + delta, logits, y, loss, reference)
         return best
+
+    def _graph(self, *args: Any, **kwargs: Any) -> Tensor:
+        """One call of the compiled graph, in :attr:`graph_context`."""
+        self.graph_calls += 1
+        with self.graph_context():
+            return self._compiled(*args, **kwargs)
 
     def _key(self, model: nn.Module, signature: tuple, x: Tensor, attack: AttackConfig,
              objective: Objective) -> tuple:
