@@ -95,7 +95,7 @@ def test_a_module_step_waits_for_the_device_only_in_the_policys_agreements_and_t
         # Lightning's, which turns every step value shown in the progress bar (train/loss) into a number.
         assert row["host_waits"] == 3, row["sites"]
         ours = {site: n for site, n in row["sites"].items() if "lightning_advsel" in site}
-        assert list(ours.values()) == [2] and all("(_agree)" in site and site.startswith("tolist") for site in ours)
+        assert list(ours.values()) == [2] and all("(agree)" in site and site.startswith("tolist") for site in ours)
         assert [site for site in row["sites"] if site not in ours] == [
             next(site for site in row["sites"] if "logger_connector/result.py" in site)], row["sites"]
     # No more operators than the hand-written step: the module's own (metrics, logging, checks) are fewer than
@@ -115,10 +115,10 @@ def test_the_modules_other_settings_wait_only_where_the_data_decide_a_size(capsy
     settings = {r["recipe"]: r for r in record["settings"]}
     # A validation batch waits once: its input and label agreement before the attack, which skips pgd's checks.
     validation = settings.pop("validation batch, PGD-1")
-    assert validation["host_waits"] == 1 and all("(_agree)" in site for site in validation["sites"])
+    assert validation["host_waits"] == 1 and all("(agree)" in site for site in validation["sites"])
     assert set(settings) == {label for label, *_ in host_work.SETTINGS}
     for label, row in settings.items():
-        extra = {site: n for site, n in row["sites"].items() if "lightning_advsel" in site and "(_agree)" not in site}
+        extra = {site: n for site, n in row["sites"].items() if "lightning_advsel" in site and "(agree)" not in site}
         if label == "selective margin p_up 0.75, TRADES":
             assert list(extra.values()) == [1] and "(__post_init__)" in next(iter(extra)), row["sites"]
         else:
