@@ -1,47 +1,77 @@
 #!/usr/bin/env bash
-# SPEED.md's GPU tables in one go on one CUDA GPU: ResNet-18 PGD-10 in bf16 with channels-last weights (images
-# per second per recipe, the module against the plain loop, the share of the measured bf16 peak, and a profile
-# of robust and selective training), then the same without channels-last, then with torch.compile. Each stage
-# appends to OUT/gpu.json and keeps its printout in OUT/; a stage that fails or runs out of its time
-# (STAGE_SECONDS, 180 by default: at most 9 minutes for the three stages) does not stop the next. The first
-# stage is the whole measurement; the other two are comparisons. Needs torch, lightning and torchmetrics only;
-# the package is used from this checkout (no install).
+# SPEED.md's GPU tables in one go on one CUDA GPU, the most telling stage first, within TOTAL_SECONDS (480 by
+# default: about 8 minutes) for the whole call:
+#
+#   1. attack_compiled: the training step with its PGD attack compiled into one graph (CUDA graphs) against the
+#      same step with the eager attack and the plain loop, for robust, selective margin and ds
+#      (benchmarks/compiled_speed.py: images per second, device busy share, launches per step, compile seconds,
+#      share of the bf16 peak, and the issue's three targets). The option off and on, side by side.
+#   2. bf16_channels_last: the module under a Trainer, ResNet-18 PGD-10 in bf16 with channels-last weights, against
+#      the plain loop, with a profile of robust and selective training (benchmarks/gpu_speed.py).
+#   3. attack_compiled_loop (LOOP=1, the default): stage 1 with the whole PGD loop as one graph instead of one step
+#      replayed.
+#   4. bf16_nchw (NCHW=1), bf16_channels_last_compile (COMPILE=1), bf16_channels_last_cudagraphs (CUDAGRAPHS=1):
+#      the earlier comparisons, off by default.
+#
+# Each stage writes its results as it finishes (OUT/compiled.json, compiled_speed.py's, recipe by recipe;
+# OUT/gpu.json, gpu_speed.py's) and keeps its printout in OUT/NAME.txt; a stage that fails or runs out of its time
+# (STAGE_SECONDS, 240 by default, or what is left of TOTAL_SECONDS) does not stop the next, and a stage that would
+# start with less than 30 s left is skipped and named. Needs torch, lightning and torchmetrics only; the package
+# is used from this checkout (no install).
 #
 #   benchmarks/gpu_speed.sh [OUT]                 # default OUT: gpu-speed/
-#   COMPILE=0 benchmarks/gpu_speed.sh OUT         # without the torch.compile stage
-#   CUDAGRAPHS=1 benchmarks/gpu_speed.sh OUT      # and a fourth: torch.compile's reduce-overhead mode (CUDA graphs)
-#   GPU_SPEED_ARGS="--device cpu --quick --precision 32-true" COMPILE=0 benchmarks/gpu_speed.sh OUT  # CPU check
+#   LOOP=0 benchmarks/gpu_speed.sh OUT            # without stage 3
 #   MODEL=wrn34_10 benchmarks/gpu_speed.sh OUT    # another network: a configs/models/ overlay's name
+#   GPU_SPEED_ARGS="--device cpu --quick --precision 32-true" \
+#     COMPILED_SPEED_ARGS="--device cpu --quick --precision 32-true --attack-backend aot_eager" \
+#     benchmarks/gpu_speed.sh OUT                 # the code path on CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-speed}"
 mkdir -p "$out"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-read -r -a extra <<< "${GPU_SPEED_ARGS:-}"
-[ -n "${MODEL:-}" ] && extra+=(--model "$MODEL")
-stage_seconds="${STAGE_SECONDS:-180}"
+read -r -a gpu_args <<< "${GPU_SPEED_ARGS:-}"
+read -r -a compiled_args <<< "${COMPILED_SPEED_ARGS:-}"
+if [ -n "${MODEL:-}" ]; then
+  gpu_args+=(--model "$MODEL")
+  compiled_args+=(--model "$MODEL")
+fi
+stage_seconds="${STAGE_SECONDS:-240}"
+deadline=$((SECONDS + ${TOTAL_SECONDS:-480}))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
 failed=0
 
-stage() {  # stage NAME ARGS...: one run of gpu_speed.py, its printout in OUT/NAME.txt
-  local name="$1"
-  shift
-  echo "== $name: gpu_speed.py $*"
-  if ! timeout "$stage_seconds" "$python" benchmarks/gpu_speed.py --json "$out/gpu.json" "$@" "${extra[@]}" \
-      > "$out/$name.txt" 2>&1; then
-    echo "   failed or out of its ${stage_seconds} s (see $out/$name.txt)"
+stage() {  # stage NAME SCRIPT ARGS...: one run of benchmarks/SCRIPT, its printout in OUT/NAME.txt
+  local name="$1" script="$2" left=$((deadline - SECONDS))
+  shift 2
+  if [ "$left" -lt 30 ]; then
+    echo "== $name: skipped, ${left} s left of the call's ${TOTAL_SECONDS:-480} s"
+    failed=1
+    return
+  fi
+  local limit=$((left < stage_seconds ? left : stage_seconds))
+  echo "== $name: $script $*"
+  if ! timeout "$limit" "$python" "benchmarks/$script" "$@" > "$out/$name.txt" 2>&1; then
+    echo "   failed or out of its ${limit} s (see $out/$name.txt)"
     failed=1
   fi
-  grep -E '^\||^busy|^whole script|^network' "$out/$name.txt" || tail -5 "$out/$name.txt"
+  grep -E '^\||^busy|^whole script|^network|^compiled attack check' "$out/$name.txt" || tail -5 "$out/$name.txt"
 }
 
-stage bf16_channels_last --profile robust "selective margin"
-stage bf16_nchw --no-channels-last
-if [ "${COMPILE:-1}" = 1 ]; then
-  stage bf16_channels_last_compile --compile --rounds 1  # a compilation per recipe and round
+stage attack_compiled compiled_speed.py --json "$out/compiled.json" "${compiled_args[@]}"
+stage bf16_channels_last gpu_speed.py --json "$out/gpu.json" --profile robust "selective margin" "${gpu_args[@]}"
+if [ "${LOOP:-1}" = 1 ]; then
+  stage attack_compiled_loop compiled_speed.py --json "$out/compiled.json" --attack-graph loop "${compiled_args[@]}"
 fi
-if [ "${CUDAGRAPHS:-0}" = 1 ]; then
-  stage bf16_channels_last_cudagraphs --compile-mode reduce-overhead --rounds 1  # torch.compile's CUDA graphs
+if [ "${NCHW:-0}" = 1 ]; then
+  stage bf16_nchw gpu_speed.py --json "$out/gpu.json" --no-channels-last "${gpu_args[@]}"
+fi
+if [ "${COMPILE:-0}" = 1 ]; then
+  stage bf16_channels_last_compile gpu_speed.py --json "$out/gpu.json" --compile --rounds 1 "${gpu_args[@]}"
+fi
+if [ "${CUDAGRAPHS:-0}" = 1 ]; then  # torch.compile's CUDA graphs around the network only
+  stage bf16_channels_last_cudagraphs gpu_speed.py --json "$out/gpu.json" --compile-mode reduce-overhead --rounds 1 \
+    "${gpu_args[@]}"
 fi
 exit "$failed"

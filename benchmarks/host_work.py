@@ -20,10 +20,17 @@ step, logging and metrics, and what Lightning does between batches (its loggers'
 batch); the plain loop's is ``speed.plain_step`` and the fetch of its next batch. Same network, images, attack and
 optimizer; the third step of each is counted (after the first steps' lazy initialization). A second table
 counts the module in other settings (:data:`SETTINGS`: the paired objectives, the selective authors' clean rows,
-the callbacks that read every step's selection) and a validation batch, which the plain loop does not have::
+the callbacks that read every step's selection) and a validation batch, which the plain loop does not have. A third
+counts the package's step outside a Trainer (``adversarial_step``, backward, SGD) per recipe with the eager attack and
+with the attack compiled into one graph (``lightning_advsel.compiled_attack.CompiledPGD``; the module's
+``compile_attack`` is not wired yet). The compiled step is counted as the eager one, after the first steps compiled
+its graphs; dynamo compiles nothing under a dispatch mode, so the counters pause during each call of a compiled graph
+(``CompiledPGD.graph_context``) and the graph's calls are counted instead: each is one launch when replayed as a CUDA
+graph, and none can wait for the device (``fullgraph=True`` refuses the graph break a host read would be)::
 
     python benchmarks/host_work.py                   # ResNet-18, PGD-10, robust / ds / selective recipes
     python benchmarks/host_work.py --json host.json  # and append the results
+    python benchmarks/host_work.py --tables compiled --attack-backend aot_eager   # the compiled table, no codegen
 
 It times nothing: on a CPU even tiny images leave a ResNet-18 step computing (its 11 million weights' gradients
 and update), not dispatching: a step of 8x8 images at batch 8 took about 230 ms on our 2-core machine for some
@@ -38,23 +45,27 @@ import logging
 import tempfile
 import traceback
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from compiled_speed import make_attacker, settings_of
 from gpu_speed import RECIPES, make_module, plain_label, recipe_of, sgd, train_attack
 from lightning.pytorch.callbacks import Callback
-from speed import append_json, machine, make_trainer, plain_step
+from speed import append_json, machine, make_trainer, plain_step, update
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel.callbacks import SelectionMakeup, StabilityProfile
+from lightning_advsel.compiled_attack import GRAPHS
 from lightning_advsel.models import ResNet18
+from lightning_advsel.step import adversarial_step
 
 COUNTED_STEP = 2  # the third training step (batch index 2)
 # Tensor methods and torch functions that read a device value on the host (``bincount`` on a GPU reads the
@@ -226,6 +237,44 @@ def count_plain(label: str, args: argparse.Namespace) -> dict:
     return table_row(plain_label(recipe, p_up), ops, waits)
 
 
+@contextmanager
+def paused(*modes: Any) -> Iterator[None]:
+    """The block without the counting ``modes`` (given in the order they were entered), which resume after it."""
+    for mode in reversed(modes):
+        mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        for mode in modes:
+            mode.__enter__()
+
+
+def count_step(label: str, args: argparse.Namespace, compiled: bool) -> dict:
+    """The package's step of the recipe row ``label`` outside a Trainer (``adversarial_step``, backward, SGD, the
+    next batch's fetch, as the plain loop's count), with the eager or the compiled attack; the third step counted."""
+    recipe, p_up = recipe_of(label)
+    x, y = images(args)
+    torch.manual_seed(0)
+    model = ResNet18().train()
+    optimizer, settings, attacker = sgd(model.parameters()), settings_of(recipe, p_up, args), make_attacker(args)
+    autocast = args.precision == "bf16-mixed"
+    ops, waits = Operators(), HostWaits()
+    batches = iter(DataLoader(TensorDataset(x, y), batch_size=args.batch_size))
+    xb, yb = next(batches)
+    for i in range(COUNTED_STEP + 1):
+        counted = i == COUNTED_STEP  # after the steps that compiled the attack's graphs
+        calls = attacker.graph_calls
+        attacker.graph_context = (lambda: paused(waits, ops)) if counted else nullcontext
+        with waits if counted else nullcontext(), ops if counted else nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = adversarial_step(model, xb, yb, settings, torch.Generator().manual_seed(i),
+                                       attacker=attacker if compiled else None)
+            update(optimizer, out.loss)
+            xb, yb = next(batches)
+    row = table_row(f"{label}, step, {'compiled' if compiled else 'eager'} attack", ops, waits)
+    return {**row, "graph_calls": attacker.graph_calls - calls, "eager_calls": attacker.eager_calls}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
@@ -233,8 +282,16 @@ def main(argv: list[str] | None = None) -> dict:
                         "with it; selective recipes need >= 4 so that their half keeps 2 rows per BatchNorm)")
     parser.add_argument("--image-size", type=int, default=8, help="pixels per side (counts do not grow with it)")
     parser.add_argument("--pgd-steps", type=int, default=10, help="steps of the training attack")
-    parser.add_argument("--tables", choices=["both", "recipes", "settings"], default="both",
-                        help="count the recipes against the plain loop, the module's other settings, or both")
+    parser.add_argument("--tables", choices=["all", "both", "recipes", "settings", "compiled"], default="all",
+                        help="count the recipes against the plain loop, the module's other settings, both, the "
+                        "package's step with the eager and the compiled attack, or all three")
+    parser.add_argument("--attack-backend", default="inductor",
+                        help="the compiled table's torch.compile backend (aot_eager: no code generation)")
+    parser.add_argument("--attack-graph", choices=GRAPHS, default="step",
+                        help="the compiled table: one PGD step replayed, or the whole loop, as the graph")
+    parser.add_argument("--step-recipes", nargs="*", choices=[label for label, _, _ in RECIPES],
+                        default=[label for label, _, _ in RECIPES], metavar="RECIPE",
+                        help="the compiled table's recipe rows (default: all of them)")
     parser.add_argument("--json", type=Path, default=None, help="append the results to this JSON list")
     args = parser.parse_args(argv)
     for name in ("batch_size", "image_size", "pgd_steps"):
@@ -242,17 +299,19 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_size < 4:
         parser.error(f"--batch-size must be >= 4 (selective recipes attack half of it), got {args.batch_size}")
-    args.channels_last, args.compile = False, False  # what gpu_speed.make_module reads
+    args.channels_last, args.compile, args.device = False, False, "cpu"  # what gpu_speed and compiled_speed read
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|val_dataloader).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rows, others = [], []
-    for label, _, _ in RECIPES if args.tables != "settings" else []:
+    rows, others, steps = [], [], []
+    for label, _, _ in RECIPES if args.tables in ("all", "both", "recipes") else []:
         rows.append(count_module(label, args))
         if plain_label(*recipe_of(label)):  # the recipes gpu_speed.py also runs as the plain loop
             rows.append(count_plain(label, args))
-    if args.tables != "recipes":
+    if args.tables in ("all", "both", "settings"):
         others = [count_module(label, args, row, settings, callbacks) for label, row, settings, callbacks in SETTINGS]
         others.append(count_validation(args))
+    if args.tables in ("all", "compiled"):
+        steps = [count_step(label, args, compiled) for label in args.step_recipes for compiled in (False, True)]
     print(f"ResNet-18, PGD-{args.pgd_steps}, {args.precision}, one training step; {machine('cpu')}\n")
     for title, table in (("recipe", rows), ("other setting (module only)", others)):
         if not table:
@@ -261,12 +320,20 @@ def main(argv: list[str] | None = None) -> dict:
         for r in table:
             print(f"| {r['recipe']} | {r['operators']} | {r['host_waits']} |")
         print()
+    if steps:
+        print(f"| package step (no Trainer; attack graph: {args.attack_graph}, {args.attack_backend}) | operators / "
+              f"step, outside a compiled graph | compiled graph calls / step | host waits / step |\n"
+              f"| --- | ---: | ---: | ---: |")
+        for r in steps:
+            print(f"| {r['recipe']} | {r['operators']} | {r['graph_calls']} | {r['host_waits']} |")
+        print()
     print("Where the waits are:\n")
-    for r in rows + others:
+    for r in rows + others + steps:
         for site, n in sorted(r["sites"].items()):
             print(f"- {r['recipe']}: {n} x {site}")
     record = {"machine": machine("cpu"), "precision": args.precision, "pgd_steps": args.pgd_steps,
-              "batch_size": args.batch_size, "image_size": args.image_size, "rows": rows, "settings": others}
+              "batch_size": args.batch_size, "image_size": args.image_size, "rows": rows, "settings": others,
+              "steps": steps, "attack_graph": args.attack_graph, "attack_backend": args.attack_backend}
     if args.json is not None:
         append_json(args.json, record)
     return record

@@ -138,7 +138,8 @@ def gpu_speed_section(folder: Path, top: int = 3) -> list[str]:
     profiles' busy share, launches and top operators, as markdown."""
     from gpu_speed import format_tables
 
-    results = [r for r in full_speed_results(folder) if "peak_flops" in r]
+    # compiled_speed.py's results (the step with its attack compiled) have a table of their own: SPEED.md.
+    results = [r for r in full_speed_results(folder) if "peak_flops" in r and not r.get("compiled_attack")]
     if not results:
         return []
     lines = ["## Speed on a GPU", "", "From `benchmarks/gpu_speed.py` (ResNet-18, PGD-10, random CIFAR-10-shaped "
@@ -396,3 +397,60 @@ def write_report(records: Path, out: Path) -> None:
     lines += gpu_speed_section(records / SPEED)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+    readme = out.parent.parent / "README.md"
+    if readme.exists() and HEADLINE_START in readme.read_text():
+        write_headline(records, readme)
+        print(f"wrote the headline of {readme}")
+
+
+# The README's headline table: the recipes the two papers compare, on the suites whose every row has three seeds.
+HEADLINE_SUITES = {"mnist": ("MNIST", "MNIST at eps 0.1"),
+                   "cifar10_bn": ("CIFAR-10", "CIFAR-10 (JPEG copy) at eps 8/255, SmallCNN with BatchNorm")}
+IMPLEMENTATION_NAMES = {"torchattacks": "torchattacks' port", "reference": "the reference code"}
+HEADLINE_ROWS = {"robust": "robust training (Madry)", "selective_margin": "selective, margin, half attacked",
+                 "ds": "DS, P_up 0.5", "random": "random half of the DS pool"}
+HEADLINE_START = "<!-- headline: written by `python benchmarks/reproduce.py report` from the records -->"
+HEADLINE_END = "<!-- /headline -->"
+
+
+def headline(records: Path) -> list[str]:
+    """The README's headline table (between :data:`HEADLINE_START` and :data:`HEADLINE_END`): AutoAttack (apgd)
+    accuracy and cost against robust training of :data:`HEADLINE_ROWS` on :data:`HEADLINE_SUITES`, from the same
+    records, aggregation and implementation as the suites' tables in ``RESULTS.md``."""
+    data, remeasured = load(records), load_remeasured(records)
+    columns, cells, notes = [], {row: [] for row in HEADLINE_ROWS}, []
+    for suite, (label, described) in HEADLINE_SUITES.items():
+        rows = {row: data[suite][row] for row in HEADLINE_ROWS}
+        for recs in rows.values():
+            for r in recs:
+                r["autoattack"] = autoattack_results(r, remeasured.get((suite, r["row"], r["seed"])))
+        timing_path = records / timing_suite(suite) / "timing.json"
+        timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+        _, points = suite_table(suite, rows, timing)
+        timed = all(p["time"] is not None for p in points)
+        implementation = points[0]["implementation"]
+        images = sorted({_aa(r)["apgd", implementation]["images"] for recs in rows.values() for r in recs})
+        columns += [f"{label}: AutoAttack %", f"{label}: {'time' if timed else 'FLOPs'} / robust"]
+        for p in points:
+            cost = p["time"] if timed else p["flops"]
+            cells[p["row"]] += [_fmt(*p["aa"]), f"{cost:.2f}"]
+        seeds = sorted({len(recs) for recs in rows.values()})
+        notes.append(f"{described}: {', '.join(map(str, images))} test images, AutoAttack (apgd) by "
+                     f"{IMPLEMENTATION_NAMES.get(implementation, implementation)}, {'/'.join(map(str, seeds))} seeds "
+                     f"per row, cost in {'training wall time' if timed else 'training FLOPs (not timed)'}")
+    return [HEADLINE_START,
+            "| recipe | " + " | ".join(columns) + " |",
+            "| --- |" + " ---: |" * len(columns),
+            *(f"| {HEADLINE_ROWS[row]} | " + " | ".join(values) + " |" for row, values in cells.items()),
+            "",
+            "Mean ± standard deviation over seeds; " + "; ".join(notes) + ". Generated from "
+            "[benchmarks/RESULTS.md](benchmarks/RESULTS.md)'s records.",
+            HEADLINE_END]
+
+
+def write_headline(records: Path, readme: Path) -> None:
+    """Replace the headline table of ``readme`` with :func:`headline`'s."""
+    text = readme.read_text()
+    before, rest = text.split(HEADLINE_START, 1)
+    after = rest.split(HEADLINE_END, 1)[1]
+    readme.write_text(before + "\n".join(headline(records)) + after)

@@ -71,6 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
+from lightning_advsel.compiled_attack import GRAPHS, CompiledPGD
 from lightning_advsel.data import DigitsDataModule, MNISTDataModule
 from lightning_advsel.models import SmallCNN
 from lightning_advsel.step import PHASES, StepSettings, adversarial_step
@@ -377,18 +378,27 @@ STEP_PAIRS = [
     # The control: one recipe against itself shows how finely this machine resolves a ratio.
     StepPair("ds p_up 1", "ds p_up 1 (again)", {"recipe": "ds", "p_up": 1.0}, {"recipe": "ds", "p_up": 1.0}),
 ]
+# ``--compile-attack``: each recipe's step with its attack compiled into one graph
+# (lightning_advsel.compiled_attack.CompiledPGD) against the same step with the eager attack.
+COMPILED_PAIRS = [
+    StepPair(f"{label}, compiled attack", f"{label}, eager attack", {**recipe, "compiled": True}, recipe)
+    for label, recipe in (("robust", {"recipe": "robust", "p_up": 1.0}), ("ds p_up 0.5", {"recipe": "ds", "p_up": 0.5}),
+                          ("selective margin 0.5", {"recipe": "selective", "p_up": 1.0}))
+]
 
 
 def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               settings: StepSettings | str, seed: int, device: torch.device, attack: AttackConfig) -> float:
+               settings: StepSettings | str, seed: int, device: torch.device, attack: AttackConfig,
+               attacker: CompiledPGD | None = None) -> float:
     """Seconds of one training step: as the module runs it (the step's data path, backward, optimizer step) for
-    ``StepSettings``, or the hand-written loop's step of the recipe named by a string."""
+    ``StepSettings``, with the compiled ``attacker`` when given, or the hand-written loop's step of the recipe
+    named by a string."""
     start = now(device)
     if isinstance(settings, str):
         plain_step(model, optimizer, x, y, settings, 1.0, attack)
         return now(device) - start
     generator = torch.Generator(device).manual_seed(seed)
-    update(optimizer, adversarial_step(model, x, y, settings, generator).loss)
+    update(optimizer, adversarial_step(model, x, y, settings, generator, attacker=attacker).loss)
     return now(device) - start
 
 
@@ -398,9 +408,12 @@ def recipe_of(settings: StepSettings | str) -> tuple[str, float]:
 
 
 def run_step_pairs(setup: Setup, data: L.LightningDataModule, steps: int, warmup: int, device: str,
-                   seed: int) -> list[dict]:
+                   seed: int, pairs: list[StepPair] = STEP_PAIRS,
+                   compiler: Callable[[], CompiledPGD] | None = None) -> list[dict]:
     """For each pair, ``warmup`` + ``steps`` batches, each trained by both recipes back to back (in turn first),
-    each recipe with its own network from the same initialization: the median of the per-batch time ratios.
+    each recipe with its own network from the same initialization: the median of the per-batch time ratios. A side
+    with ``"compiled": True`` attacks with a ``compiler()`` of its own, whose compilation falls in the warm-up; its
+    seconds are the row's ``compile_s``.
 
     Steps a second apart share the machine's speed far better than epochs do, so this resolves the step's own
     saving (what :func:`~lightning_advsel.step.adversarial_step` and the update do) more finely than the epoch
@@ -408,21 +421,23 @@ def run_step_pairs(setup: Setup, data: L.LightningDataModule, steps: int, warmup
     """
     dev = torch.device(device)
     out = []
-    for pair in STEP_PAIRS:
+    for pair in pairs:
         trained = []
         for options in (pair.a_recipe, pair.b_recipe):
             torch.manual_seed(seed)
             model = setup.make_model().to(dev).train()
+            options = dict(options)
+            attacker = compiler() if options.pop("compiled", False) and compiler is not None else None
             settings = options["plain"] if "plain" in options else StepSettings(
                 attack_frac=0.5, attack_score="margin", train_attack=setup.attack, **options)
-            trained.append((model, torch.optim.Adam(model.parameters(), lr=setup.lr), settings))
+            trained.append((model, torch.optim.Adam(model.parameters(), lr=setup.lr), settings, attacker))
         times: list[list[float]] = [[], []]
         batches = iter(cycle_loader(data))
         for i in range(warmup + steps):
             x, y = (t.to(dev) for t in next(batches))
             for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                model, optimizer, settings = trained[j]
-                seconds = timed_step(model, optimizer, x, y, settings, seed + i, dev, setup.attack)
+                model, optimizer, settings, attacker = trained[j]
+                seconds = timed_step(model, optimizer, x, y, settings, seed + i, dev, setup.attack, attacker)
                 if i >= warmup:
                     times[j].append(seconds)
         ratios = [a / b for a, b in zip(*times, strict=True)]
@@ -433,8 +448,17 @@ def run_step_pairs(setup: Setup, data: L.LightningDataModule, steps: int, warmup
                     "a_median_ms": 1000 * statistics.median(times[0]),
                     "b_median_ms": 1000 * statistics.median(times[1]), "measured": statistics.median(ratios),
                     "q1": quartiles[0], "q3": quartiles[2], "min": min(ratios), "max": max(ratios),
-                    "floor": floor})
+                    "floor": floor, **compiled_counts(trained)})
     return out
+
+
+def compiled_counts(trained: list[tuple]) -> dict:
+    """A pair's compiled side: its graphs' compile seconds and the batches it ran eagerly (none, if it worked)."""
+    attackers = [side[3] for side in trained if side[3] is not None]
+    if not attackers:
+        return {}
+    return {"compile_s": sum(sum(a.compile_seconds.values()) for a in attackers),
+            "graphs": sum(a.compilations for a in attackers), "eager_calls": sum(a.eager_calls for a in attackers)}
 
 
 def cycle_loader(data: L.LightningDataModule) -> Iterator[tuple[Tensor, Tensor]]:
@@ -444,11 +468,14 @@ def cycle_loader(data: L.LightningDataModule) -> Iterator[tuple[Tensor, Tensor]]
 
 
 def format_step_pairs(rows: list[dict]) -> str:
+    """The step pairs as markdown; with a compiled attack, its compile seconds in a last column."""
+    compiled = any("compile_s" in r for r in rows)
     lines = ["| comparison | steps | a, ms / step | b, ms / step | median ratio | quartiles | spread (min - max) "
-             "| FLOP floor |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| FLOP floor |" + (" compile s |" if compiled else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if compiled else "")]
     lines += [f"| {r['comparison']} | {r['steps']} | {r['a_median_ms']:.1f} | {r['b_median_ms']:.1f} | "
               f"{r['measured']:.3f} | {r['q1']:.3f} - {r['q3']:.3f} | {r['min']:.3f} - {r['max']:.3f} | "
-              f"{r['floor']:.3f} |" for r in rows]
+              f"{r['floor']:.3f} |" + (f" {r.get('compile_s', 0.0):.1f} |" if compiled else "") for r in rows]
     return "\n".join(lines)
 
 
@@ -579,17 +606,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=15, help="--profile: operators shown per recipe")
     parser.add_argument("--step-pairs", type=int, default=0, metavar="N",
                         help="instead of epochs: N batches per pair of recipes, their steps back to back")
+    parser.add_argument("--compile-attack", action="store_true",
+                        help="with --step-pairs: each recipe's step with the attack compiled into one graph against "
+                        "the eager step, and the compile seconds")
+    parser.add_argument("--attack-graph", choices=GRAPHS, default="step",
+                        help="--compile-attack: one PGD step replayed, or the whole loop, as the graph")
+    parser.add_argument("--attack-backend", default="inductor",
+                        help="--compile-attack: torch.compile's backend (aot_eager: a check without code generation)")
     parser.add_argument("--memory-of", choices=[v.label for v in VARIANTS], metavar="VARIANT",
                         help="only the peak memory of this variant (one JSON line)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batches, args.repeats, args.warmup, args.memory_batches = 2, 1, 0, 1
+        args.batches, args.repeats, args.memory_batches = 2, 1, 1
+        args.warmup = 1 if args.compile_attack else 0  # the compiled attack compiles in an untimed step
         args.steps = args.steps or 2
     for name in ("batches", "repeats", "memory_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.step_pairs and args.step_pairs < 2:  # quartiles need two ratios
         parser.error(f"--step-pairs must be >= 2, got {args.step_pairs}")
+    if args.compile_attack and (not args.step_pairs or args.warmup < 1):
+        parser.error("--compile-attack times steps: give --step-pairs N and --warmup >= 1 (the compilation's step)")
     setup = setup_for(args.data, args.data_dir, args.batch_size, args.steps)
     data = setup.make_data()
     data.setup("fit")
@@ -609,7 +646,12 @@ def main(argv: list[str] | None = None) -> dict:
             record = {**described, "batches": args.batches,
                       "profile": run_profile(setup, data, args.batches, args.device, args.top)}
         else:
-            pairs = run_step_pairs(setup, data, args.step_pairs, args.warmup, args.device, args.seed)
+            compiled = {}
+            if args.compile_attack:
+                compiled = {"pairs": COMPILED_PAIRS, "compiler": partial(
+                    CompiledPGD, backend=args.attack_backend, graph=args.attack_graph)}
+                described |= {"attack_graph": args.attack_graph, "attack_backend": args.attack_backend}
+            pairs = run_step_pairs(setup, data, args.step_pairs, args.warmup, args.device, args.seed, **compiled)
             print(format_step_pairs(pairs))
             record = {**described, "warmup": args.warmup, "step_pairs": pairs}
         if args.json is not None:

@@ -128,6 +128,25 @@ def test_the_modules_other_settings_wait_only_where_the_data_decide_a_size(capsy
     assert "| robust, TRADES | " in out and "| robust |" not in out
 
 
+def test_the_compiled_attack_takes_the_attacks_operators_off_the_host_and_waits_for_nothing(capsys):
+    """The package's step with the eager and the compiled attack (aot_eager: the graph, without code generation),
+    counted alike after the steps that compiled: the compiled step dispatches the step's other operators only, calls
+    its graph once per PGD step, and neither waits for the device nor falls back to the eager attack."""
+    labels = ["robust"]  # the other recipes' attacks are the same graph at their sizes (tests/test_compiled_attack.py)
+    record = host_work.main(["--tables", "compiled", "--attack-backend", "aot_eager", "--pgd-steps", "2",
+                             "--step-recipes", *labels])
+    assert record["rows"] == record["settings"] == []
+    steps = {r["recipe"]: r for r in record["steps"]}
+    assert list(steps) == [f"{label}, step, {kind} attack" for label in labels for kind in ("eager", "compiled")]
+    for label in labels:
+        eager, compiled = steps[f"{label}, step, eager attack"], steps[f"{label}, step, compiled attack"]
+        assert eager["host_waits"] == compiled["host_waits"] == 0, (eager["sites"], compiled["sites"])
+        assert eager["graph_calls"] == 0 and compiled["graph_calls"] == 2 and compiled["eager_calls"] == 0
+        # Two PGD steps of ResNet-18's forward and input backward: hundreds of operators the host no longer dispatches.
+        assert compiled["operators"] < eager["operators"] - 300, label
+    assert "| robust, step, compiled attack | " in capsys.readouterr().out
+
+
 def test_host_waits_catch_reads_boolean_masks_and_copies_from_the_host():
     x = torch.arange(4.0)
     waits = host_work.HostWaits()

@@ -146,6 +146,22 @@ def test_step_pairs_time_each_pair_on_the_same_batches_against_its_flop_floor(ca
         speed.main(["--data", "digits", "--quick", "--step-pairs", "1"])
 
 
+def test_the_compiled_attack_step_pairs_report_each_recipe_against_its_eager_step_with_the_compile_time(capsys):
+    """speed.py --compile-attack: the step with the attack compiled (aot_eager here; inductor by default) against
+    the eager step, each recipe, with its compile seconds; the compilation falls in the untimed warm-up."""
+    record = speed.main(["--data", "digits", "--quick", "--step-pairs", "2", "--compile-attack",
+                         "--attack-backend", "aot_eager"])
+    rows = record["step_pairs"]
+    assert [r["comparison"] for r in rows] == [f"{p.a} / {p.b} (step)" for p in speed.COMPILED_PAIRS]
+    assert [r["comparison"].split(",")[0] for r in rows] == ["robust", "ds p_up 0.5", "selective margin 0.5"]
+    for r in rows:
+        assert r["floor"] == 1 and r["compile_s"] > 0 and r["graphs"] == 1 and r["eager_calls"] == 0
+    assert record["warmup"] == 1 and record["attack_graph"] == "step" and record["attack_backend"] == "aot_eager"
+    assert "| FLOP floor | compile s |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        speed.main(["--data", "digits", "--quick", "--compile-attack"])  # it times steps: --step-pairs needed
+
+
 def test_a_comparison_is_the_median_of_per_repeat_ratios_not_a_ratio_of_medians():
     runs = {"a": [(2.0, 0.0), (6.0, 0.0), (3.0, 0.0)], "b": [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0)]}
     # Per repeat: 2, 3 and 1; the medians' ratio would be 3 / 2.
@@ -188,37 +204,60 @@ def test_the_report_ends_with_the_newest_full_speed_results_and_skips_quick_chec
 
 
 @pytest.mark.slow
-def test_the_gpu_script_runs_its_stages_and_keeps_each_result(tmp_path):
-    """benchmarks/gpu_speed.sh, the one command for a GPU machine, checked on CPU without the compile stage."""
-    # One round per stage: the rounds' alternation runs in the bf16 code-path test.
+def test_the_gpu_script_runs_the_compiled_attack_first_then_the_module_and_keeps_each_result(tmp_path):
+    """benchmarks/gpu_speed.sh, the one command for a GPU machine, checked on CPU: the compiled-attack stage (the
+    option off and on, robust and selective only, aot_eager instead of code generation), then the module's stage;
+    the whole-loop graph's stage left out (LOOP=0)."""
     env = {**os.environ, "GPU_SPEED_ARGS": "--device cpu --quick --precision 32-true --profile-steps 2 --rounds 1",
-           "COMPILE": "0", "PYTHON": sys.executable}
+           "COMPILED_SPEED_ARGS": "--device cpu --quick --precision 32-true --attack-backend aot_eager "
+                                  "--recipes robust selective",
+           "LOOP": "0", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    records = json.loads((tmp_path / "gpu.json").read_text())
-    assert [r["channels_last"] for r in records] == [True, False]
-    for record in records:
-        assert record["precision"] == "32-true" and record["rounds"] == 1  # --rounds overrides --quick's 2
-        check_gpu_rows(record)
-    # Where the steps' time goes, for the recipes the first stage names.
-    assert [p["recipe"] for p in records[0]["profile"]] == ["robust", "selective margin"]
-    for prof in records[0]["profile"]:
-        assert prof["steps"] == 2 and 0 < prof["busy_share"] and prof["launches_per_step"] == 0  # no kernels on CPU
+    assert done.stdout.index("== attack_compiled") < done.stdout.index("== bf16_channels_last")
+    assert "compiled attack check: adversarial loss eager" in done.stdout
+
+    (compiled,) = json.loads((tmp_path / "compiled.json").read_text())
+    assert compiled["compiled_attack"] and compiled["attack_check"]["relative_difference"] < 1e-4
+    rows = {(r["recipe"], r["kind"]): r for r in compiled["rows"]}
+    assert list(rows) == [("robust", "eager attack"), ("robust", "compiled attack"), ("robust", "plain loop"),
+                          ("selective margin", "eager attack"), ("selective margin", "compiled attack")]
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["peak_share"] > 0 and r["eager_calls"] == 0
+        assert 0 < r["busy_share"] and r["launches_per_step"] == 0  # no kernels on a CPU
+    assert rows[("robust", "compiled attack")]["flops_per_step"] == rows[("robust", "eager attack")]["flops_per_step"]
+    assert rows[("selective margin", "compiled attack")]["compile_s"] > 0  # its attacked half: a graph of its own
+    targets = {c["comparison"]: c["target"] for c in compiled["comparisons"]}
+    assert targets["selective margin / robust, step time, both compiled"] == "<= 0.7"
+    assert targets["robust compiled / plain eager loop, images per second"] == ">= 1.4"
+    assert targets["robust compiled, share of the bf16 dense peak"] == ">= 0.2"
+
+    (record,) = json.loads((tmp_path / "gpu.json").read_text())
+    assert record["precision"] == "32-true" and record["rounds"] == 1 and record["channels_last"]
+    check_gpu_rows(record)
+    # Where the steps' time goes, for the recipes the module's stage names.
+    assert [p["recipe"] for p in record["profile"]] == ["robust", "selective margin"]
+    for prof in record["profile"]:
+        assert prof["steps"] == 2 and 0 < prof["busy_share"] and prof["launches_per_step"] == 0
         assert prof["top"] and all(op["ms_per_step"] > 0 for op in prof["top"])
-    assert records[1]["profile"] == []
-    assert (tmp_path / "bf16_channels_last.txt").exists() and (tmp_path / "bf16_nchw.txt").exists()
-    assert "== bf16_nchw" in done.stdout and "whole script" in done.stdout
+    assert (tmp_path / "attack_compiled.txt").exists() and (tmp_path / "bf16_channels_last.txt").exists()
+    assert "whole script" in done.stdout and "attack_compiled_loop" not in done.stdout
 
     # A failing stage is reported with the end of its printout, does not stop the next one, and fails the script
-    # (an interpreter that fails at once stands in for a failing run).
+    # (an interpreter that fails at once stands in for a failing run); past the call's time a stage is skipped.
     failing = tmp_path / "failing_python"
     failing.write_text("#!/bin/sh\necho \"stage broke: $*\" >&2\nexit 3\n")
     failing.chmod(0o755)
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path / "bad")],
-                         env={**env, "PYTHON": str(failing)}, capture_output=True, text=True, timeout=60, check=False)
-    assert bad.returncode == 1 and bad.stdout.count("failed or out of its 180 s") == 2
-    assert bad.stdout.count("stage broke: benchmarks/gpu_speed.py") == 2 and "--no-channels-last" in bad.stdout
+                         env={**env, "PYTHON": str(failing), "LOOP": "1"}, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert bad.returncode == 1 and bad.stdout.count("failed or out of its 240 s") == 3
+    assert "stage broke: benchmarks/compiled_speed.py" in bad.stdout and "--attack-graph loop" in bad.stdout
+    late = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path / "late")],
+                          env={**env, "PYTHON": str(failing), "TOTAL_SECONDS": "20"}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert late.returncode == 1 and late.stdout.count("skipped, ") == 2 and "stage broke" not in late.stdout
 
 
 def test_the_gpu_clock_is_read_at_the_two_ends_of_the_timed_steps_only():
