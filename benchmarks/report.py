@@ -443,8 +443,8 @@ def headline(records: Path) -> list[str]:
             "| --- |" + " ---: |" * len(columns),
             *(f"| {HEADLINE_ROWS[row]} | " + " | ".join(values) + " |" for row, values in cells.items()),
             "",
-            "Mean ± standard deviation over seeds; " + "; ".join(notes) + ". Generated from "
-            "[benchmarks/RESULTS.md](benchmarks/RESULTS.md)'s records.",
+            "Mean ± standard deviation over seeds; " + "; ".join(notes) + ". Generated from the records of "
+            "`benchmarks/RESULTS.md`.",
             HEADLINE_END]
 
 

@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 # As Lightning's packages do: `lightning_advsel.callbacks.X` after `import lightning_advsel` alone. The callbacks
 # import this package's submodules only, never a name from this file, so the order of these lines holds no cycle.
-from lightning_advsel import callbacks as callbacks  # a re-export, kept out of __all__ (pdoc documents it once)
+from lightning_advsel import callbacks as callbacks  # a re-export, kept out of __all__ (documented on its own page)
 from lightning_advsel.attacks import AttackConfig, fgsm, fgsm_rs, pgd
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.models import Normalize

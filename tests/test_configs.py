@@ -1,4 +1,4 @@
-"""Composed configs: every combination the README's recipe table ships parses and builds, named after its files."""
+"""Composed configs: every combination the manual's recipe table ships parses and builds, named after its files."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ DATA_SETS = sorted(p.parent.name for p in CONFIG_DIR.glob("*/base.yaml"))
 RECIPES = sorted(p.stem for p in (CONFIG_DIR / "recipes").glob("*.yaml"))
 
 
-def readme_table() -> dict[str, list[str]]:
-    """Run name (``<data set>/<recipe>``) -> its ``--config`` files, from the README's recipe table."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Recipes and configs", 1)[1].split("\n## ", 1)[0]
+def manual_table() -> dict[str, list[str]]:
+    """Run name (``<data set>/<recipe>``) -> its ``--config`` files, from the recipe table of the manual's page
+    "Recipes and configs" (``docs/recipes.md``)."""
+    text = (REPO / "docs" / "recipes.md").read_text()
+    section = text.split("## Every recipe on every data set", 1)[1].split("\n## ", 1)[0]
     combos = {}
     for line in section.splitlines():
         if line.startswith("| `") and ".yaml`" in line.split("|")[1]:
@@ -29,10 +30,10 @@ def readme_table() -> dict[str, list[str]]:
     return combos
 
 
-SHIPPED = readme_table()
+SHIPPED = manual_table()
 
 
-def test_the_readme_table_lists_every_recipe_on_every_data_set():
+def test_the_manual_table_lists_every_recipe_on_every_data_set():
     assert DATA_SETS == ["cifar10", "digits", "mnist"]
     assert {"ds", "ds_adaptive", "selective_margin", "selective_gradmatch", "selective_ds", "stability"} < set(RECIPES)
     assert sorted(SHIPPED) == sorted(f"{d}/{r}" for d in DATA_SETS for r in RECIPES)

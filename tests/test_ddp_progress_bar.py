@@ -22,19 +22,19 @@ pytestmark = pytest.mark.slow
 FAMILIES = ("robust", "selective_margin", "ds_dashboards")
 
 
-def readme_ddp_command() -> list[str]:
-    """The README's DDP command for the digits main job, word for word."""
-    text = (REPO / "README.md").read_text()
+def manual_ddp_command() -> list[str]:
+    """The DDP command for the digits main job on the manual's page "Distributed training", word for word."""
+    text = (REPO / "docs" / "distributed.md").read_text()
     (line,) = {m.group(0) for m in re.finditer(r"^lightning-advsel fit .*configs/trainer/ddp_cpu\.yaml$", text, re.M)}
     return shlex.split(line)
 
 
-def test_readme_ddp_command_trains_two_full_epochs_with_the_default_progress_bar(tmp_path):
-    words = readme_ddp_command()
+def test_the_manuals_ddp_command_trains_two_full_epochs_with_the_default_progress_bar(tmp_path):
+    words = manual_ddp_command()
     assert words[:2] == ["lightning-advsel", "fit"] and "--trainer.enable_progress_bar" not in words
     script = Path(sys.executable).parent / words[0]  # the console script this environment installed
     output = run_ranks([str(script), *words[1:], "--trainer.max_epochs", "2"], tmp_path, 300,
-                       "the README's DDP command")
+                       "the manual's DDP command")
     assert "val accuracy: clean" in output and "training cost:" in output
     # Rank 0's bar finished the second epoch: all of its batches (the full training split, shared by 2 ranks).
     done = re.findall(r"Epoch 1: 100%\|[^|]*\| (\d+)/(\d+)", output)

@@ -1,9 +1,8 @@
-"""The package as a release: configs found by name from any folder, the API reference, and the built wheel alone
-running the README's main job in a fresh virtual environment."""
+"""The package as a release: configs found by name from any folder, and the built wheel alone running the README's
+main job in a fresh virtual environment (the manual and its API reference: ``tests/test_docs.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -85,28 +84,6 @@ def test_configs_command_lists_every_shipped_config_and_prints_one(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert "digits/base, mnist/base" in " ".join(capsys.readouterr().out.split())
-
-
-def _load_api_builder():
-    spec = importlib.util.spec_from_file_location("build_api", REPO / "docs" / "build_api.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    return builder
-
-
-def test_the_api_reference_has_a_page_per_module_and_refuses_a_broken_docstring_reference(tmp_path, monkeypatch):
-    builder = _load_api_builder()
-    pages = builder.build(tmp_path / "api")
-    names = {p.relative_to(tmp_path / "api").with_suffix("").as_posix().replace("/", ".") for p in pages}
-    assert {"lightning_advsel", "lightning_advsel.cli", "lightning_advsel.callbacks", "lightning_advsel.step",
-            "lightning_advsel.shipped_configs"} <= names
-    assert "adversarial_step" in (tmp_path / "api" / "lightning_advsel" / "step.html").read_text()
-
-    stale = tmp_path / "stale_refs.py"
-    stale.write_text('"""A module."""\n\n\ndef scored():\n    """Like :func:`renamed_long_ago`."""\n')
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"broken reference in stale_refs.scored: renamed_long_ago"):
-        builder.build(tmp_path / "stale_api", ["stale_refs"])
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
