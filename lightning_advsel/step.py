@@ -1,4 +1,4 @@
-"""One training step as plain functions: a batch in, the loss over the selected rows and a record out.
+"""One training step as plain functions: a batch in, the loss over the selected rows and a record out::
 
     result = adversarial_step(model, x, y, settings, generator)   # settings: a StepSettings
     result.loss.backward()                                          # or Lightning's manual_backward
