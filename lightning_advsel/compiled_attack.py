@@ -217,7 +217,8 @@ class CompiledPGD:
             or a ``torch._dynamo.testing.CompileCounterWithBackend``).
         mode: ``torch.compile``'s mode with ``"inductor"``; ``"reduce-overhead"`` replays the graph as a CUDA graph
             (the output is then copied before it is returned, since a replay reuses its buffers).
-        graph: ``"loop"``, the whole attack as one graph, or ``"step"``, one PGD step replayed ``steps`` times.
+        graph: ``"step"`` (default), one PGD step replayed ``steps`` times (on a GPU ``steps`` CUDA graph launches,
+            and a compilation a fraction of the loop's), or ``"loop"``, the whole attack as one graph.
         max_graphs: graphs this instance compiles at most (>= 1).
 
     Attributes:
@@ -235,7 +236,7 @@ class CompiledPGD:
         RuntimeError: on a torch release older than :data:`OLDEST_TORCH`.
     """
 
-    def __init__(self, backend: str | Callable = "inductor", mode: str | None = None, graph: Graph = "loop",
+    def __init__(self, backend: str | Callable = "inductor", mode: str | None = None, graph: Graph = "step",
                  max_graphs: int = 8) -> None:
         check_torch()
         check_choice("graph", graph, GRAPHS)
