@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from lightning_advsel.attacks import AttackConfig
 from lightning_advsel.evaluation import AutoAttackConfig
+from lightning_advsel.objectives import Objective
+from lightning_advsel.step import Attacker
 
 Auto = Literal["auto"]
 AUTO: Auto = "auto"  # `eval_attack`'s default: PGD-20 at the training attack's radius
@@ -74,7 +76,8 @@ def resolve_eval_attack(value: AttackConfig | Auto | dict | None, train_attack: 
 
 
 def attacked_logits(model: nn.Module, attack: AttackConfig | AutoAttackConfig, x: Tensor, y: Tensor,
-                    batch_idx: int, generator: torch.Generator, num_classes: int) -> Tensor:
+                    batch_idx: int, generator: torch.Generator, num_classes: int,
+                    attacker: Attacker | None = None) -> Tensor:
     """The logits of ``model`` on ``attack``'s examples of ``(x, y)``.
 
     Args:
@@ -85,12 +88,16 @@ def attacked_logits(model: nn.Module, attack: AttackConfig | AutoAttackConfig, x
         batch_idx: the batch's index.
         generator: PGD's random starts, seeded by the batch index.
         num_classes: classes of the task, for AutoAttack.
+        attacker: what runs a PGD attack (the module's compiled evaluation attack with ``compile_attack``);
+            ``None``: the attack itself. AutoAttack always runs as its package does.
 
     The batch was checked (:meth:`~lightning_advsel.guards.BatchGuards.check_batch`), so a PGD attack runs
     without its own checks: the same examples, without their host waits.
     """
     if isinstance(attack, AutoAttackConfig):
         x_adv = attack(model, x, y, batch_idx=batch_idx, num_classes=num_classes)
+    elif attacker is not None:  # the attack's own loss (the default objective): the examples of the line below
+        x_adv = attacker(model, x, y, attack, generator, Objective())
     else:
         x_adv = attack.unchecked(model, x, y, generator=generator)
     with torch.no_grad():

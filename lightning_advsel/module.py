@@ -9,6 +9,7 @@ once per batch and hands everything around it to small objects, each in a file n
 * :class:`~lightning_advsel.optimization.Optimization`: the optimizer, the scheduler and ``lr``;
 * :class:`~lightning_advsel.metric_groups.MetricGroups`: the training and evaluation metrics and their logs;
 * :class:`~lightning_advsel.batch_schedule.Warmup`: the step settings of each batch under the warm-ups;
+* :class:`~lightning_advsel.attack_compilation.AttackCompilation`: the compiled attacks of ``compile_attack``;
 * :mod:`~lightning_advsel.fit_checks`: what is refused before the first step.
 
 The callbacks read the module through :class:`~lightning_advsel.step.SelectionModule` (``model``, ``num_classes``,
@@ -29,16 +30,18 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_advsel import checks, cost, dashboard, distributed, fit_checks, selection
 from lightning_advsel.accumulation import AccumulationWindow, ClipAlgorithm
+from lightning_advsel.attack_compilation import AttackCompilation
 from lightning_advsel.attacks import AttackConfig, Mode
 from lightning_advsel.batch import check_keys, index_in
 from lightning_advsel.batch_schedule import Warmup, WarmupPick, seeded_generator
 from lightning_advsel.checks import check_checkpoint_file
+from lightning_advsel.compiled_attack import CompiledPGD
 from lightning_advsel.eval_attacks import AUTO, Auto, as_attack, as_robust_attack, attacked_logits, resolve_eval_attack
 from lightning_advsel.evaluation import AutoAttackConfig
 from lightning_advsel.guards import BatchGuards, Nonfinite, agree
@@ -148,6 +151,14 @@ class AdversarialSelectionModule(L.LightningModule):
         compile_model: compile the model's forward (``nn.Module.compile``: state dict keys unchanged). Off by default.
         eps_warmup_epochs: epochs over which the training attack's ``eps`` and ``alpha`` rise linearly, batch by
             batch (:class:`~lightning_advsel.batch_schedule.Warmup`), logged as ``train/eps``; 0: none.
+        compile_attack: run the PGD attacks (training, and the PGD of validation, test and prediction) as one
+            compiled graph each (:class:`~lightning_advsel.compiled_attack.CompiledPGD`; on CUDA replayed as CUDA
+            graphs), compiled once per attacked row count of the run; the same examples from the same draws as the
+            eager attack, up to the order of floating-point sums. Fit start prints one line saying what compiles
+            or why the attack stays eager (SyncBatchNorm, a BatchNorm with a forward of its own, mode ``"keep"``
+            on a training BatchNorm); scoring, selection and the training forward stay eager, and AutoAttack is
+            untouched. With ``compile_model`` as well, those eager parts run the compiled forward, while the
+            attack's graph traces the model's forward into its own. Needs torch >= 2.11. Off by default.
 
     Raises:
         ValueError: for an argument out of its range or of the wrong type (the message names it), a ``model``
@@ -155,6 +166,7 @@ class AdversarialSelectionModule(L.LightningModule):
             at fit start, what :mod:`lightning_advsel.fit_checks` refuses; at a batch, what
             :mod:`lightning_advsel.guards` refuses; when loading a checkpoint of another model architecture.
         ImportError: for an AutoAttack ``test_attack`` whose package is not installed (naming the pip command).
+        RuntimeError: with ``compile_attack``, for a torch release older than the compiled attack needs.
     """
 
     nonfinite = _Held("guards", "nonfinite")
@@ -169,6 +181,7 @@ class AdversarialSelectionModule(L.LightningModule):
     attack_warmup = _Held("warmup", "attack_pick")
     attack_warmup_epochs = _Held("warmup", "attack_epochs")
     eps_warmup_epochs = _Held("warmup", "eps_epochs")
+    compile_attack = _Held("attack_compilation", "enabled")
 
     def __init__(
         self,
@@ -206,6 +219,7 @@ class AdversarialSelectionModule(L.LightningModule):
         channels_last: bool = False,
         compile_model: bool = False,
         eps_warmup_epochs: float = 0.0,
+        compile_attack: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -225,6 +239,7 @@ class AdversarialSelectionModule(L.LightningModule):
         normalize = as_normalization(input_normalization)
         self.channels_last = checks.check_bool("channels_last", channels_last)
         self.compile_model = checks.check_bool("compile_model", compile_model)
+        self.attack_compilation = AttackCompilation(compile_attack)
         if selection.PRE_ATTACK_SCORES[attack_score].needs_features:
             selection.last_linear(model, who=f"`attack_score`={attack_score!r}")
         self.num_classes = checks.check_int("num_classes", num_classes, 2)
@@ -270,8 +285,17 @@ class AdversarialSelectionModule(L.LightningModule):
 
     @property
     def pixel_model(self) -> nn.Module:
-        """The classifier on pixels in [0, 1], which every attack sees: ``model``, after ``input_normalization``."""
-        return pixel_model(self.model, self.input_normalization)
+        """The classifier on pixels in [0, 1], which every attack sees: ``model``, after ``input_normalization``.
+
+        Built once and kept while ``model`` and ``input_normalization`` are the same objects: the compiled attack
+        keeps a model's parameter dicts by the model object, so a wrapper built on every access would make them
+        again every step. Kept out of the module's children, so the state dict's keys stay those of ``model``.
+        """
+        cached = self.__dict__.get("_pixel_model")
+        if cached is None or cached[0] is not self.model or cached[1] is not self.input_normalization:
+            cached = (self.model, self.input_normalization, pixel_model(self.model, self.input_normalization))
+            self.__dict__["_pixel_model"] = cached  # past nn.Module.__setattr__, which would register it
+        return cached[2]
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """A batch's inputs as pixels: unchanged, or mapped back from ``input_normalization``."""
@@ -302,7 +326,7 @@ class AdversarialSelectionModule(L.LightningModule):
             generator = seeded_generator(self.seed, self.window.seed_offset(self.global_step), self.global_rank,
                                          x.device)
             scope = GlobalScope(trainer.strategy) if self.selection_scope == "global" else LOCAL
-            out = adversarial_step(model, x, y, settings, generator, scope)
+            out = adversarial_step(model, x, y, settings, generator, scope, attacker=self.attack_compilation.train)
             # One all-reduce decides the finite-loss policy and sums the step's work over ranks for the cost log.
             mine, anyone, step_work = agree(trainer.strategy, ~torch.isfinite(out.loss).reshape(1),
                                             [getattr(out.cost, name) for name in cost.COUNTERS])
@@ -329,6 +353,11 @@ class AdversarialSelectionModule(L.LightningModule):
     @override
     def on_train_start(self) -> None:
         self.window.restore_grads(self.model)  # a checkpoint's window, now that the model is on its device
+        # Here, not at fit start: the training loader, whose batch sizes bound the compiled graphs, is loaded now.
+        plan = self.attack_compilation.plan(self.settings, self.warmup, self.selection_scope, self.pixel_model,
+                                            self.trainer.train_dataloader, self.device)
+        if plan is not None:
+            rank_zero_info(plan)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -417,7 +446,10 @@ class AdversarialSelectionModule(L.LightningModule):
         if attack is not None:
             generator = seeded_generator(self.seed, -(batch_idx + 1), self.global_rank, x.device)
             metrics.log_robust(self.log, stage, attacked_logits(model, attack, x, y, batch_idx, generator,
-                                                                self.num_classes), y)
+                                                                self.num_classes, self._eval_attacker(x)), y)
+
+    def _eval_attacker(self, x: Tensor) -> CompiledPGD | None:
+        return self.attack_compilation.evaluation(x.device)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -449,7 +481,8 @@ class AdversarialSelectionModule(L.LightningModule):
             y = self.guards.check_batch(self.trainer.strategy, model, x, out["pred"] if y is None else y, batch_idx,
                                         "predict", attack)
             generator = seeded_generator(self.seed, -(batch_idx + 1), self.global_rank, x.device)
-            out["logits_adv"] = attacked_logits(model, attack, x, y, batch_idx, generator, self.num_classes)
+            out["logits_adv"] = attacked_logits(model, attack, x, y, batch_idx, generator, self.num_classes,
+                                                self._eval_attacker(x))
             out["pred_adv"] = out["logits_adv"].argmax(dim=1)
         return out
 
