@@ -174,3 +174,37 @@ def test_the_training_loaders_sizes_are_read_or_said_unknown():
     assert attack_compilation.loader_rows(DataLoader(TensorDataset(x, y), batch_size=16, drop_last=True)) == (16,
                                                                                                              None)
     assert attack_compilation.loader_rows([DataLoader(TensorDataset(x, y))]) is None
+
+
+def test_a_fit_with_lightnings_defaults_logs_and_checkpoints(tmp_path, counter):
+    """Progress bar, logger and checkpointing on: the compiled attack is no hyperparameter and no checkpoint entry."""
+    model = tiny_module(True, recipe="robust")
+    x, y = tiny_batch(16)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, accelerator="cpu", devices=1)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert saved["hyper_parameters"]["compile_attack"] is True and counter.frame_count == 1
+    assert AdversarialSelectionModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path,
+                                                           model=TinyNet(batchnorm=True)).compile_attack
+
+
+def test_a_resumed_run_ends_on_the_uninterrupted_runs_weights(tmp_path):
+    """One batch an epoch: two epochs, a checkpoint, two more, against four in one go. The steps' draws come from
+    (seed, step, rank), so the compiled attack resumes exactly as the eager one."""
+    x, y = tiny_batch(16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+
+    def run(epochs: int, root, ckpt_path=None) -> AdversarialSelectionModule:
+        model = tiny_module(True, recipe="ds", eps_warmup_epochs=3)
+        trainer = L.Trainer(default_root_dir=root, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(root / "last.ckpt")
+        return model
+
+    whole = run(4, tmp_path / "whole")
+    run(2, tmp_path / "first")
+    resumed = run(4, tmp_path / "again", ckpt_path=tmp_path / "first" / "last.ckpt")
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
