@@ -3,7 +3,7 @@
 Lightning saves the constructor's arguments as hyperparameters, and ``load_from_checkpoint`` and the command line
 build the module again from them. :func:`save_plain_hyperparameters` keeps them plain: the attacks as dicts of their
 fields (which the module's constructor reads back), no network when the module was built from Python (its weights
-are in the state dict), and no setting of ``predict`` alone.
+are in the state dict), no setting of ``predict`` alone, and not ``compile_attack`` (how the attack runs).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def save_plain_hyperparameters(module: Any, frame: FrameType | None) -> None:
         module.save_hyperparameters(dict(module.hparams))
     # A setting of `predict`, not of the trained model: kept out of the checkpoint, whose hyperparameters the
     # command line applies over its own when it loads one (`predict --ckpt_path ...` takes `predict_attack`).
-    module.remove_ignored_hparams(["predict_attack"])
+    # `compile_attack` is how a run computes its attack, the same examples either way: a run resumed or evaluated on
+    # another machine decides it there, and checkpoints keep the hyperparameters they had before the option.
+    module.remove_ignored_hparams(["predict_attack", "compile_attack"])
     for key in ATTACKS:
         if isinstance(module.hparams.get(key), (AttackConfig, AutoAttackConfig)):
             module.hparams[key] = asdict(module.hparams[key])
