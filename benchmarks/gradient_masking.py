@@ -49,7 +49,7 @@ from lightning_advsel import AdversarialSelectionModule
 from lightning_advsel.attacks import margin_loss, pgd
 from lightning_advsel.callbacks import minimum_eps
 from lightning_advsel.cli import build_cli
-from lightning_advsel.evaluation import require_torchattacks
+from lightning_advsel.evaluation import require
 
 
 def load_module(ckpt: Path) -> tuple[AdversarialSelectionModule, Path]:
@@ -107,7 +107,7 @@ Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, x, y) -> adver
 
 def attacks(eps: float, seed: int, apgd_steps: int, num_classes: int) -> dict[str, Attack]:
     """Name -> attack(model, x, y) -> adversarial x; each differs from the PGD-20 row in one setting."""
-    torchattacks = require_torchattacks()
+    torchattacks = require("torchattacks")  # its APGD with a chosen step count
 
     def pgd_with(steps: int, alpha: float, restarts: int = 1, radius: float = eps, loss=None):  # noqa: ANN001, ANN202
         def run(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
