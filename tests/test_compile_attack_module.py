@@ -22,6 +22,8 @@ from lightning_advsel.attack_compilation import AttackCompilation
 from lightning_advsel.attacks import AttackConfig
 from lightning_advsel.cli import build_cli
 from lightning_advsel.module import AdversarialSelectionModule
+from lightning_advsel.objectives import Objective
+from lightning_advsel.step import eager_attack
 
 ATTACK = AttackConfig(eps=0.1, alpha=0.025, steps=2, mode="train")
 # Per-step training losses of the compiled and the eager attack: the same operators (aot_eager), so they differ
@@ -209,3 +211,14 @@ def test_a_resumed_run_ends_on_the_uninterrupted_runs_weights(tmp_path):
     resumed = run(4, tmp_path / "again", ckpt_path=tmp_path / "first" / "last.ckpt")
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_with_a_compiled_forward_the_attack_still_compiles_as_one_graph(counter):
+    """``compile_model`` compiles the network in place (``nn.Module.compile``); the attack's graph traces through
+    it into one graph of its own, while the eager parts keep the compiled forward."""
+    net, (x, y) = TinyNet(batchnorm=True).train(), tiny_batch(16)
+    net.compile(backend="aot_eager")
+    attack = AttackCompilation(True).evaluation(x.device)
+    out = attack(net, x, y, ATTACK, torch.Generator().manual_seed(1))
+    eager = eager_attack(net, x, y, ATTACK, torch.Generator().manual_seed(1), Objective())
+    assert counter.frame_count == 1 and attack.eager_calls == 0 and torch.allclose(out, eager, atol=1e-6)
