@@ -12,10 +12,10 @@ with the eager attack, the same step with the compiled attack, and for robust an
 launches per step. Before timing it checks that the compiled attack reaches the eager attack's adversarial loss on
 the first batch (the GPU machines run a torch release the compiled attack was not tested on).
 
-The step is the package's own, outside a Trainer: the module's ``compile_attack`` is not wired yet, so the
-module's overhead over this step is ``gpu_speed.py``'s module / plain loop comparison. FLOPs per step are counted
-once per recipe on the eager step (the compiled one does the same work); compile seconds are those of the calls
-that compiled a graph (their one run included).
+The step is the package's own, outside a Trainer (the module's ``compile_attack`` passes the same attacker to the
+same step); the module's overhead over this step is ``gpu_speed.py``'s module / plain loop comparison. FLOPs per
+step are counted once per recipe on the eager step (the compiled one does the same work); compile seconds are those
+of the calls that compiled a graph (their one run included).
 
 Targets (ResNet-18, bf16, batch 256, channels-last, H100/H200): selective margin 0.5 at most 0.70x robust's step
 time, both compiled; robust compiled at least 1.4x the plain eager loop's images per second; at least 20% of the

@@ -19,14 +19,15 @@ The module's step runs under a ``Trainer``, counted from one ``on_train_batch_st
 step, logging and metrics, and what Lightning does between batches (its loggers' bookkeeping, fetching the next
 batch); the plain loop's is ``speed.plain_step`` and the fetch of its next batch. Same network, images, attack and
 optimizer; the third step of each is counted (after the first steps' lazy initialization). A second table
-counts the module in other settings (:data:`SETTINGS`: the paired objectives, the selective authors' clean rows,
-the callbacks that read every step's selection) and a validation batch, which the plain loop does not have. A third
-counts the package's step outside a Trainer (``adversarial_step``, backward, SGD) per recipe with the eager attack and
-with the attack compiled into one graph (``lightning_advsel.compiled_attack.CompiledPGD``; the module's
-``compile_attack`` is not wired yet). The compiled step is counted as the eager one, after the first steps compiled
-its graphs; dynamo compiles nothing under a dispatch mode, so the counters pause during each call of a compiled graph
-(``CompiledPGD.graph_context``) and the graph's calls are counted instead: each is one launch when replayed as a CUDA
-graph, and none can wait for the device (``fullgraph=True`` refuses the graph break a host read would be)::
+counts the module in other settings (:data:`SETTINGS`: the paired objectives, the selective authors' clean rows, the
+callbacks that read every step's selection) and a validation batch, which the plain loop does not have. A third
+counts the package's step outside a Trainer (``adversarial_step``, backward, SGD) per recipe with the eager attack
+and with the attack compiled into one graph (``lightning_advsel.compiled_attack.CompiledPGD``, which the module's
+``compile_attack`` passes to the same step). The compiled step is counted as the eager one, after the first steps
+compiled its graphs; dynamo compiles nothing under a dispatch mode, so the counters pause during each call of a
+compiled graph (``CompiledPGD.graph_context``) and the graph's calls are counted instead: each is one launch when
+replayed as a CUDA graph, and none can wait for the device (``fullgraph=True`` refuses the graph break a host read
+would be)::
 
     python benchmarks/host_work.py                   # ResNet-18, PGD-10, robust / ds / selective recipes
     python benchmarks/host_work.py --json host.json  # and append the results
