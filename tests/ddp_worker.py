@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig
 from lightning_advsel import step as step_module
+from lightning_advsel.attack_compilation import AttackCompilation
 
 ATTACK = AttackConfig(eps=0.1, alpha=0.05, steps=2, random_start=False, mode="train")
 ROWS = 16  # the global batch: 8 rows per rank
@@ -37,11 +38,13 @@ def rank_rows(n: int, rank: int) -> list[int]:
     return list(DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True, seed=SAMPLER_SEED))
 
 
-def build(scope: str, p_up: float, nonfinite: str = "raise", accumulate: int = 1) -> AdversarialSelectionModule:
+def build(scope: str, p_up: float, nonfinite: str = "raise", accumulate: int = 1,
+          compile_attack: bool = False) -> AdversarialSelectionModule:
     torch.manual_seed(0)
     return AdversarialSelectionModule(TinyNet(), recipe="ds", p_up=p_up, train_attack=ATTACK,
                                       optimizer=lambda p: torch.optim.SGD(p, lr=0.1), selection_scope=scope,
-                                      nonfinite=nonfinite, accumulate_grad_batches=accumulate)
+                                      nonfinite=nonfinite, accumulate_grad_batches=accumulate,
+                                      compile_attack=compile_attack)
 
 
 class SaveAfterFirstBatch(L.Callback):
@@ -118,12 +121,14 @@ def main() -> None:
     results = {}
     for run in (r for r in runs if r != "bn_window"):
         # SCOPE:P_UP:STEPS, then options: nan for one NaN pixel in one row of the data set, which only one rank
-        # sees (max_epochs=1), accN for accumulation over N batches.
+        # sees (max_epochs=1), accN for accumulation over N batches, compiled for the module's compile_attack
+        # (with the cheap aot_eager backend: the graph is the same, CPU code generation would only cost time).
         scope, p_up, steps, *options = run.split(":")
         p_up, steps = float(p_up), int(steps)
         fault = "nan" in options
         accumulate = next((int(o[3:]) for o in options if o.startswith("acc")), 1)
-        module = build(scope, p_up, "skip" if fault else "raise", accumulate)
+        AttackCompilation.backend = "aot_eager"
+        module = build(scope, p_up, "skip" if fault else "raise", accumulate, compile_attack="compiled" in options)
         data_x = x.clone()
         if fault:
             data_x = torch.cat([x, x])
@@ -152,6 +157,9 @@ def main() -> None:
             "optimizer_steps": trainer.global_step,
             "skipped_steps": module.skipped_steps,
             "batches_trained": module.batches_trained,
+            # The compiled attack's graph calls and eager fallbacks (none without compile_attack).
+            "attack_graph_calls": getattr(module.attack_compilation.train, "graph_calls", 0),
+            "attack_eager_calls": getattr(module.attack_compilation.train, "eager_calls", 0),
         }
     if results:  # not when bn_window is the only run
         out.with_name(f"{out.stem}.rank{trainer.global_rank}.json").write_text(json.dumps(results))

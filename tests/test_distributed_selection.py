@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_advsel import AdversarialSelectionModule
 
 pytestmark = pytest.mark.slow
-RUNS = ("global:0.25:1", "global:0.03125:2", "local:0.25:1", "global:0.5:-1:nan")
+RUNS = ("global:0.25:1", "global:0.03125:2", "local:0.25:1", "global:0.5:-1:nan", "local:0.25:1:compiled")
 # Accumulation over 2 batches of 2 rows per rank; the second has a window whose closing batch holds a NaN row.
 ACC_RUNS = ("global:0.5:2:acc2", "global:0.5:-1:nan:acc2")
 # Largest parameter difference accepted between 2-rank DDP and one process: float32 sums in another order.
@@ -117,6 +117,20 @@ def test_the_input_checks_cost_one_collective_before_the_attack(ddp_results, run
     for rank in ddp_results:
         # Finite inputs and labels in range, agreed over both ranks in one all-reduce.
         assert rank[run]["collectives_before_attack"] == [1] * rank[run]["optimizer_steps"]
+
+
+def test_the_compiled_attack_trains_under_ddp_as_the_eager_one(ddp_results):
+    """compile_attack: the attack's graph takes detached parameters, so the update's backward still runs on the real
+    ones through DDP (one gradient all-reduce a step, as the tests above count for every run) and the step's
+    weights equal the eager attack's on the same batches, within float32 summation noise."""
+    for rank in ddp_results:
+        # The attack ran as its graph (one PGD step replayed ATTACK.steps times), never eagerly.
+        assert rank["local:0.25:1:compiled"]["attack_graph_calls"] >= 1
+        assert rank["local:0.25:1:compiled"]["attack_eager_calls"] == 0
+        assert rank["local:0.25:1:compiled"]["selected"] == rank["local:0.25:1"]["selected"]
+        compiled, eager = (as_tensors(rank[run]["params"]) for run in ("local:0.25:1:compiled", "local:0.25:1"))
+        for got, want in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
 
 
 def test_a_local_scope_step_makes_one_collective_after_its_attack(ddp_results):
