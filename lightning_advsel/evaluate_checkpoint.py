@@ -11,7 +11,7 @@ A rerun never loses what an earlier one saved: a report or partial file of other
 attack, library version, batch count or device) is refused before any work, and so is a finished batch whose
 images or labels differ from those it was computed on.
 
-``lightning-advsel evaluate`` (:func:`lightning_advsel.cli.evaluate_checkpoint`) runs it on a checkpoint and a
+``lightning-advsel evaluate`` (``evaluate_checkpoint`` of the command line's module) runs it on a checkpoint and a
 data module's test set.
 """
 

@@ -87,9 +87,9 @@ def _ramped(tmp_path, monkeypatch, epochs: int, ckpt_path=None, **kwargs) -> tup
     """Fit 4 batches an epoch with a 1.5-epoch radius ramp; the (eps, alpha) every training step was given."""
     seen = []
 
-    def spy(model, x, y, settings, *args):
+    def spy(model, x, y, settings, *args, **kwargs):
         seen.append((settings.train_attack.eps, settings.train_attack.alpha))
-        return STEP(model, x, y, settings, *args)
+        return STEP(model, x, y, settings, *args, **kwargs)
 
     monkeypatch.setattr(module_file, "adversarial_step", spy)
     torch.manual_seed(0)
