@@ -323,8 +323,7 @@ class AdversarialSelectionModule(L.LightningModule):
             settings = self.warmup.settings(self.settings, self.current_epoch, batch_idx, trainer.num_training_batches)
             if self.warmup.eps_epochs:
                 self.log("train/eps", scalar(settings.train_attack.eps, self.device), on_step=True, on_epoch=False)
-            generator = seeded_generator(self.seed, self.window.seed_offset(self.global_step), self.global_rank,
-                                         x.device)
+            generator = self._generator(x.device, self.window.seed_offset(self.global_step))
             scope = GlobalScope(trainer.strategy) if self.selection_scope == "global" else LOCAL
             out = adversarial_step(model, x, y, settings, generator, scope, attacker=self.attack_compilation.train)
             # One all-reduce decides the finite-loss policy and sums the step's work over ranks for the cost log.
@@ -444,7 +443,7 @@ class AdversarialSelectionModule(L.LightningModule):
         y = self.guards.check_batch(self.trainer.strategy, model, x, y, batch_idx, stage, attack)
         metrics.log_clean(self.log, stage, model(x), y)
         if attack is not None:
-            generator = seeded_generator(self.seed, -(batch_idx + 1), self.global_rank, x.device)
+            generator = self._generator(x.device, -(batch_idx + 1))
             metrics.log_robust(self.log, stage, attacked_logits(model, attack, x, y, batch_idx, generator,
                                                                 self.num_classes, self._eval_attacker(x)), y)
 
@@ -480,7 +479,7 @@ class AdversarialSelectionModule(L.LightningModule):
         if attack is not None and attack.enabled:
             y = self.guards.check_batch(self.trainer.strategy, model, x, out["pred"] if y is None else y, batch_idx,
                                         "predict", attack)
-            generator = seeded_generator(self.seed, -(batch_idx + 1), self.global_rank, x.device)
+            generator = self._generator(x.device, -(batch_idx + 1))
             out["logits_adv"] = attacked_logits(model, attack, x, y, batch_idx, generator, self.num_classes,
                                                 self._eval_attacker(x))
             out["pred_adv"] = out["logits_adv"].argmax(dim=1)
