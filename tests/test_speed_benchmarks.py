@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_speed  # noqa: E402
@@ -211,7 +211,16 @@ def test_the_gpu_script_runs_the_compiled_attack_first_then_the_module_and_keeps
     env = {**os.environ, "GPU_SPEED_ARGS": "--device cpu --quick --precision 32-true --profile-steps 2 --rounds 1",
            "COMPILED_SPEED_ARGS": "--device cpu --quick --precision 32-true --attack-backend aot_eager "
                                   "--recipes robust selective",
-           "LOOP": "0", "PYTHON": sys.executable}
+           "LOOP": "0", "PYTHON": sys.executable,
+           # The CLI epoch on the real JPEG copy: two batches of 8 through a small CNN, its decode cached here.
+           "CIFAR10_DIR": str(SHARED_DATA),
+           "CLI_EPOCH_ARGS": f"--device cpu --attack-backend aot_eager --recipes robust "
+                             f"--trainer.limit_train_batches 2 --data.init_args.batch_size 8 "
+                             f"--data.init_args.cache_dir {tmp_path / 'cache'} "
+                             f"--model.init_args.train_attack.steps 2 --model.init_args.model "
+                             f"lightning_advsel.models.SmallCNN --model.init_args.model.init_args.in_channels=3 "
+                             f"--model.init_args.model.init_args.input_size=32 "
+                             f"--model.init_args.model.init_args.width=8 --model.init_args.model.init_args.hidden=32"}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -244,6 +253,16 @@ def test_the_gpu_script_runs_the_compiled_attack_first_then_the_module_and_keeps
     assert (tmp_path / "attack_compiled.txt").exists() and (tmp_path / "bf16_channels_last.txt").exists()
     assert "whole script" in done.stdout and "attack_compiled_loop" not in done.stdout
 
+    # The last stage: one epoch from the command line, eager then compiled, each with the images it held.
+    assert done.stdout.index("== bf16_channels_last") < done.stdout.index("== cli_epoch")
+    eager, compiled_run = json.loads((tmp_path / "cli_epoch.json").read_text())
+    assert (eager["compile_attack"], compiled_run["compile_attack"]) == (False, True)
+    assert not eager["attack_compiled"] and compiled_run["attack_compiled"]
+    for run in (eager, compiled_run):
+        assert run["recipe"] == "robust" and run["images"] == 16 and run["batches"] == 2
+        assert run["images_per_s"] == pytest.approx(16 / run["epoch_s"], rel=1e-2) and run["fit_s"] > run["epoch_s"]
+    assert "robust: compiled / eager, images per second" in done.stdout
+
     # A failing stage is reported with the end of its printout, does not stop the next one, and fails the script
     # (an interpreter that fails at once stands in for a failing run); past the call's time a stage is skipped.
     failing = tmp_path / "failing_python"
@@ -252,12 +271,12 @@ def test_the_gpu_script_runs_the_compiled_attack_first_then_the_module_and_keeps
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path / "bad")],
                          env={**env, "PYTHON": str(failing), "LOOP": "1"}, capture_output=True, text=True,
                          timeout=60, check=False)
-    assert bad.returncode == 1 and bad.stdout.count("failed or out of its 240 s") == 3
+    assert bad.returncode == 1 and bad.stdout.count("failed or out of its 240 s") == 4
     assert "stage broke: benchmarks/compiled_speed.py" in bad.stdout and "--attack-graph loop" in bad.stdout
     late = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(tmp_path / "late")],
                           env={**env, "PYTHON": str(failing), "TOTAL_SECONDS": "20"}, capture_output=True, text=True,
                           timeout=60, check=False)
-    assert late.returncode == 1 and late.stdout.count("skipped, ") == 2 and "stage broke" not in late.stdout
+    assert late.returncode == 1 and late.stdout.count("skipped, ") == 3 and "stage broke" not in late.stdout
 
 
 def test_the_gpu_clock_is_read_at_the_two_ends_of_the_timed_steps_only():
