@@ -6,8 +6,10 @@ through ``CIFAR10DataModule`` with its data loading, once as configured and once
 ``--model.init_args.compile_attack true``. The epoch's wall time is the module's own ``cost/epoch_seconds`` (from
 the epoch's first hook to its last, so compilation inside the first steps counts, as a user pays it); the images
 are those the epoch's batches held. Each run is printed and appended to ``--json`` as it finishes (eager first, so
-a short session still has the reference). The decoded JPEGs are cached after the first run
-(``CIFAR10DataModule``'s ``cache_dir``): that decode is in the first run's ``fit_s``, not in its epoch.
+a short session still has the reference). The module reads its clock without synchronizing a GPU: work still
+queued at the epoch's end (at most the last steps of some 176) falls outside it. The decoded JPEGs are cached
+after the first run (``CIFAR10DataModule``'s ``cache_dir``): that decode is in the first run's ``fit_s``, not in
+its epoch.
 Every argument this script does not know goes to the command line as an override::
 
     python benchmarks/cli_epoch.py --data-dir .gpu/data --json OUT/cli_epoch.json          # CUDA, bf16

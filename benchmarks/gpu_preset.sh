@@ -10,6 +10,9 @@
 #
 #   benchmarks/gpu_preset.sh run [RECORDS_DIR]        # one JSON record per recipe, then the report's table
 #
+# benchmarks/gpu_speed.sh's last stage (cli_epoch: one CLI epoch, eager against compile_attack) reads the same
+# .gpu/: the archive from .gpu/data, and jsonargparse & co. from .gpu/wheels where the machine lacks them.
+#
 # MODEL names another network overlay of configs/models/ (preact_resnet18, the default, wrn34_10 or wrn28_10); its
 # records go to the suite cifar10_gpu_MODEL. A WideResNet does 9-12x PreActResNet-18's work per image:
 #
