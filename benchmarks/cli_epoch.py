@@ -87,6 +87,7 @@ def run_epoch(recipe: str, compiled: bool, args: argparse.Namespace, extra: list
 
 def append_json(path: Path, record: dict) -> None:
     records = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([*records, record], indent=1) + "\n")
 
 
