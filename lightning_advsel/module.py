@@ -313,7 +313,7 @@ class AdversarialSelectionModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """Check one batch, attack, select and backpropagate it (:func:`~lightning_advsel.step.adversarial_step`),
         and let the accumulation window step the optimizer. ``None`` for a batch that ``nonfinite="skip"`` dropped."""
-        x, y, extra = read_pixels(batch, self.batch_keys, self.input_normalization)
+        x, y, extra = self.read_batch(batch)
         model, trainer, out = self.pixel_model, self.trainer, None
         attacks = RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled
         y = self.guards.check_batch(trainer.strategy, model, x, y, batch_idx, "train",
@@ -436,7 +436,7 @@ class AdversarialSelectionModule(L.LightningModule):
     def _eval_step(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int) -> None:
         """Log one batch's clean loss and accuracy and, with the stage's attack, its robust accuracy, in the
         loader's own metric group."""
-        x, y, _ = read_pixels(batch, self.batch_keys, self.input_normalization)
+        x, y, _ = self.read_batch(batch)
         metrics = self.metric_groups.eval_group(stage, dataloader_idx, self.device)
         model, attack = self.pixel_model, self.robust_attack(stage)
         attack = attack if attack is not None and attack.enabled else None
