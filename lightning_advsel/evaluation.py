@@ -174,17 +174,17 @@ def stage_settings(implementation: str, version: str, num_classes: int = 10) -> 
             for stage in STAGES[version]}
 
 
-def _stages_reference(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, version: str,
+def _stages_reference(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, eps: float, norm: str, version: str,
                       num_classes: int, seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """``(stage, rows it broke, their adversarial inputs)``, stage by stage, on the rows still correct.
+    """``(stage, rows it broke, their adversarial inputs)``, stage by stage, on the rows still correct, starting
+    from the ``clean`` rows (the ``(B,)`` booleans of rows classified correctly without an attack).
 
     Each stage goes through the reference's own ``run_standard_evaluation`` with that one attack and the rows
     the earlier stages left: the same rows, in the same order, in one chunk, with the same seed as its
     ensemble loop, so the same examples; but the rows each stage breaks are known.
     """
     attack = _reference(require("reference"), model, eps, norm, version, num_classes, seed, x.device)
-    with torch.no_grad():
-        alive = (model(x).argmax(1) == y).nonzero().squeeze(1)
+    alive = clean.nonzero().squeeze(1)
     for stage in STAGES[version]:
         if alive.numel() == 0:  # the reference stops here: nothing left to attack
             yield stage, alive, x[:0]
@@ -196,10 +196,10 @@ def _stages_reference(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: 
         alive = alive[~broken]
 
 
-def _stages_torchattacks(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, version: str,
-                         num_classes: int, seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
+def _stages_torchattacks(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, eps: float, norm: str,
+                         version: str, num_classes: int, seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
     """As :func:`_stages_reference`, through torchattacks' attacks, as its ``MultiAttack`` runs them: the first
-    on every row, each next one on the rows still correct, stopping when none is left."""
+    on every row (``clean`` unread), each next one on the rows still correct, stopping when none is left."""
     alive = torch.arange(x.shape[0], device=x.device)
     for stage, attack in _torchattacks(require("torchattacks"), model, eps, norm, version, num_classes,
                                        seed).items():
@@ -332,7 +332,7 @@ def autoattack_stages(
                 check_classes(version, num_classes)
             clean = model(x).argmax(1) == y
         x_adv, robust, robust_after = x.clone(), clean.clone(), {}
-        for stage, broken, x_broken in stages(model, x, y, eps, norm, version, num_classes, seed):
+        for stage, broken, x_broken in stages(model, x, y, clean, eps, norm, version, num_classes, seed):
             x_adv[broken] = x_broken.detach()
             robust[broken] = False
             robust_after[stage] = robust.clone()
