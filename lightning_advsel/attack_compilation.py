@@ -28,7 +28,7 @@ from lightning_advsel import checks
 from lightning_advsel.batch_schedule import Warmup
 from lightning_advsel.compiled_attack import CompiledPGD, check_torch, eager_reason
 from lightning_advsel.static_shapes import attack_sizes, compile_plan, last_batch_rows
-from lightning_advsel.step import RECIPES, StepSettings
+from lightning_advsel.step import StepSettings
 
 # Graphs of the evaluation attack: a full and a smaller last batch for a validation, a test and a prediction loader,
 # with room for a second loader; past it a batch runs eagerly, said once.
@@ -95,9 +95,8 @@ class AttackCompilation:
         if not self.enabled:
             return None
         reason = eager_reason(model, settings.train_attack.mode)
-        attacks = RECIPES[settings.recipe].attack != "none" and settings.train_attack.enabled
         rows = loader_rows(loader)
-        if not attacks or reason is not None:  # nothing compiles: the training step keeps the eager attack
+        if not settings.attacks or reason is not None:  # nothing compiles: the training step keeps the eager attack
             return compile_plan(settings, rows[0] if rows else 1, eager_attack_reason=reason)
         if rows is None:
             line = (f"compile_attack: the training loader ({type(loader).__name__}) has no fixed batch size, so the "

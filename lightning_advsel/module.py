@@ -315,10 +315,9 @@ class AdversarialSelectionModule(L.LightningModule):
         and let the accumulation window step the optimizer. ``None`` for a batch that ``nonfinite="skip"`` dropped."""
         x, y, extra = self.read_batch(batch)
         model, trainer, out = self.pixel_model, self.trainer, None
-        attacks = RECIPES[self.settings.recipe].attack != "none" and self.settings.train_attack.enabled
         y = self.guards.check_batch(trainer.strategy, model, x, y, batch_idx, "train",
-                                    self.settings.train_attack if attacks else None, global_step=self.global_step,
-                                    log=self.log)
+                                    self.settings.train_attack if self.settings.attacks else None,
+                                    global_step=self.global_step, log=self.log)
         if y is not None:
             settings = self.warmup.settings(self.settings, self.current_epoch, batch_idx, trainer.num_training_batches)
             if self.warmup.eps_epochs:

@@ -49,10 +49,9 @@ class StepShapes:
 
 def attacked_rows(settings: StepSettings, batch_size: int) -> int:
     """Rows of a batch of ``batch_size`` that the recipe attacks: none, all, or ``round(attack_frac * B)``."""
-    kind = RECIPES[settings.recipe].attack
-    if kind == "none" or not settings.train_attack.enabled:
+    if not settings.attacks:
         return 0
-    return batch_size if kind == "all" else fraction_count(batch_size, settings.attack_frac)
+    return batch_size if RECIPES[settings.recipe].attack == "all" else fraction_count(batch_size, settings.attack_frac)
 
 
 def step_shapes(settings: StepSettings, batch_size: int, selection_scope: str = "local") -> StepShapes:
@@ -117,7 +116,7 @@ def compile_plan(settings: StepSettings, batch_size: int, last_batch: int | None
             (:func:`~lightning_advsel.compiled_attack.eager_reason`), if it does.
     """
     attack = settings.train_attack
-    if RECIPES[settings.recipe].attack == "none" or not attack.enabled:
+    if not settings.attacks:
         return f"compile_attack: recipe {settings.recipe!r} attacks no row; nothing to compile"
     if eager_attack_reason is not None:
         return f"compile_attack: the training attack stays eager: {eager_attack_reason}"

@@ -166,6 +166,11 @@ class StepSettings:
             raise ValueError(f"`recipe`={self.recipe!r} cannot train objective {self.objective.name!r}: "
                              f"{PAIRED_REFUSED[self.recipe]}")
 
+    @property
+    def attacks(self) -> bool:
+        """Whether a step attacks any row: the recipe attacks (not ``standard``) and ``train_attack`` is enabled."""
+        return RECIPES[self.recipe].attack != "none" and self.train_attack.enabled
+
 
 # Recipes that make no sense with a paired objective (TRADES, MART), and why.
 PAIRED_REFUSED = {
@@ -405,9 +410,9 @@ def rows_to_attack(model: nn.Module, x: Tensor, y: Tensor, settings: StepSetting
     Scores and logits are ``None`` for the recipes that attack no row or every row (no scoring pass runs).
     """
     n = x.shape[0]
-    kind = RECIPES[settings.recipe].attack
-    if kind == "none" or not settings.train_attack.enabled:
+    if not settings.attacks:
         return torch.zeros(0, dtype=torch.long, device=x.device), None, None
+    kind = RECIPES[settings.recipe].attack
     if kind == "all":
         return torch.arange(n, device=x.device), None, None
     score = selection.PRE_ATTACK_SCORES[settings.attack_score]
