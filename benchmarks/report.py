@@ -40,6 +40,8 @@ def load(records: Path) -> dict[str, dict[str, list[dict]]]:
 SPEED = "speed"  # <records>/speed/*.json: lists of speed.py's results, not runs of a suite
 REMEASURED = "reference"  # <records>/<suite>/reference/<run>.json: remeasure.py's rows
 IMPLEMENTATIONS = ("torchattacks", "reference")  # the order of their columns
+# The re-measured evaluations shown for a refit that differs from its record, in this order.
+REFIT_KEYS = ("torchattacks/apgd", "reference/apgd", "torchattacks/standard", "reference/standard")
 
 
 def load_remeasured(records: Path) -> dict[tuple[str, str, int], dict]:
@@ -53,9 +55,13 @@ def load_remeasured(records: Path) -> dict[tuple[str, str, int], dict]:
 
 def autoattack_results(rec: dict, remeasured: dict | None) -> dict[tuple[str, str], dict]:
     """``{(version, implementation): result}`` of one run: its own AutoAttack tests (a record that names no
-    implementation is torchattacks'), then the re-measurement of its row on the same weights, which wins."""
+    implementation is torchattacks'), then the re-measurement of its row on the same weights, which wins. A refit
+    that did not reproduce the record's weights measured other weights: its numbers stay out of the record's row
+    (the clean and PGD columns are the record's) and :func:`remeasure_note` gives them apart."""
     out = {(key.removeprefix("aa_"), result.get("implementation", "torchattacks")): result
            for key, result in rec["test"].items() if key.startswith("aa_")}
+    if remeasured is not None and remeasured.get("reproduces_original") is False:
+        return out
     for key, result in (remeasured or {}).get("evaluations", {}).items():
         implementation, version = key.split("/")
         out[version, implementation] = result
@@ -284,10 +290,25 @@ def remeasure_note(rows: dict[str, list[dict]], remeasured: dict[tuple[str, str,
         return []
     differ = [f"{row}-s{seed}" for row, seed in runs
               if remeasured[suite, row, seed].get("reproduces_original") is False]
-    return [f"Re-measured on refitted weights (`benchmarks/remeasure.py`, records in `{suite}/{REMEASURED}/`): "
-            f"{len(runs)} runs; the refit reproduced the tested weights of the record (the same clean and AutoAttack "
-            f"accuracy of the record's implementation on the same images) for "
-            f"{len(runs) - len(differ)} of them" + (f"; not for {', '.join(differ)}." if differ else "."), ""]
+    lines = [f"Re-measured on refitted weights (`benchmarks/remeasure.py`, records in `{suite}/{REMEASURED}/`): "
+             f"{len(runs)} runs; the refit reproduced the tested weights of the record (the same clean and AutoAttack "
+             f"accuracy of the record's implementation on the same images) for "
+             f"{len(runs) - len(differ)} of them" + (f"; not for {', '.join(differ)}." if differ else "."), ""]
+    if differ:  # their numbers are on other weights than the row's, so they are given here, not in the table
+        lines += ["AutoAttack on the refitted weights of the runs whose refit differs (not in the tables above):", "",
+                  "| run | clean % | " + " | ".join(f"{key} %" for key in REFIT_KEYS) + " |",
+                  "| --- | ---: | " + "---: | " * len(REFIT_KEYS)]
+        for row, seed in runs:
+            rec = remeasured[suite, row, seed]
+            if rec.get("reproduces_original") is not False:
+                continue
+            evaluations = rec.get("evaluations", {})
+            clean = next(iter(evaluations.values()), {}).get("clean")
+            cells = [f"{100 * evaluations[key]['robust']:.1f}" if key in evaluations else "" for key in REFIT_KEYS]
+            lines.append(f"| {row}-s{seed} | {'' if clean is None else f'{100 * clean:.1f}'} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def figure(suite: str, points: list[dict], out: Path) -> Path | None:

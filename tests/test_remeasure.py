@@ -12,7 +12,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import remeasure  # noqa: E402
 import reproduce  # noqa: E402
-from report import autoattack_results, seed_table, standard_gap, suite_table  # noqa: E402
+from report import autoattack_results, remeasure_note, seed_table, standard_gap, suite_table  # noqa: E402
 
 
 def test_plan_runs_apgd_on_every_row_seed_zero_first_then_the_standard_versions_on_the_seed_zero_subset():
@@ -75,6 +75,20 @@ def test_report_shows_each_implementation_apart_and_names_the_seeds_a_column_hol
     assert seed_table(rows)[2:] == ["| robust | 0 | 90.0 | 50.0 | 40.0 | 35.0 |",
                                     "| robust | 1 | 90.0 | 50.0 | 42.0 |  |"]
     assert standard_gap(rows)[2:] == ["| robust | 0 | 50 | 38.0 | 33.0 |"]
+
+
+def test_a_refit_that_differs_from_its_record_stays_out_of_the_row_and_is_shown_apart():
+    rows = {"robust": [run("robust", 0, 0.40), run("robust", 1, 0.42)]}
+    again = {("s", "robust", 0): {**remeasured(torchattacks__apgd=0.45, reference__apgd=0.44),
+                                  "reproduces_original": False}}
+    for r in rows["robust"]:
+        r["autoattack"] = autoattack_results(r, again.get(("s", r["row"], r["seed"])))
+    table, _ = suite_table("s", rows, None)
+    # The row keeps the record's own weights' numbers: torchattacks 40 and 42, no reference column.
+    assert table[2] == "| robust | 2 | 90.0 ± 0.0 | 50.0 ± 0.0 | 41.0 ± 1.4 | 1.000 |  |"
+    note = remeasure_note(rows, again, "s")
+    assert "for 0 of them; not for robust-s0." in note[0]
+    assert "| robust-s0 | 90.0 | 45.0 | 44.0 |  |  |" in note
 
 
 @pytest.mark.slow
