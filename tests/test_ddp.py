@@ -6,13 +6,11 @@ Each launch runs with a timeout, so a hang fails the test instead of blocking th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import MAIN_JOB, REPO, config_args
+from conftest import MAIN_JOB, REPO, config_args, run_ranks
 
 from lightning_advsel import RECIPES
 
@@ -26,10 +24,6 @@ OBJECTIVE_RUNS = ["ds:global:trades", "selective:local:mart", "robust:local:trad
 PLATEAU_RUN = "ds:global:ce"
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     """Every run in one launch: each rank's results, and what the launch wrote to stderr."""
@@ -37,10 +31,9 @@ def launch(tmp_path_factory):
     # The main job's dashboard callbacks on the main job's recipe, the part of every run they would double.
     runs = [f"{recipe}:{scope}" + ("+dashboards" if recipe == "ds" else "") for recipe, scope in RUNS.items()]
     runs += [*OBJECTIVE_RUNS, f"{PLATEAU_RUN}+plateau"]
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_cli_worker.py"), str(out), *runs],
-                            env=env(), capture_output=True, text=True, timeout=240, cwd=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], result.stderr
+    output = run_ranks([sys.executable, str(REPO / "tests" / "ddp_cli_worker.py"), str(out), *runs], out, 240,
+                       "2-rank DDP runs of every recipe")
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], output
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +91,8 @@ def test_console_cli_with_the_ddp_trainer_config_trains_checkpoints_and_draws_th
             "--trainer.enable_progress_bar", "false", "--model.init_args.train_attack.steps", "2",
             "--model.init_args.eval_attack.steps", "2", "--model.init_args.selection_scope", "global",
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "val accuracy: clean" in result.stdout
+    output = run_ranks(args, tmp_path, 180, "the console CLI with the DDP trainer config")
+    assert "val accuracy: clean" in output
     (ckpt,) = tmp_path.rglob("last.ckpt")
     state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 3 and state["hyper_parameters"]["selection_scope"] == "global"
@@ -109,7 +101,7 @@ def test_console_cli_with_the_ddp_trainer_config_trains_checkpoints_and_draws_th
     assert state["advsel"]["work"] == {"attack_grad_steps": 3 * 2 * 64 * 2, "forward_rows": 3 * (2 * 128 + 128),
                                        "backward_rows": 3 * 128, "robust_attack_grad_steps": 3 * 2 * 64 * 2,
                                        "robust_forward_rows": 3 * 2 * 64, "robust_backward_rows": 3 * 2 * 64}
-    assert "training cost: attack steps 768 (100% of robust training's)" in result.stdout
+    assert "training cost: attack steps 768 (100% of robust training's)" in output
     # The main job's callbacks (make-up, probe, figures) run on both ranks; rank 0 writes the figures.
     assert sorted(p.name for p in tmp_path.rglob("figures/*.png")) == [
         "accuracy.png", "min_perturbation.png", "p_up.png", "selection_makeup.png"]

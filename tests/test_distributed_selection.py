@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TinyNet, fit_steps, tiny_batch
+from conftest import REPO, TinyNet, fit_steps, run_ranks, tiny_batch
 from ddp_worker import ATTACK, ROWS, SaveAfterFirstBatch, build, rank_rows
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,13 +29,10 @@ TOLERANCE = 1e-6
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "out.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(out), *RUNS, *ACC_RUNS,
-                             "bn_window"],
-                            env=env, capture_output=True, text=True, timeout=240, cwd=out.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    output = run_ranks([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(out), *RUNS, *ACC_RUNS,
+                        "bn_window"], out.parent, 240, "2-rank DDP selection runs")
     results = [json.loads(out.with_name(f"out.rank{rank}.json").read_text()) for rank in (0, 1)]
-    return results, result.stderr, out.parent
+    return results, output, out.parent
 
 
 @pytest.fixture(scope="module")

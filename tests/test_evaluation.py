@@ -6,15 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
 import sys
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MAIN_JOB, REPO, TinyNet, config_args, fit_steps, tiny_batch
+from conftest import MAIN_JOB, REPO, TinyNet, config_args, fit_steps, run_ranks, tiny_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_advsel import AdversarialSelectionModule, AttackConfig, AutoAttackConfig
@@ -363,10 +361,8 @@ def test_cli_spellings_build_the_named_test_attack(tmp_path, yaml_text, args, ex
 
 @pytest.mark.slow
 def test_under_ddp_each_rank_attacks_its_half_and_the_robust_count_is_reduced(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_eval_worker.py"), str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ranks([sys.executable, str(REPO / "tests" / "ddp_eval_worker.py"), str(tmp_path)], tmp_path, 240,
+              "2-rank DDP AutoAttack evaluation")
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     rows = [set(rank["rows"]) for rank in ranks]
     assert len(rows[0]) == len(rows[1]) == 16 and not rows[0] & rows[1]
