@@ -183,5 +183,6 @@ def test_a_suite_trains_another_network_by_overlay_name_and_records_it_apart(cap
     assert len(rows) == 4 and all("cifar10_gpu_wrn34_10/" in r and "cifar10/base.yaml + models/wrn34_10.yaml + recipes/"
                                   in r for r in rows)
     assert reproduce.with_model(reproduce.suites("data")["cifar10_gpu"], "preact_resnet18").name == "cifar10_gpu"
-    with pytest.raises(ValueError, match=r"`--model` must be one of \[.*'wrn28_10'.*\] \(configs/models/\), got 'wrn99'"):
+    unknown = r"`--model` must be one of \[.*'wrn28_10'.*\] \(configs/models/\), got 'wrn99'"
+    with pytest.raises(ValueError, match=unknown):
         reproduce.with_model(reproduce.suites("data")["cifar10_gpu"], "wrn99")
